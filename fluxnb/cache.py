@@ -1,0 +1,125 @@
+"""The run directory: one folder that every notebook reads and writes, so each can be re-run alone.
+
+    runs/mucha/
+      config.json                      the RunConfig (fluxnb.config)
+      samples.jsonl                    one line per training sample: id, caption, source, bucket, flip
+      embeddings/<caption_id>.safetensors   T5 prompt_embeds (L, 4096), CLIP pooled (768,), text_ids (L, 3)
+      embeddings/meta.json             what the embeddings were made with (model, max_sequence_length, dtype)
+      latents/<sample_id>.safetensors  VAE latent distribution: mean and std (C, h, w), before shift/scale
+      latents/meta.json                what the latents were made with (model, resolution, buckets)
+      validation/<i>.safetensors       embeddings of the validation prompts (sampling during training)
+      checkpoints/step-N/              resumable training state
+      lora/pytorch_lora_weights.safetensors
+      samples/  metrics.jsonl
+
+Samples are keyed by a hash of the image bytes and the caption, never by position in a loader: a latent and
+its caption's embedding are found by the same id, so no shuffle can pair an image with another's caption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+
+from ._io import atomic_write_bytes, atomic_write_text
+from .errors import FluxnbError
+
+CACHE_VERSION = 1
+
+
+class CacheMismatch(FluxnbError, RuntimeError):
+    """A cache in the run directory was made with other settings than the ones asked for now."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root).expanduser())
+
+    config = property(lambda self: self.root / "config.json")
+    samples = property(lambda self: self.root / "samples.jsonl")
+    embeddings = property(lambda self: self.root / "embeddings")
+    latents = property(lambda self: self.root / "latents")
+    validation = property(lambda self: self.root / "validation")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    lora = property(lambda self: self.root / "lora")
+    images = property(lambda self: self.root / "samples")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+
+
+def caption_id(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
+
+
+def sample_id(image_bytes: bytes, caption: str, *, flip: bool = False) -> str:
+    """Stable id of one training sample: the same image file and caption give the same id on every machine."""
+    digest = hashlib.sha256(image_bytes)
+    digest.update(b"\0" + caption.encode("utf-8"))
+    return digest.hexdigest()[:16] + ("-flip" if flip else "")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One row of samples.jsonl: what links a cached latent to the embedding of its own caption."""
+
+    id: str  # latents/<id>.safetensors
+    caption: str  # the full caption as encoded (instance prompt included)
+    caption_id: str  # embeddings/<caption_id>.safetensors
+    source: str  # file name or dataset row, for messages
+    width: int  # bucket size in pixels
+    height: int
+    flip: bool = False
+
+
+def write_samples(run: RunDir, samples: list[Sample]) -> None:
+    atomic_write_text(run.samples, "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in samples))
+
+
+def read_samples(run: RunDir) -> list[Sample]:
+    if not run.samples.is_file():
+        raise FluxnbError(f"{run.samples} is missing: run notebook 01 (text embeddings) for this run first.")
+    return [Sample(**json.loads(line)) for line in run.samples.read_text().splitlines() if line.strip()]
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file, written atomically (tensors moved to the CPU and made contiguous first)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata=metadata))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    # Read the bytes ourselves: a memory-mapped file would stay open and block deletes on Windows and Drive.
+    return load(Path(path).read_bytes())
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    atomic_write_text(folder / "meta.json", json.dumps({"cache_version": CACHE_VERSION, **meta}, indent=2, sort_keys=True))
+
+
+def check_meta(folder: Path, expected: dict[str, Any]) -> bool:
+    """True when `folder` holds a cache made with `expected` settings, False when there is none yet.
+
+    Raises CacheMismatch (saying which settings differ) when a cache exists but was made otherwise, so that a
+    cache for another model or resolution is never silently used.
+    """
+    path = folder / "meta.json"
+    if not path.is_file():
+        return False
+    found = json.loads(path.read_text())
+    wanted = {"cache_version": CACHE_VERSION, **json.loads(json.dumps(expected))}
+    diffs = [f"{k}: cached {found.get(k)!r}, now {v!r}" for k, v in wanted.items() if found.get(k) != v]
+    if diffs:
+        raise CacheMismatch(
+            f"{folder} was made with other settings ({'; '.join(diffs)}). Pass overwrite=True (or --overwrite) "
+            "to rebuild it, or use another run directory to keep both."
+        )
+    return True
+

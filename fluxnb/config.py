@@ -1,0 +1,233 @@
+"""Typed configuration for a fluxnb run. Defaults are the blog recipe (FLUX.1-dev QLoRA on an RTX 4090).
+
+One `RunConfig` holds four parts (data, model, LoRA, training). It is validated when built, saved as
+`config.json` in the run directory, and passed explicitly to every step: no global `args`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write_text
+from .errors import FluxnbError
+
+CONFIG_FILE = "config.json"
+
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
+LORA_PRESETS = ("attention", "all-linear", "single-blocks")
+LORA_INITS = ("gaussian", "default", "pissa", "olora")
+QUANTIZATIONS = ("nf4", "none")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw8bit", "adamw")
+CROPS = ("center", "random")
+SMALL_IMAGE_POLICIES = ("warn", "skip")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ConfigError(FluxnbError, ValueError):
+    """A bad configuration value: the message says which field, what was given, and what is allowed."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    _check(value > 0, f"{name} must be > 0, got {value!r}.")
+
+
+@dataclass
+class DataConfig:
+    """What to train on and at which size. Captions are encoded once (notebook 01), images once (notebook 02)."""
+
+    dataset: str = "derekl35/alphonse-mucha-style"  # hub id or local folder
+    image_column: str = "image"
+    caption_column: str = "text"
+    instance_prompt: str = ""  # trigger word prepended to every caption ("" = none)
+    width: int = 512
+    height: int = 768
+    buckets: bool = True  # aspect-ratio buckets around width*height; False = everything at width x height
+    crop: str = "center"
+    flip: bool = False  # also cache a horizontally flipped copy of each image as its own sample
+    small_images: str = "warn"  # images smaller than their bucket: "warn" (upscale) or "skip"
+    max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
+    validation_prompts: list[str] = field(
+        default_factory=lambda: [
+            "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
+            "a puppy in a pond, alphonse mucha style",
+        ]
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), "dataset is empty: give a hub id (user/name) or a local folder.")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _check(
+                isinstance(value, int) and value > 0 and value % 16 == 0,
+                f"{name}={value!r} must be a positive multiple of 16 (the VAE downsamples by 8 and FLUX packs 2x2 "
+                f"latent patches); try {max(16, round(value / 16) * 16) if isinstance(value, (int, float)) else 512}.",
+            )
+        _check_choice("crop", self.crop, CROPS)
+        _check_choice("small_images", self.small_images, SMALL_IMAGE_POLICIES)
+        _check(
+            isinstance(self.max_sequence_length, int) and 1 <= self.max_sequence_length <= 512,
+            f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).",
+        )
+        _check(
+            all(isinstance(p, str) and p.strip() for p in self.validation_prompts),
+            "validation_prompts must be non-empty strings.",
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which FLUX checkpoint and how the frozen transformer is held in memory."""
+
+    model_id: str = "black-forest-labs/FLUX.1-dev"  # hub id or local folder in diffusers layout
+    revision: str | None = None
+    quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA
+    double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
+    prequantized: str | None = None  # folder or hub repo of an NF4 transformer saved by fluxnb.quant
+    dtype: str = "auto"  # compute dtype; "auto" = bf16 where the GPU has it, fp16 on T4/20-series, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check_choice("dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class LoRAConfig:
+    """The adapter: rank-r matrices A (r x k) and B (d x r) next to frozen weights, scaled by alpha / r."""
+
+    rank: int = 4
+    alpha: float = 4.0
+    init: str = "gaussian"
+    dropout: float = 0.0
+    targets: str = "attention"  # a preset name, or comma-separated module names (e.g. "to_q,to_v")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}.")
+        _check_positive("alpha", self.alpha)
+        _check_choice("init", self.init, LORA_INITS)
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
+        _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_PRESETS)}) or names.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation. Defaults are the blog's command line (700 steps x 4 accumulation, lr 1e-4, 8-bit AdamW)."""
+
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    max_train_steps: int = 700  # optimizer steps
+    guidance_scale: float = 1.0  # value fed to FLUX.1-dev's guidance embedding while training
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    optimizer: str = "adamw8bit"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    sample_every: int = 100  # optimizer steps between validation sample grids (0 = never)
+    checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    sample_steps: int = 20  # denoising steps for the validation grids
+
+    def __post_init__(self) -> None:
+        _check_positive("learning_rate", self.learning_rate)
+        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}.")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "keep_checkpoints", "sample_steps"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        _check(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale!r}.")
+        _check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        _check_positive("logit_std", self.logit_std)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}.")
+        _check(self.adam_weight_decay >= 0, f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
+        _check_positive("adam_epsilon", self.adam_epsilon)
+        _check_positive("max_grad_norm", self.max_grad_norm)
+        for name in ("sample_every", "checkpoint_every"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run directory was made with. Saved next to every artifact as config.json."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    profile: str = "real"  # "real" or "tiny" (see fluxnb.hardware.detect)
+
+    def __post_init__(self) -> None:
+        _check_choice("profile", self.profile, ("real", "tiny"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        parts = {"data": DataConfig, "model": ModelConfig, "lora": LoRAConfig, "train": TrainConfig}
+        unknown = set(raw) - set(parts) - {"profile"}
+        _check(not unknown, f"config has unknown sections {sorted(unknown)}; expected {sorted(parts)} and profile.")
+        kwargs: dict[str, Any] = {}
+        for name, part in parts.items():
+            values = dict(raw.get(name, {}))
+            known = {f.name for f in dataclasses.fields(part)}
+            extra = set(values) - known
+            _check(not extra, f"config section '{name}' has unknown keys {sorted(extra)}; known: {sorted(known)}.")
+            kwargs[name] = part(**values)
+        return cls(**kwargs, profile=raw.get("profile", "real"))
+
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some fields changed, validated: `cfg.replace(train={"max_train_steps": 50})`."""
+        raw = self.to_dict()
+        for name, values in sections.items():
+            if name == "profile":
+                raw["profile"] = values
+            else:
+                raw[name].update(values)
+        return RunConfig.from_dict(raw)
+
+    def save(self, run_dir: str | Path) -> Path:
+        path = Path(run_dir) / CONFIG_FILE
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunConfig:
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.is_file():
+            raise FluxnbError(
+                f"{path} does not exist: run notebook 01 (or `python -m fluxnb embed --run-dir {run_dir}`) first, "
+                "which creates the run directory and its config."
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}); fix it or delete it to start over.") from None
+        return cls.from_dict(raw)

@@ -1,0 +1,88 @@
+"""Which profile runs, on which device, in which dtype: one source for all three, printed as one line.
+
+- "real": FLUX.1-dev on a CUDA GPU. bf16 where the GPU has it (compute capability >= 8.0: A100, 30/40-series,
+  H100), fp16 on a T4 / 20-series / V100 (7.x: no bf16 tensor cores).
+- "tiny": the offline tiny FLUX (fluxnb.tiny) on the CPU in fp32. Chosen with FLUXNB_PROFILE=tiny, and
+  automatically when there is no CUDA GPU (FLUX.1-dev on 2 CPU cores would take days per step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+PROFILE_ENV = "FLUXNB_PROFILE"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class GPUInfo:
+    name: str
+    capability: tuple[int, int]
+    total_gib: float
+
+    @property
+    def has_bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    profile: str  # "real" | "tiny"
+    device: torch.device
+    dtype: torch.dtype  # compute dtype of the frozen model and autocast
+    gpu: GPUInfo | None
+    reason: str
+
+    @property
+    def dtype_name(self) -> str:
+        return next(k for k, v in _DTYPES.items() if v == self.dtype)
+
+    def describe(self) -> str:
+        where = f"{self.gpu.name} ({self.gpu.total_gib:.0f} GiB, sm_{self.gpu.capability[0]}{self.gpu.capability[1]})" if self.gpu else "CPU"
+        return f"fluxnb: profile '{self.profile}' on {where}, {self.dtype_name} - {self.reason}"
+
+
+def cuda_info() -> GPUInfo | None:
+    """The first CUDA GPU, or None. Tests replace this function to pretend to be a T4 or an H100."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return GPUInfo(props.name, (props.major, props.minor), props.total_memory / 2**30)
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
+    """Pick profile, device and dtype. `profile` overrides FLUXNB_PROFILE; `dtype` "auto" picks from the GPU."""
+    requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
+    if requested not in (None, "real", "tiny"):
+        raise ValueError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
+    gpu = cuda_info()
+    if requested == "tiny":
+        profile_name, reason = "tiny", f"asked for ({PROFILE_ENV}=tiny or profile='tiny')"
+    elif gpu is None and requested is None:
+        profile_name, reason = "tiny", "no CUDA GPU found, so the offline tiny FLUX runs instead of FLUX.1-dev"
+    elif gpu is None:
+        profile_name, reason = "real", "asked for without a CUDA GPU: expect it to be extremely slow"
+    else:
+        profile_name, reason = "real", "CUDA GPU found"
+
+    device = torch.device("cuda") if gpu is not None and profile_name == "real" else torch.device("cpu")
+    if dtype != "auto":
+        chosen = dtype
+        reason += f"; dtype {dtype} as configured"
+    elif device.type == "cpu":
+        chosen = "fp32"
+    elif gpu is not None and gpu.has_bf16:
+        chosen = "bf16"
+    else:
+        chosen = "fp16"
+        reason += "; fp16 because this GPU has no bf16 (compute capability < 8.0)"
+    if chosen == "bf16" and gpu is not None and not gpu.has_bf16 and device.type == "cuda":
+        raise ValueError(f"dtype bf16 was asked for, but {gpu.name} has no bf16 support; use 'fp16' or 'auto'.")
+    return Hardware(profile_name, device, _DTYPES[chosen], gpu, reason)

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from fluxnb.config import ConfigError, DataConfig, LoRAConfig, ModelConfig, RunConfig, TrainConfig
+
+
+def test_defaults_are_the_blog_recipe():
+    cfg = RunConfig()
+    assert cfg.model.model_id == "black-forest-labs/FLUX.1-dev" and cfg.model.quantization == "nf4"
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init, cfg.lora.targets) == (4, 4.0, "gaussian", "attention")
+    assert (cfg.data.width, cfg.data.height, cfg.data.max_sequence_length) == (512, 768, 77)
+    t = cfg.train
+    assert (t.learning_rate, t.lr_scheduler, t.batch_size, t.gradient_accumulation_steps) == (1e-4, "constant", 1, 4)
+    assert (t.max_train_steps, t.guidance_scale, t.optimizer, t.gradient_checkpointing, t.seed) == (700, 1.0, "adamw8bit", True, 0)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: DataConfig(width=500), "width"),
+        (lambda: DataConfig(height=0), "height"),
+        (lambda: DataConfig(max_sequence_length=600), "max_sequence_length"),
+        (lambda: DataConfig(crop="middle"), "crop"),
+        (lambda: LoRAConfig(rank=0), "rank"),
+        (lambda: LoRAConfig(rank=-4), "rank"),
+        (lambda: LoRAConfig(init="xavier"), "init"),
+        (lambda: TrainConfig(learning_rate=0), "learning_rate"),
+        (lambda: TrainConfig(learning_rate=-1e-4), "learning_rate"),
+        (lambda: TrainConfig(max_train_steps=0), "max_train_steps"),
+        (lambda: TrainConfig(weighting_scheme="sigma_sqrt"), "weighting_scheme"),
+        (lambda: TrainConfig(optimizer="sgd"), "optimizer"),
+        (lambda: TrainConfig(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+        (lambda: ModelConfig(quantization="int3"), "quantization"),
+        (lambda: ModelConfig(dtype="fp8"), "dtype"),
+    ],
+)
+def test_bad_values_get_one_clear_message(make, field):
+    with pytest.raises(ConfigError) as err:
+        make()
+    message = str(err.value)
+    assert field in message and len(message.splitlines()) == 1
+
+
+def test_width_message_suggests_a_valid_value():
+    with pytest.raises(ConfigError, match="try 496"):
+        DataConfig(width=500)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = RunConfig().replace(train={"max_train_steps": 50}, lora={"rank": 8, "alpha": 8.0})
+    cfg.save(tmp_path)
+    loaded = RunConfig.load(tmp_path)
+    assert loaded == cfg and loaded.train.max_train_steps == 50
+    assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 8
+
+
+def test_replace_validates():
+    with pytest.raises(ConfigError, match="rank"):
+        RunConfig().replace(lora={"rank": 0})
+
+
+def test_load_rejects_unknown_keys_and_bad_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"learning_rat": 1e-4}}))
+    with pytest.raises(ConfigError, match="learning_rat"):
+        RunConfig.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.load(tmp_path)
+
+
+def test_missing_config_says_which_step_to_run(tmp_path):
+    with pytest.raises(Exception, match="notebook 01"):
+        RunConfig.load(tmp_path / "nothing")

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from fluxnb import hardware
+from fluxnb.hardware import GPUInfo, detect
+
+T4 = GPUInfo("Tesla T4", (7, 5), 14.7)
+RTX4090 = GPUInfo("NVIDIA GeForce RTX 4090", (8, 9), 23.6)
+H100 = GPUInfo("NVIDIA H100 80GB HBM3", (9, 0), 79.1)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.delenv(hardware.PROFILE_ENV, raising=False)
+
+    def use(info):
+        monkeypatch.setattr(hardware, "cuda_info", lambda: info)
+
+    return use
+
+
+@pytest.mark.parametrize("info, dtype", [(T4, torch.float16), (RTX4090, torch.bfloat16), (H100, torch.bfloat16)])
+def test_real_profile_dtype_follows_the_gpu(gpu, info, dtype):
+    gpu(info)
+    hw = detect()
+    assert (hw.profile, hw.device.type, hw.dtype) == ("real", "cuda", dtype)
+    assert info.name in hw.describe()
+
+
+def test_t4_says_why_fp16(gpu):
+    gpu(T4)
+    assert "no bf16" in detect().describe()
+
+
+def test_no_cuda_means_tiny_on_cpu_fp32(gpu):
+    gpu(None)
+    hw = detect()
+    assert (hw.profile, hw.device.type, hw.dtype) == ("tiny", "cpu", torch.float32)
+    assert "no CUDA GPU" in hw.describe() and len(hw.describe().splitlines()) == 1
+
+
+def test_env_asks_for_tiny_even_with_a_gpu(gpu, monkeypatch):
+    gpu(H100)
+    monkeypatch.setenv(hardware.PROFILE_ENV, "tiny")
+    hw = detect()
+    assert (hw.profile, hw.device.type) == ("tiny", "cpu")
+
+
+def test_explicit_dtype_and_bad_requests(gpu):
+    gpu(H100)
+    assert detect(dtype="fp16").dtype == torch.float16
+    gpu(T4)
+    with pytest.raises(ValueError, match="no bf16"):
+        detect(dtype="bf16")
+    with pytest.raises(ValueError, match="not a profile"):
+        detect("huge")
