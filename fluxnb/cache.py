@@ -123,3 +123,39 @@ def check_meta(folder: Path, expected: dict[str, Any]) -> bool:
         )
     return True
 
+
+
+def embedding_path(run: RunDir, caption: str) -> Path:
+    return run.embeddings / f"{caption_id(caption)}.safetensors"
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """The training set as cached by notebooks 01 and 02: one item per row of samples.jsonl.
+
+    Each item joins a sample's latent with the embedding of its OWN caption through the ids in samples.jsonl,
+    so the order in which a loader visits items cannot mix them up. Latents are the VAE's distribution
+    (mean, std), unscaled; training draws a fresh sample from it every time (fluxnb.flow).
+    """
+
+    def __init__(self, run: RunDir | str | Path) -> None:
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.samples = read_samples(self.run)
+        if not self.samples:
+            raise FluxnbError(f"{self.run.samples} lists no samples: re-run notebook 01 on a non-empty dataset.")
+        missing = [s.source for s in self.samples if not (self.run.latents / f"{s.id}.safetensors").is_file()]
+        if missing:
+            raise FluxnbError(
+                f"{len(missing)} of {len(self.samples)} samples have no cached latents (first: {missing[0]}): "
+                "run notebook 02 (or `python -m fluxnb latents`) for this run."
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        sample = self.samples[index]
+        latent = load_tensors(self.run.latents / f"{sample.id}.safetensors")
+        text = load_tensors(self.run.embeddings / f"{sample.caption_id}.safetensors")
+        return {"id": sample.id, "caption": sample.caption, "latent_mean": latent["mean"], "latent_std": latent["std"],
+                "prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"],
+                "text_ids": text["text_ids"]}

@@ -1,0 +1,49 @@
+"""matplotlib figures the notebooks show: image grids with captions, and the training loss."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from PIL import Image
+
+
+def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = None, *, ncols: int = 4,
+               size: float = 2.6, wrap: int = 28, title: str | None = None) -> Figure:
+    """A grid of images, each with its caption wrapped underneath. Returns the figure (saved or shown by caller)."""
+    n = len(images)
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * 1.35 * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            if captions is not None:
+                ax.set_title("\n".join(textwrap.wrap(captions[i], wrap)[:4]), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10, ax: plt.Axes | None = None) -> Figure:
+    """Per-step loss (faint) and its moving average (bold): flow-matching loss is noisy step to step."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3))
+    else:
+        fig = ax.figure
+        ax.clear()
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    if len(losses) >= 2:
+        k = max(1, min(smooth, len(losses)))
+        averaged = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        ax.plot(steps, averaged, label=f"mean of last {k}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
