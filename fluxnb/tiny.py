@@ -1,0 +1,344 @@
+"""Tiny profile: an offline, random-weight stand-in for black-forest-labs/FLUX.1-dev.
+
+`build_tiny` writes a FluxPipeline folder with the same component classes and layout as
+FLUX.1-dev (so the rest of fluxnb loads it through the normal `from_pretrained` paths)
+plus a small imagefolder dataset in one consistent drawn style.  Everything is seeded and
+written with fixed encoder settings, so two builds are byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# Bump whenever the output of build_tiny changes, so ensure_tiny rebuilds stale caches.
+TINY_VERSION = 1
+STAMP_NAME = "tiny_stamp.json"
+PROMPTS_NAME = "validation_prompts.json"
+TRIGGER_WORD = "tnyst"
+
+# Palette of the dataset "style": a LoRA should learn these colours, the border and outlines.
+CREAM, INK = (241, 229, 201), (38, 30, 28)
+TEAL, OCHRE, BURGUNDY = (22, 96, 102), (205, 146, 44), (122, 30, 48)
+PALETTE = (CREAM, INK, TEAL, OCHRE, BURGUNDY)
+
+# Subject drawings in unit coordinates of the area inside the border: (kind, fill, coords).
+_Shape = tuple[str, tuple[int, int, int], tuple[float, ...]]
+SUBJECTS: list[tuple[str, str, list[_Shape]]] = [
+    ("sun", "a round sun over rolling hills", [
+        ("ellipse", OCHRE, (0.25, 0.1, 0.75, 0.45)), ("chord", TEAL, (-0.3, 0.6, 0.7, 1.4)),
+        ("chord", BURGUNDY, (0.3, 0.7, 1.3, 1.5))]),
+    ("mountain", "a tall mountain with a snowy peak", [
+        ("polygon", TEAL, (0.0, 0.95, 0.5, 0.15, 1.0, 0.95)),
+        ("polygon", CREAM, (0.38, 0.36, 0.5, 0.15, 0.62, 0.36))]),
+    ("flower", "a flower with round petals", [
+        ("ellipse", BURGUNDY, (0.2, 0.1, 0.5, 0.35)), ("ellipse", BURGUNDY, (0.5, 0.1, 0.8, 0.35)),
+        ("ellipse", BURGUNDY, (0.2, 0.3, 0.5, 0.55)), ("ellipse", BURGUNDY, (0.5, 0.3, 0.8, 0.55)),
+        ("ellipse", OCHRE, (0.38, 0.24, 0.62, 0.42)), ("rectangle", TEAL, (0.46, 0.55, 0.54, 0.95))]),
+    ("waves", "ocean waves under a calm sky", [
+        ("chord", TEAL, (0.0, 0.4, 0.5, 0.7)), ("chord", TEAL, (0.5, 0.4, 1.0, 0.7)),
+        ("rectangle", TEAL, (0.0, 0.55, 1.0, 1.0)), ("ellipse", OCHRE, (0.6, 0.05, 0.9, 0.25))]),
+    ("house", "a small house with a red roof", [
+        ("rectangle", OCHRE, (0.2, 0.45, 0.8, 0.9)), ("polygon", BURGUNDY, (0.1, 0.45, 0.5, 0.15, 0.9, 0.45)),
+        ("rectangle", TEAL, (0.42, 0.65, 0.58, 0.9))]),
+    ("tree", "a round tree on a little hill", [
+        ("chord", OCHRE, (-0.2, 0.75, 1.2, 1.3)), ("rectangle", BURGUNDY, (0.44, 0.45, 0.56, 0.82)),
+        ("ellipse", TEAL, (0.15, 0.1, 0.85, 0.55))]),
+    ("moon", "a crescent moon and two stars", [
+        ("ellipse", OCHRE, (0.2, 0.2, 0.8, 0.6)), ("cutout", CREAM, (0.35, 0.15, 0.95, 0.55)),
+        ("polygon", TEAL, (0.15, 0.75, 0.2, 0.65, 0.25, 0.75, 0.2, 0.85)),
+        ("polygon", BURGUNDY, (0.7, 0.8, 0.75, 0.7, 0.8, 0.8, 0.75, 0.9))]),
+    ("fish", "a fish swimming in the water", [
+        ("ellipse", OCHRE, (0.15, 0.35, 0.7, 0.65)), ("polygon", BURGUNDY, (0.65, 0.5, 0.9, 0.35, 0.9, 0.65)),
+        ("ellipse", INK, (0.27, 0.44, 0.33, 0.5)), ("line", TEAL, (0.0, 0.85, 1.0, 0.85))]),
+    ("boat", "a sailboat on the sea", [
+        ("polygon", BURGUNDY, (0.15, 0.6, 0.85, 0.6, 0.7, 0.75, 0.3, 0.75)),
+        ("polygon", OCHRE, (0.5, 0.1, 0.5, 0.55, 0.8, 0.55)), ("rectangle", TEAL, (0.0, 0.75, 1.0, 1.0))]),
+    ("bird", "a bird sitting on a branch", [
+        ("line", BURGUNDY, (0.0, 0.7, 1.0, 0.6)), ("ellipse", TEAL, (0.25, 0.3, 0.7, 0.62)),
+        ("ellipse", TEAL, (0.55, 0.2, 0.8, 0.4)), ("polygon", OCHRE, (0.8, 0.27, 0.95, 0.3, 0.8, 0.34))]),
+    ("cactus", "a cactus in a clay pot", [
+        ("rectangle", TEAL, (0.4, 0.15, 0.6, 0.7)), ("rectangle", TEAL, (0.2, 0.3, 0.3, 0.5)),
+        ("rectangle", TEAL, (0.7, 0.25, 0.8, 0.45)),
+        ("polygon", BURGUNDY, (0.25, 0.65, 0.75, 0.65, 0.65, 0.95, 0.35, 0.95))]),
+    ("lighthouse", "a striped lighthouse on a rock", [
+        ("chord", INK, (0.05, 0.8, 0.95, 1.2)),
+        ("polygon", CREAM, (0.35, 0.85, 0.4, 0.2, 0.6, 0.2, 0.65, 0.85)),
+        ("rectangle", BURGUNDY, (0.38, 0.4, 0.62, 0.5)), ("rectangle", BURGUNDY, (0.36, 0.62, 0.64, 0.72)),
+        ("ellipse", OCHRE, (0.38, 0.05, 0.62, 0.22))]),
+    ("cup", "a cup of tea with steam", [
+        ("rectangle", TEAL, (0.25, 0.45, 0.7, 0.85)), ("ellipse", TEAL, (0.62, 0.52, 0.85, 0.72)),
+        ("line", OCHRE, (0.4, 0.1, 0.45, 0.38)), ("line", OCHRE, (0.55, 0.1, 0.5, 0.38))]),
+    ("mushroom", "a mushroom with white spots", [
+        ("chord", BURGUNDY, (0.1, 0.2, 0.9, 0.8)), ("rectangle", OCHRE, (0.4, 0.5, 0.6, 0.9)),
+        ("ellipse", CREAM, (0.3, 0.3, 0.4, 0.38)), ("ellipse", CREAM, (0.58, 0.28, 0.68, 0.36))]),
+    ("balloon", "a hot air balloon above the clouds", [
+        ("ellipse", BURGUNDY, (0.25, 0.05, 0.75, 0.5)), ("rectangle", OCHRE, (0.42, 0.55, 0.58, 0.65)),
+        ("ellipse", CREAM, (0.05, 0.75, 0.5, 0.9)), ("ellipse", TEAL, (0.5, 0.7, 0.95, 0.88))]),
+    ("snail", "a snail on a green leaf", [
+        ("chord", TEAL, (0.05, 0.7, 0.95, 1.0)), ("rectangle", OCHRE, (0.15, 0.66, 0.85, 0.76)),
+        ("ellipse", BURGUNDY, (0.3, 0.35, 0.7, 0.7)), ("ellipse", OCHRE, (0.42, 0.45, 0.58, 0.6))]),
+]
+# (width, height): mostly the blog's 512x768 at 1/8, a few others so bucketing gets exercised.
+_SIZE_OVERRIDES = {2: (96, 64), 6: (80, 80), 9: (128, 192), 13: (96, 64)}
+DEFAULT_SIZE = (64, 96)
+VALIDATION_PROMPTS = [f"{p}, {TRIGGER_WORD} style" for p in (
+    "a cat sleeping on a blue chair", "a castle on a hill at night",
+    "a bicycle leaning against a tree", "a portrait of an old man with a hat")]
+# Extra words so that ordinary prompts mostly tokenize to whole words, not characters.
+_COMMON_WORDS = """the a an of in on at with and or under above near by from to is are this that
+photo painting illustration drawing poster art image picture portrait landscape style city street
+sky night day red blue green yellow black white orange purple pink brown gold silver big small old
+young man woman person people dog cat bird car road river lake forest field garden flower tree sun
+moon star cloud rain snow window door room table chair light dark bright soft warm cold beautiful
+simple detailed flat bold vintage modern hat sitting standing walking close up view background""".split()
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    model: Path  # root/"model": a FluxPipeline folder
+    dataset: Path  # root/"dataset": datasets imagefolder layout (images + metadata.jsonl)
+    validation_prompts: list[str]
+
+
+def _captions() -> list[str]:
+    return [f"{text}, {TRIGGER_WORD} style" for _, text, _ in SUBJECTS]
+
+
+def _words() -> list[str]:
+    words = {w.strip(",.").lower() for s in _captions() + VALIDATION_PROMPTS for w in s.split()}
+    return sorted(words.union(_COMMON_WORDS) - {""})
+
+
+def _chars() -> list[str]:
+    return sorted(string.ascii_letters + string.digits + ",.!?'\"-:;()&/")
+
+
+def _t5_tokenizer():
+    """T5-style Unigram: pad 0, eos 1, unk 2; whole words score above char fallbacks."""
+    from transformers import T5TokenizerFast  # an alias of T5Tokenizer in transformers 5
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -8.0)]
+    vocab += [("▁" + w, -5.0) for w in _words()]
+    for piece in _chars() + ["▁" + c for c in _chars()]:
+        # Every ASCII char, word-initial or not, so ASCII text never hits <unk>; skip duplicates
+        # (e.g. "▁a" is already a word) because a repeated piece would get two ids.
+        if piece not in {p for p, _ in vocab}:
+            vocab.append((piece, -10.0))
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet, in the canonical byte order."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    return [chr(c) for c in bs] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Plain BPE training (most frequent pair, ties by pair) until every word is one symbol.
+
+    Merges learnt this way re-tokenize each training word into a single token, which naive
+    per-word merge chains do not (another word's merge can fire in the middle first).
+    """
+    segs = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while counts := Counter(pair for seg in segs for pair in zip(seg, seg[1:])):
+        a, b = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append((a, b))
+        for seg in segs:
+            i = 0
+            while i < len(seg) - 1:
+                if seg[i] == a and seg[i + 1] == b:
+                    seg[i : i + 2] = [a + b]
+                i += 1
+    return merges
+
+
+def _clip_tokenizer():
+    """Byte-level BPE like CLIP: 512 base symbols, then learnt merges, specials last."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    merges = _bpe_merges(_words())
+    for piece in [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(piece, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _text_encoders(tokenizer, tokenizer_2, seed: int):
+    """Tiny CLIP-L / T5-v1.1 look-alikes whose vocab and special ids come from the tokenizers."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)  # each component gets its own seed, so its bytes don't depend on the others
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False, decoder_start_token_id=0,
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id))
+    return clip, t5
+
+
+def _vae(seed: int):
+    """FLUX.1-dev's VAE shape (16 latent channels, 4 levels -> scale factor 8) with tiny widths."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 32), layers_per_block=1,
+        norm_num_groups=8, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _transformer(vae, clip, t5, seed: int):
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=vae.config.latent_channels * 4,  # latents are packed as 2x2 patches
+        num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
+        joint_attention_dim=t5.config.d_model, pooled_projection_dim=clip.config.hidden_size,
+        guidance_embeds=True)  # FLUX.1-dev is guidance-distilled
+
+
+def _save_pipeline(model_dir: Path, seed: int) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
+    text_encoder, text_encoder_2 = _text_encoders(tokenizer, tokenizer_2, seed)
+    vae = _vae(seed + 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=_transformer(vae, text_encoder, text_encoder_2, seed + 3))
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    # transformers 5 made T5TokenizerFast an alias of T5Tokenizer, so diffusers records the latter;
+    # write FLUX.1-dev's name so loading goes through exactly the path the real checkpoint takes.
+    index = json.loads((model_dir / "model_index.json").read_text(encoding="utf-8"))
+    index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    _write_json(model_dir / "model_index.json", index)
+
+
+def _draw(shapes: list[_Shape], size: tuple[int, int]) -> Image.Image:
+    """Cream ground, burgundy frame with ochre dots, flat fills with thick dark outlines."""
+    w, h = size
+    img = Image.new("RGB", size, CREAM)
+    d = ImageDraw.Draw(img)  # no anti-aliasing: every pixel is a palette colour
+    b, lw = max(3, w // 16), max(2, w // 32)  # border and outline thickness scale with the image
+    x0, y0, iw, ih = b + lw, b + lw, w - 2 * (b + lw), h - 2 * (b + lw)
+    for kind, fill, coords in shapes:
+        pts = [round(x0 + v * iw) if i % 2 == 0 else round(y0 + v * ih) for i, v in enumerate(coords)]
+        if kind == "line":
+            d.line(pts, fill=INK, width=lw + 2)
+            d.line(pts, fill=fill, width=max(1, lw - 1))
+        elif kind == "polygon":
+            d.polygon(pts, fill=fill, outline=INK, width=lw)
+        elif kind == "chord":
+            d.chord(pts, 180, 360, fill=fill, outline=INK, width=lw)
+        elif kind == "cutout":  # background-coloured bite out of a shape (crescent moon)
+            d.ellipse(pts, fill=fill)
+        else:
+            getattr(d, kind)(pts, fill=fill, outline=INK, width=lw)
+    # Frame last, so shapes that overflow the inner area get clipped by it.
+    d.rectangle((0, 0, w - 1, h - 1), outline=BURGUNDY, width=b)
+    for x in range(b, w - b + 1, 2 * b):  # decorative ochre dots along the frame
+        for y in (b // 2, h - 1 - b // 2):
+            d.ellipse((x - 1, y - 1, x + 1, y + 1), fill=OCHRE)
+    for y in range(b, h - b + 1, 2 * b):
+        for x in (b // 2, w - 1 - b // 2):
+            d.ellipse((x - 1, y - 1, x + 1, y + 1), fill=OCHRE)
+    return img
+
+
+def _save_dataset(dataset_dir: Path) -> None:
+    dataset_dir.mkdir(parents=True)
+    rows = []
+    for i, ((name, _, shapes), caption) in enumerate(zip(SUBJECTS, _captions())):
+        file_name = f"{i:02d}_{name}.png"
+        _draw(shapes, _SIZE_OVERRIDES.get(i, DEFAULT_SIZE)).save(
+            dataset_dir / file_name, format="PNG", optimize=False, compress_level=9)
+        rows.append(json.dumps({"file_name": file_name, "text": caption}, sort_keys=True))
+    (dataset_dir / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _assets(root: Path) -> TinyAssets:
+    return TinyAssets(root=root, model=root / "model", dataset=root / "dataset",
+                      validation_prompts=list(VALIDATION_PROMPTS))
+
+
+def build_tiny(out: str | Path, *, seed: int = 0) -> TinyAssets:
+    """Write (overwriting) the tiny model and dataset under `out`; same seed -> same bytes."""
+    assets = _assets(Path(out).expanduser().resolve())
+    for stale in (assets.model, assets.dataset, assets.root / PROMPTS_NAME, assets.root / STAMP_NAME):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+    assets.root.mkdir(parents=True, exist_ok=True)
+    _save_pipeline(assets.model, seed)
+    _save_dataset(assets.dataset)
+    # Not inside dataset/: datasets infers splits from file names, and a "validation_*" file there
+    # turns the folder into a lone, empty "validation" split (no "train" split at all).
+    _write_json(assets.root / PROMPTS_NAME, VALIDATION_PROMPTS)
+    # Written last: its presence marks a complete build for ensure_tiny.
+    _write_json(assets.root / STAMP_NAME, {"seed": seed, "tiny_version": TINY_VERSION})
+    return assets
+
+
+def _is_current(root: Path) -> bool:
+    try:
+        stamp = json.loads((root / STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stamp == {"seed": 0, "tiny_version": TINY_VERSION}
+
+
+def ensure_tiny(root: str | Path | None = None) -> TinyAssets:
+    """Return the cached tiny assets, building them first if missing or from an older TINY_VERSION."""
+    if root is None:
+        root = os.environ.get("FLUXNB_TINY_DIR") or Path.home() / ".cache" / "fluxnb" / "tiny"
+    root = Path(root).expanduser().resolve()
+    if _is_current(root):
+        return _assets(root)
+    if root.exists():  # outdated or partial: rebuild in place; build_tiny only replaces its own files
+        return build_tiny(root)
+    # Build next to the target and rename into place, so concurrent callers never see half a build.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        build_tiny(tmp)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process won the race; its build is identical
+            if not _is_current(root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _assets(root)
