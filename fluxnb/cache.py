@@ -7,7 +7,7 @@
       embeddings/meta.json             what the embeddings were made with (model, max_sequence_length, dtype)
       latents/<sample_id>.safetensors  VAE latent distribution: mean and std (C, h, w), before shift/scale
       latents/meta.json                what the latents were made with (model, resolution, buckets)
-      validation/<i>.safetensors       embeddings of the validation prompts (sampling during training)
+      (the validation prompts' embeddings are in embeddings/ too, keyed by caption_id(prompt))
       checkpoints/step-N/              resumable training state
       lora/pytorch_lora_weights.safetensors
       samples/  metrics.jsonl
@@ -123,6 +123,36 @@ def check_meta(folder: Path, expected: dict[str, Any]) -> bool:
         )
     return True
 
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Short hash of cache settings, stored in every cached file so a file made otherwise is never reused."""
+    text = json.dumps({"cache_version": CACHE_VERSION, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_metadata(path: Path) -> dict[str, str] | None:
+    """The string metadata of a safetensors file (header only), or None if it is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # missing, truncated, not safetensors: all mean "compute it again"
+        return None
+
+
+def is_cached(path: Path, settings_hash: str, key: str) -> bool:
+    """True when `path` holds the tensors for `key` made with the settings whose fingerprint is `settings_hash`."""
+    meta = file_metadata(path)
+    return meta is not None and meta.get("settings") == settings_hash and meta.get("id") == key
+
+
+def prune(folder: Path, settings_hash: str) -> int:
+    """Delete cached files made with other settings (only when the user asked to overwrite). Returns how many."""
+    stale = [p for p in folder.glob("*.safetensors") if (file_metadata(p) or {}).get("settings") != settings_hash]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def embedding_path(run: RunDir, caption: str) -> Path:

@@ -25,6 +25,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 CROPS = ("center", "random")
 SMALL_IMAGE_POLICIES = ("warn", "skip")
+BAD_IMAGE_POLICIES = ("skip", "error")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -59,6 +60,8 @@ class DataConfig:
     crop: str = "center"
     flip: bool = False  # also cache a horizontally flipped copy of each image as its own sample
     small_images: str = "warn"  # images smaller than their bucket: "warn" (upscale) or "skip"
+    bad_images: str = "skip"  # unreadable/corrupt image files: "skip" (listed in the report) or "error" (stop)
+    bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
     validation_prompts: list[str] = field(
         default_factory=lambda: [
@@ -78,6 +81,11 @@ class DataConfig:
             )
         _check_choice("crop", self.crop, CROPS)
         _check_choice("small_images", self.small_images, SMALL_IMAGE_POLICIES)
+        _check_choice("bad_images", self.bad_images, BAD_IMAGE_POLICIES)
+        _check(
+            isinstance(self.bucket_step, int) and self.bucket_step > 0 and self.bucket_step % 16 == 0,
+            f"bucket_step={self.bucket_step!r} must be a positive multiple of 16 (e.g. 64).",
+        )
         _check(
             isinstance(self.max_sequence_length, int) and 1 <= self.max_sequence_length <= 512,
             f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).",

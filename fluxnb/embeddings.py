@@ -1,0 +1,164 @@
+"""Notebook 01's computation: encode every caption once with CLIP + T5, cache it, free the encoders.
+
+FLUX.1-dev reads text through two encoders: CLIP-L gives one pooled vector per prompt (768,), T5-XXL gives one
+vector per token (max_sequence_length, 4096). T5-XXL alone is 4.7 B parameters (9.5 GB in bf16). Captions never
+change during training, so we run the encoders once per caption, save the outputs
+(embeddings/<caption_id>.safetensors), and training never loads them: that is most of the blog's memory win.
+
+On CUDA T5 is loaded in 8-bit (bitsandbytes LLM.int8): its attention and first MLP matrices, 3.6 B of its 4.7 B
+parameters, as int8; transformers keeps the `wo` matrices in bf16 (fp32 under fp16): ~6 GB instead of 9.5 GB on a
+bf16 GPU, ~8 GB on a T4. On the CPU it stays in the run's plain dtype. The encoding itself is diffusers' own
+`FluxPipeline.encode_prompt` on a pipeline loaded without transformer and VAE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import (caption_id, check_meta, embedding_path, fingerprint, is_cached, prune, save_tensors, write_meta,
+                    write_samples)
+from .config import ModelConfig, RunConfig
+from .data import Prepared, prepare, progress_bar
+from .errors import FluxnbError
+from .hardware import Hardware
+from .hub_access import friendly_load
+from .memory import free, measure, report
+from .runs import Run
+
+
+@dataclass
+class EmbedStats:
+    texts: int  # captions + validation prompts
+    encoded: int
+    reused: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"embeddings: {self.texts} texts ({self.encoded} encoded, {self.reused} reused from the cache) "
+                f"in {self.seconds:.1f} s")
+
+
+def settings(config: RunConfig) -> dict[str, Any]:
+    """What makes a cached embedding valid: another model or sequence length gives other vectors."""
+    m = config.model
+    return {"model_id": m.model_id, "revision": m.revision, "max_sequence_length": config.data.max_sequence_length}
+
+
+def load_tokenizer(model: ModelConfig) -> Any:
+    """T5's tokenizer alone (a few MB), to count caption tokens before the 9.5 GB encoder is loaded."""
+    from transformers import AutoTokenizer
+
+    return friendly_load(lambda: AutoTokenizer.from_pretrained(
+        model.model_id, subfolder="tokenizer_2", revision=model.revision), model.model_id)
+
+
+def _load_t5_8bit(model: ModelConfig, hw: Hardware) -> Any:
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    # transformers keeps T5's `wo` (second MLP) matrices out of int8 (and in fp32 under fp16) for stability.
+    return T5EncoderModel.from_pretrained(
+        model.model_id, subfolder="text_encoder_2", revision=model.revision, dtype=hw.dtype,
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": hw.device.index or 0})
+
+
+def load_text_encoders(model: ModelConfig, hw: Hardware) -> Any:
+    """A FluxPipeline holding only CLIP + T5 (+ tokenizers): transformer=None, vae=None are never downloaded."""
+    from diffusers import FluxPipeline
+
+    def load() -> Any:
+        t5 = _load_t5_8bit(model, hw) if hw.device.type == "cuda" else None
+        extra = {"text_encoder_2": t5} if t5 is not None else {}
+        pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=None, vae=None,
+                                            dtype=hw.dtype, **extra)
+        pipe.text_encoder.to(hw.device)
+        if t5 is None:
+            pipe.text_encoder_2.to(hw.device)
+        return pipe
+
+    return friendly_load(load, model.model_id)
+
+
+def t5_linear_layers(pipe: Any) -> Counter:
+    """How T5's Linear layers are held, e.g. Counter({'Linear8bitLt': 144, 'Linear': 24}) on CUDA."""
+    return Counter(type(m).__name__ for m in pipe.text_encoder_2.modules() if isinstance(m, torch.nn.Linear))
+
+
+def texts_to_encode(config: RunConfig, prepared: Prepared) -> list[str]:
+    """The dataset's captions, then the validation prompts (sampled during training without any text encoder)."""
+    return list(dict.fromkeys([*prepared.captions, *config.data.validation_prompts]))
+
+
+def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[str]:
+    """Texts without a valid cached embedding. Raises CacheMismatch if embeddings/ was made with other settings."""
+    wanted = settings(run.config)
+    if not overwrite:
+        check_meta(run.dir.embeddings, wanted)
+    tag = fingerprint(wanted)
+    return [t for t in texts_to_encode(run.config, prepared)
+            if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
+
+
+@torch.no_grad()
+def encode(pipe: Any, texts: list[str], max_sequence_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Texts -> prompt_embeds (B, L, D_t5), pooled_prompt_embeds (B, D_clip), text_ids (L, 3), through diffusers'
+    FluxPipeline.encode_prompt; refuses NaN/inf."""
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+        prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
+    bad = [t for t, e, p in zip(texts, prompt_embeds, pooled) if not (e.isfinite().all() and p.isfinite().all())]
+    if bad:
+        raise FluxnbError(f"the text encoders returned NaN/inf for {len(bad)} caption(s) (first: {bad[0][:60]!r}). "
+                          "This is a precision overflow: set the run's dtype to 'bf16' or 'fp32' and run again.")
+    return prompt_embeds, pooled, text_ids
+
+
+def cache_embeddings(run: Run, pipe: Any, prepared: Prepared, *, overwrite: bool = False, batch_size: int = 8,
+                     progress: bool = True) -> EmbedStats:
+    """Encode what is not cached yet, save one file per text, then write samples.jsonl (the training set)."""
+    start = time.perf_counter()
+    todo = pending(run, prepared, overwrite=overwrite)
+    wanted = settings(run.config)
+    tag = fingerprint(wanted)
+    if todo and pipe is None:
+        raise FluxnbError(f"{len(todo)} caption(s) need encoding but no text encoders were given: "
+                          "load them with load_text_encoders first.")
+    if todo or overwrite or not (run.dir.embeddings / "meta.json").is_file():
+        t5 = pipe.text_encoder_2 if pipe is not None else None
+        info = {"dtype": str(t5.dtype).removeprefix("torch."),
+                "t5_8bit": bool(getattr(t5, "is_loaded_in_8bit", False))} if t5 is not None else {}
+        write_meta(run.dir.embeddings, wanted | info)  # first: a crash midway leaves files this meta describes
+    length = run.config.data.max_sequence_length
+    with progress_bar(total=len(todo), show=progress and bool(todo), desc="encoding captions", unit="caption") as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            prompt_embeds, pooled, text_ids = encode(pipe, batch, length, run.hw.device)
+            for text, e, p in zip(batch, prompt_embeds, pooled):  # (L, D_t5), (D_clip,)
+                save_tensors(embedding_path(run.dir, text),
+                             {"prompt_embeds": e, "pooled_prompt_embeds": p, "text_ids": text_ids},
+                             metadata={"id": caption_id(text), "settings": tag, "text": text[:1000]})
+            bar.update(len(batch))
+    if overwrite:
+        prune(run.dir.embeddings, tag)
+    write_samples(run.dir, prepared.samples)
+    n = len(texts_to_encode(run.config, prepared))
+    return EmbedStats(n, len(todo), n - len(todo), time.perf_counter() - start)
+
+
+def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> EmbedStats:
+    """The whole of notebook 01 headless (`python -m fluxnb embed`): check, encode what is missing, free."""
+    prepared = prepare(run.config.data, load_tokenizer(run.config.model), progress=progress)
+    print(prepared.report)
+    if not pending(run, prepared, overwrite=overwrite):
+        return cache_embeddings(run, None, prepared, overwrite=overwrite, progress=progress)
+    with measure("text encoders: load + encode") as m:
+        pipe = load_text_encoders(run.config.model, run.hw)
+        print(f"T5 Linear layers: {dict(t5_linear_layers(pipe))}")
+        stats = cache_embeddings(run, pipe, prepared, overwrite=overwrite, progress=progress)
+    print(m)
+    free(pipe)
+    print(report("after freeing the text encoders"))
+    return stats

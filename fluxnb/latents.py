@@ -1,0 +1,166 @@
+"""Notebook 02's computation: encode every training image once with the VAE, cache it, free the VAE.
+
+FLUX's transformer never sees pixels: it denoises the VAE's latents, 16 channels at 1/8 of the size (a 512x768
+image becomes (16, 96, 64)). The reference training script encodes every image again at every step, or caches
+latents in one shuffle order and trains in another (pairing images with the wrong captions). Here each image is
+encoded once at its bucket size and saved as latents/<sample_id>.safetensors, the id hashing the image bytes and
+the caption: CachedDataset finds a sample's latent and its caption's embedding through the same id.
+
+What is stored is the VAE's latent *distribution*, mean and std (C, h, w) in float32, before FLUX's shift and
+scale, not one sample of it: training draws a fresh sample every time it sees the image (a little free
+augmentation, exactly what encoding on the fly would do), for twice the disk of a single sample (~0.8 MB per
+512x768 image).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from . import embeddings
+from .cache import (CacheMismatch, check_meta, fingerprint, is_cached, load_tensors, prune, save_tensors, write_meta,
+                    write_samples)
+from .config import ModelConfig, RunConfig
+from .data import Item, Prepared, prepare, progress_bar
+from .errors import FluxnbError
+from .hardware import Hardware
+from .hub_access import friendly_load
+from .memory import free, measure, report
+from .runs import Run
+
+
+@dataclass
+class LatentStats:
+    samples: int
+    encoded: int
+    reused: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"latents: {self.samples} samples ({self.encoded} encoded, {self.reused} reused from the cache) "
+                f"in {self.seconds:.1f} s")
+
+
+def settings(config: RunConfig) -> dict[str, Any]:
+    """What makes a cached latent valid: the VAE, and how images are sized and cropped."""
+    m, d = config.model, config.data
+    return {"model_id": m.model_id, "revision": m.revision, "width": d.width, "height": d.height,
+            "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop}
+
+
+def latent_path(run: Run, sample_id: str) -> Path:
+    return run.dir.latents / f"{sample_id}.safetensors"
+
+
+def load_vae(model: ModelConfig, hw: Hardware) -> Any:
+    """FLUX's AutoencoderKL alone (84 M parameters, ~170 MB in bf16), on the run's device and dtype."""
+    from diffusers import AutoencoderKL
+
+    vae = friendly_load(lambda: AutoencoderKL.from_pretrained(
+        model.model_id, subfolder="vae", revision=model.revision, dtype=hw.dtype), model.model_id)
+    return vae.to(hw.device).eval().requires_grad_(False)
+
+
+def check_embeddings(run: Run, prepared: Prepared) -> None:
+    """Every sample's caption must have its embedding from notebook 01, made with today's settings."""
+    try:
+        check_meta(run.dir.embeddings, embeddings.settings(run.config))
+    except CacheMismatch as err:
+        raise FluxnbError(f"the text embeddings do not match this run's settings: {err} Re-run notebook 01 "
+                          "(`python -m fluxnb embed`) first.") from None
+    missing = embeddings.pending(run, prepared)
+    if missing:
+        raise FluxnbError(f"{len(missing)} caption(s) have no cached text embedding (first: {missing[0][:60]!r}): "
+                          "the dataset or instance prompt changed since notebook 01. Re-run notebook 01 "
+                          "(`python -m fluxnb embed`) first.")
+
+
+def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[Item]:
+    """Samples without a valid cached latent. Raises CacheMismatch if latents/ was made with other settings."""
+    wanted = settings(run.config)
+    if not overwrite:
+        check_meta(run.dir.latents, wanted)
+    tag = fingerprint(wanted)
+    return [i for i in prepared.items if not is_cached(latent_path(run, i.sample.id), tag, i.sample.id)]
+
+
+@torch.no_grad()
+def encode_image(vae: Any, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB image (W, H) -> latent distribution (mean, std), each (C, H/8, W/8) float32."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = VaeImageProcessor(vae_scale_factor=8).preprocess(image)  # (1, 3, H, W) in [-1, 1]
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean[0].float(), dist.std[0].float()
+
+
+def encode_checked(vae: Any, image: Image.Image, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_image, upcasting the VAE to fp32 once if fp16 overflows (NaN/inf) on this image."""
+    mean, std = encode_image(vae, image)
+    if not (mean.isfinite().all() and std.isfinite().all()):
+        if vae.dtype == torch.float32:
+            raise FluxnbError(f"the VAE returned NaN/inf for {source}: check that image (is it blank or broken?).")
+        print(f"note: the VAE overflowed in {vae.dtype} on {source}; continuing in float32 (slower, exact).")
+        vae.to(torch.float32)
+        return encode_checked(vae, image, source)
+    return mean, std
+
+
+def cache_latents(run: Run, vae: Any, prepared: Prepared, *, overwrite: bool = False,
+                  progress: bool = True) -> LatentStats:
+    """Encode what is not cached yet (one file per sample id), then write samples.jsonl (the training set)."""
+    start = time.perf_counter()
+    check_embeddings(run, prepared)
+    todo = pending(run, prepared, overwrite=overwrite)
+    if todo and vae is None:
+        raise FluxnbError(f"{len(todo)} image(s) need encoding but no VAE was given: load it with load_vae first.")
+    wanted = settings(run.config)
+    tag = fingerprint(wanted)
+    if todo or overwrite or not (run.dir.latents / "meta.json").is_file():
+        write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
+    for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
+        s = item.sample
+        mean, std = encode_checked(vae, item.image(), s.source)
+        save_tensors(latent_path(run, s.id), {"mean": mean, "std": std},
+                     metadata={"id": s.id, "settings": tag, "caption_id": s.caption_id, "source": s.source,
+                               "bucket": f"{s.width}x{s.height}", "flip": str(s.flip)})
+    if overwrite:
+        prune(run.dir.latents, tag)
+    write_samples(run.dir, prepared.samples)  # last: every row it lists now has a latent and an embedding
+    n = len(prepared.items)
+    return LatentStats(n, len(todo), n - len(todo), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def decode(vae: Any, run: Run, sample_ids: list[str]) -> list[Image.Image]:
+    """Cached latent means decoded back to images: what the transformer learns from (VAE round trip)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    out = []
+    for sid in sample_ids:
+        mean = load_tensors(latent_path(run, sid))["mean"][None].to(vae.device, vae.dtype)  # (1, C, h, w)
+        pixels = vae.decode(mean).sample  # unscaled latents in, so no shift/scale here
+        out += VaeImageProcessor(vae_scale_factor=8).postprocess(pixels.float(), output_type="pil")
+    return out
+
+
+def latents_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> LatentStats:
+    """The whole of notebook 02 headless (`python -m fluxnb latents`): check, encode what is missing, free."""
+    prepared = prepare(run.config.data, progress=progress)
+    print(prepared.report)
+    check_embeddings(run, prepared)
+    if not pending(run, prepared, overwrite=overwrite):
+        return cache_latents(run, None, prepared, overwrite=overwrite, progress=progress)
+    with measure("VAE: load + encode") as m:
+        vae = load_vae(run.config.model, run.hw)
+        stats = cache_latents(run, vae, prepared, overwrite=overwrite, progress=progress)
+    print(m)
+    free(vae)
+    print(report("after freeing the VAE"))
+    return stats
+

@@ -1,0 +1,191 @@
+"""Where the training images and captions come from: a Hub dataset or a local folder, as a list of Records.
+
+    load_records(cfg.data) -> Loaded(records=[Record(source="03_cat.png", caption="a cat", read=<bytes>), ...])
+
+- Hub id (`derekl35/alphonse-mucha-style`): `datasets.load_dataset(id, split="train")`, columns
+  `cfg.image_column` / `cfg.caption_column`.
+- Local folder, imagefolder layout: images + `metadata.jsonl` (or `metadata.csv`) with a `file_name` column and
+  the caption column, as `datasets` expects it.
+- Local folder of pairs: `cat.png` + `cat.txt` (the caption), in any sub-folder.
+
+Nothing here decodes images or judges captions: Records keep the raw bytes reader and the raw caption value, so
+that fluxnb.data can check every row and report all problems at once. Images are read lazily (a big dataset
+never sits in memory).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+from .errors import FluxnbError
+from .hub_access import LOGIN_HOWTO, explain
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # how messages name this row: a file path inside the folder, or "row 12" of a Hub dataset
+    caption: Any  # as found: normally a str; None when missing; anything else is reported as not text
+    read: Callable[[], bytes]  # the image file's bytes (may raise OSError)
+
+
+@dataclass
+class Loaded:
+    description: str  # "local folder /x (metadata.jsonl)" / "Hub dataset user/name"
+    records: list[Record]
+    notes: list[str] = field(default_factory=list)  # things worth saying that are not problems
+    errors: list[str] = field(default_factory=list)  # problems the user must fix (bad metadata lines...)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _metadata_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(("metadata.jsonl line 3", row), ...) and one error per unreadable line."""
+    rows, errors = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        return [], [f"{path.name} cannot be read ({_first_line(err)}): save it as UTF-8 text."]
+    if path.suffix == ".csv":
+        for n, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+            rows.append((f"{path.name} line {n}", row))
+        return rows, errors
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"{path.name} line {n} is not valid JSON ({err.msg}): fix or delete that line.")
+            continue
+        if not isinstance(row, dict):
+            errors.append(f"{path.name} line {n} is not a JSON object: write {{\"file_name\": ..., \"text\": ...}}.")
+            continue
+        rows.append((f"{path.name} line {n}", row))
+    return rows, errors
+
+
+def _missing(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise FileNotFoundError(f"{path} does not exist")
+    return read
+
+
+def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
+    rows, errors = _metadata_rows(meta)
+    loaded = Loaded(f"local folder {folder} ({meta.name})", [], errors=errors)
+    keys = {k for _, row in rows for k in row}
+    if rows and cfg.caption_column not in keys and not cfg.instance_prompt:
+        loaded.errors.append(f"{meta.name} has no '{cfg.caption_column}' column (it has: {', '.join(sorted(keys))}): "
+                             "set caption_column to the column holding the captions, or give an instance_prompt.")
+    listed = set()
+    for where, row in rows:
+        name = row.get("file_name", row.get(cfg.image_column))
+        if not isinstance(name, str) or not name:
+            loaded.errors.append(f"{where} has no 'file_name': add the image's file name (relative to {folder}).")
+            continue
+        path = folder / name
+        listed.add(path.resolve())
+        read = _file_reader(path) if path.is_file() else _missing(path)
+        loaded.records.append(Record(name, row.get(cfg.caption_column), read))
+    unlisted = [p for p in _images_in(folder) if p.resolve() not in listed]
+    if unlisted:
+        loaded.notes.append(f"{len(unlisted)} image(s) in the folder are not in {meta.name} and are left out "
+                            f"(first: {unlisted[0].relative_to(folder)}).")
+    return loaded
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _read_caption(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return path.read_bytes()  # reported as "not text": the file is not UTF-8
+
+
+def _load_pairs(folder: Path) -> Loaded:
+    images = _images_in(folder)
+    records = [Record(p.relative_to(folder).as_posix(), _read_caption(p.with_suffix(".txt")), _file_reader(p))
+               for p in images]
+    return Loaded(f"local folder {folder} (images + .txt captions)", records)
+
+
+def load_local(folder: Path, cfg: DataConfig) -> Loaded:
+    if not folder.is_dir():
+        raise FluxnbError(f"dataset {str(folder)!r} is a file, not a folder: give the folder that holds the images "
+                          "(with metadata.jsonl, or a .txt caption next to each image).")
+    meta = next((folder / m for m in METADATA_FILES if (folder / m).is_file()), None)
+    return _load_imagefolder(folder, meta, cfg) if meta else _load_pairs(folder)
+
+
+def _hub_reader(ds: Any, index: int, column: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        value = ds[index][column]
+        if isinstance(value, dict) and value.get("bytes"):
+            return value["bytes"]
+        path = value.get("path") if isinstance(value, dict) else value
+        if isinstance(path, str) and path:
+            return Path(path).read_bytes()
+        raise OSError(f"column '{column}' holds {type(value).__name__}, not an image")
+    return read
+
+
+def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as err:  # network, auth, a typo: all end here, and all need the same advice
+        why = explain(err, dataset_id, "dataset") or _first_line(err)
+        raise FluxnbError(
+            f"Could not load the Hub dataset {dataset_id!r} (and there is no local folder of that name): {why} "
+            f"Check the name, your internet connection (and HF_HUB_OFFLINE); for a private or gated dataset "
+            f"{LOGIN_HOWTO}. Or give a local folder: images + metadata.jsonl, or images with same-name .txt captions."
+        ) from None
+    columns = ds.column_names
+    if cfg.image_column not in columns:
+        raise FluxnbError(f"{dataset_id} has no image column '{cfg.image_column}' (columns: {', '.join(columns)}): "
+                          "set image_column.")
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # raw bytes: we decode and check
+    if cfg.caption_column in columns:
+        captions = ds[cfg.caption_column]
+    elif cfg.instance_prompt:
+        captions = [None] * len(ds)
+    else:
+        raise FluxnbError(f"{dataset_id} has no caption column '{cfg.caption_column}' (columns: {', '.join(columns)}):"
+                          " set caption_column, or give an instance_prompt to use for every image.")
+    records = [Record(f"row {i}", captions[i], _hub_reader(ds, i, cfg.image_column)) for i in range(len(ds))]
+    return Loaded(f"Hub dataset {dataset_id}", records)
+
+
+def load_records(cfg: DataConfig) -> Loaded:
+    """Every row of the dataset named by `cfg.dataset`: a local folder if one exists there, else a Hub id."""
+    local = Path(cfg.dataset).expanduser()
+    if local.exists():
+        return load_local(local, cfg)
+    if cfg.dataset.startswith(("/", "./", "../", "~")) or "\\" in cfg.dataset or cfg.dataset.count("/") > 1:
+        raise FluxnbError(f"dataset folder {cfg.dataset!r} does not exist: check the path (or give a Hub id "
+                          "user/name).")
+    return load_hub(cfg.dataset, cfg)
