@@ -1,0 +1,234 @@
+"""Images from the trained LoRA with a stock diffusers FluxPipeline (the blog's "Option 1": load the adapter).
+
+    pipe = load_pipeline(run)                     # base model, sized for this GPU (see plan_pipeline)
+    load_lora(pipe, run.dir.lora / "pytorch_lora_weights.safetensors")   # adapter "lora"
+    set_scale(pipe, 0.8)                          # how strongly the style applies (0 = base model)
+    load_lora(pipe, other_file, "other")
+    blend(pipe, {"lora": 0.7, "other": 0.3})      # several adapters mixed with set_adapters
+    base, styled = base_vs_lora(pipe, prompts, settings, run)
+
+Every image of a prompt starts from the same seeded noise (a CPU generator: the same on any GPU), so base and
+LoRA columns differ only by the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ._io import atomic_path, atomic_write_text
+from .cache import caption_id, check_meta, embedding_path, fingerprint, is_cached, load_tensors, save_tensors, write_meta
+from .errors import FluxnbError
+from .runs import Run
+
+ADAPTER = "lora"
+GIB = 2**30
+
+
+@dataclass
+class SampleSettings:
+    """What one generation uses; notebook 04 edits it with a widget form."""
+
+    prompt: str = "a puppy in a pond, alphonse mucha style"
+    lora_scale: float = 1.0  # 0 = base model, 1 = as trained, >1 exaggerates the style
+    seed: int = 0
+    steps: int = 28  # the blog's num_inference_steps
+    guidance_scale: float = 3.5  # FLUX.1-dev's distilled guidance (an input of the model, not CFG)
+    width: int = 512
+    height: int = 768
+
+    def __post_init__(self) -> None:
+        checks = [(bool(self.prompt.strip()), "prompt is empty."),
+                  (-4.0 <= self.lora_scale <= 4.0, f"lora_scale must be between -4 and 4, got {self.lora_scale!r}."),
+                  (isinstance(self.steps, int) and 1 <= self.steps <= 200, f"steps must be 1..200, got {self.steps!r}."),
+                  (self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale!r}."),
+                  (isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}.")]
+        checks += [(isinstance(v, int) and v > 0 and v % 16 == 0, f"{k}={v!r} must be a positive multiple of 16.")
+                   for k, v in (("width", self.width), ("height", self.height))]
+        for ok, message in checks:
+            if not ok:
+                raise FluxnbError(message)
+
+
+def default_settings(run: Run) -> SampleSettings:
+    """The run's resolution and first validation prompt; the blog's 28 steps, or the tiny profile's few."""
+    data = run.config.data
+    steps = 28 if run.hw.profile == "real" else run.config.train.sample_steps
+    return SampleSettings(prompt=data.validation_prompts[0], steps=steps, width=data.width, height=data.height)
+
+
+@dataclass(frozen=True)
+class Plan:
+    quantize: bool  # NF4 transformer (6.7 GB) instead of 16-bit (23.8 GB)
+    offload: bool  # enable_model_cpu_offload: one component on the GPU at a time
+    text_encoders: bool  # keep T5 + CLIP (9.7 GB in 16-bit) in the pipeline; else prompts come pre-encoded
+    reason: str
+
+
+def plan_pipeline(run: Run) -> Plan:
+    """How FLUX.1-dev fits this machine for inference (sizes in 16-bit; NF4 transformer 6.7 GB):
+
+    >= 40 GiB GPU (A100, H100): everything 16-bit on the GPU, 34 GB.  24 GiB (4090): NF4 transformer + 16-bit
+    T5/CLIP/VAE, 17 GB, all resident.  Smaller (T4, 15 GiB, with 12.7 GB of system RAM, too little to park T5 next
+    to the transformer): NF4 transformer and VAE only; prompts are encoded first (cached ones are reused) and the
+    text encoders freed.  CPU (tiny profile): the full pipeline in fp32.
+    """
+    gpu = run.hw.gpu
+    if run.hw.device.type != "cuda" or gpu is None:
+        return Plan(False, False, True, "CPU: the whole pipeline in fp32")
+    if gpu.total_gib >= 40 and run.config.model.prequantized is None:
+        return Plan(False, False, True, f"{gpu.total_gib:.0f} GiB GPU: everything in {run.hw.dtype_name}, resident")
+    if gpu.total_gib >= 22:
+        return Plan(True, False, True, f"{gpu.total_gib:.0f} GiB GPU: NF4 transformer, text encoders resident")
+    offload = gpu.total_gib < 12  # below that even NF4 + VAE + activations at 512x768 get tight: swap them
+    return Plan(True, offload, False, f"{gpu.total_gib:.0f} GiB GPU: NF4 transformer; prompts encoded separately"
+                + (", CPU offload" if offload else ""))
+
+
+def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
+    """A stock FluxPipeline of the run's base model (or of `transformer`, e.g. a merged one), placed per `plan`."""
+    from diffusers import FluxPipeline
+
+    from .hub_access import hub_errors
+    from .quant import load_transformer
+
+    plan = plan or plan_pipeline(run)
+    model = run.config.model
+    if transformer is None:
+        transformer = load_transformer(dataclasses.replace(model, quantization="nf4" if plan.quantize else "none"), run.hw)
+    skip = {} if plan.text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    with hub_errors(model.model_id):
+        pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
+                                            dtype=run.hw.dtype, **skip)
+    if plan.offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(run.hw.device)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def load_lora(pipe, path: str | Path, name: str = ADAPTER) -> str:
+    """Load a diffusers (or kohya/ComfyUI) LoRA file as adapter `name`, active at scale 1."""
+    path = Path(path)
+    if not path.is_file():
+        raise FluxnbError(f"{path} does not exist: train first (notebook 03), or pick another LoRA file.")
+    quiet = logging.getLogger("diffusers.loaders.lora_base")  # "no LoRA keys for the text encoder": by design
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # peft on a second adapter: "this will lead to multiple adapters" - yes
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+    finally:
+        quiet.setLevel(level)
+    return name
+
+
+def set_scale(pipe, scale: float, name: str = ADAPTER) -> None:
+    """Only adapter `name`, at `scale` (each layer adds scale * alpha / r * B @ A x)."""
+    pipe.set_adapters([name], [float(scale)])
+
+
+def blend(pipe, weights: dict[str, float]) -> None:
+    """Several loaded adapters at once, each with its own weight: delta W = sum_i w_i * dW_i."""
+    missing = sorted(set(weights) - {n for names in pipe.get_list_adapters().values() for n in names})
+    if missing:
+        raise FluxnbError(f"adapters {missing} are not loaded; load them with load_lora(pipe, path, name) first.")
+    pipe.set_adapters(list(weights), [float(w) for w in weights.values()])
+
+
+# T5-XXL in 8-bit as notebook 01 loads it (its `wo` matrices stay 16-bit, fp32 under fp16) + CLIP, in GiB
+T5_8BIT_GIB = {torch.bfloat16: 6.3, torch.float16: 8.3}
+
+
+def encode_prompts(run: Run, prompts: list[str]) -> int:
+    """Encode the prompts missing from the run's embedding cache with notebook 01's encoders, cache them, free the
+    encoders; returns how many were encoded. On a small GPU (T4) call it BEFORE load_pipeline: T5 in 8-bit
+    (8.3 GB on a T4) and the NF4 transformer (6.7 GB) do not fit in its 15 GB together."""
+    from .embeddings import encode, load_text_encoders, settings
+    from .memory import free
+
+    wanted = settings(run.config)
+    tag = fingerprint(wanted)
+    todo = [p for p in dict.fromkeys(prompts) if not is_cached(embedding_path(run.dir, p), tag, caption_id(p))]
+    if not todo:
+        return 0
+    if run.hw.device.type == "cuda":
+        have, need = torch.cuda.mem_get_info()[0] / GIB, T5_8BIT_GIB.get(run.hw.dtype, 10.0)
+        if have < need:
+            raise FluxnbError(
+                f"{len(todo)} new prompt(s) need the text encoders ({need:.1f} GiB), but only {have:.1f} GiB of GPU "
+                "memory is free next to the transformer. Free the pipeline (memory.free(pipe)), run "
+                "sampling.encode_prompts(run, prompts), then load the pipeline again: the prompts stay cached.")
+    if not check_meta(run.dir.embeddings, wanted):
+        write_meta(run.dir.embeddings, wanted)
+    text = load_text_encoders(run.config.model, run.hw)
+    embeds, pooled, text_ids = encode(text, todo, run.config.data.max_sequence_length, run.hw.device)
+    for prompt, e, c in zip(todo, embeds, pooled):  # (L, D_t5), (D_clip,): notebook 01's file format
+        save_tensors(embedding_path(run.dir, prompt), {"prompt_embeds": e, "pooled_prompt_embeds": c, "text_ids": text_ids},
+                     metadata={"id": caption_id(prompt), "settings": tag, "text": prompt[:1000]})
+    free(text)
+    return len(todo)
+
+
+def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None) -> list[Image.Image]:
+    """One image per prompt, each from `settings.seed`: the same prompt and seed give the same noise anywhere."""
+    encoded = None
+    if pipe.text_encoder is None:  # prompts come from the run's embedding cache (the T4 route, see plan_pipeline)
+        if run is None:
+            raise FluxnbError("this pipeline has no text encoders: pass run= so prompts can be encoded or read from cache.")
+        encode_prompts(run, prompts)
+        encoded = [load_tensors(embedding_path(run.dir, p)) for p in prompts]
+    images = []
+    for i, prompt in enumerate(prompts):
+        device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also under CPU offload
+        text = {"prompt": prompt} if encoded is None else {
+            "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)
+            "pooled_prompt_embeds": encoded[i]["pooled_prompt_embeds"][None].to(device, run.hw.dtype)}  # (1, D_clip)
+        out = pipe(**text, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                   width=settings.width, height=settings.height,
+                   generator=torch.Generator("cpu").manual_seed(settings.seed),
+                   max_sequence_length=run.config.data.max_sequence_length if run else 512)
+        images.append(out.images[0])
+    return images
+
+
+def base_vs_lora(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None,
+                 name: str = ADAPTER) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The same prompts and seed with the adapter off, then on at settings.lora_scale."""
+    pipe.disable_lora()
+    base = generate(pipe, prompts, settings, run)
+    pipe.enable_lora()
+    set_scale(pipe, settings.lora_scale, name)
+    return base, generate(pipe, prompts, settings, run)
+
+
+def save_grid(path: Path, prompts: list[str], base: list[Image.Image], styled: list[Image.Image], *,
+              labels: tuple[str, str] = ("base", "LoRA")):
+    """Top row base, bottom row LoRA, one column per prompt, saved as PNG; returns the matplotlib figure."""
+    from .plots import image_grid
+
+    captions = [f"{label}: {p}" for label in labels for p in prompts]
+    fig = image_grid([*base, *styled], captions, ncols=len(prompts))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return fig
+
+
+def save_images(folder: Path, prompts: list[str], images: list[Image.Image], settings: SampleSettings) -> Path:
+    """folder/00.png, 01.png, ... and folder/prompts.json (file, prompt, seed, steps, scale): the model card's gallery."""
+    rows = []
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        with atomic_path(folder / f"{i:02d}.png") as tmp:
+            image.save(tmp, format="PNG")
+        rows.append({"file": f"{i:02d}.png", "prompt": prompt, "seed": settings.seed, "steps": settings.steps,
+                     "lora_scale": settings.lora_scale, "guidance_scale": settings.guidance_scale})
+    atomic_write_text(folder / "prompts.json", json.dumps(rows, indent=2) + "\n")
+    return folder

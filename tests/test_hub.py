@@ -1,0 +1,182 @@
+"""Model card, staging, dry run and upload (against a fake HfApi), and the token never leaking anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from huggingface_hub import ModelCard
+from lora_helpers import make_lora
+from PIL import Image
+
+from fluxnb import hub, sampling
+from fluxnb.cache import RunDir
+from fluxnb.cli import main
+from fluxnb.config import RunConfig
+from fluxnb.errors import FluxnbError
+from fluxnb.hardware import detect
+from fluxnb.runs import Run, open_run
+
+FAKE_TOKEN = "hf_fakeTOKENfluxnb0123456789abcdefXYZ"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_assets, tmp_path_factory) -> Run:
+    """A finished tiny run: LoRA, notebook 04's gallery and grid, one metrics line."""
+    run = open_run(tmp_path_factory.mktemp("hubrun") / "run", profile="tiny", verbose=False)
+    make_lora(run.config.model.model_id, run.dir.lora)
+    prompts = run.config.data.validation_prompts[:2]
+    images = [Image.new("RGB", (64, 96), c) for c in ("teal", "orange")]
+    sampling.save_images(run.dir.images / hub.GALLERY, prompts, images, sampling.default_settings(run))
+    images[0].save(run.dir.images / hub.GRID)
+    run.dir.metrics.write_text(json.dumps({"step": 40, "loss": 0.41}) + "\n")
+    return run
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """As if the Hub were reachable, with no token anywhere (tests add one through HF_TOKEN when they need it)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for key in ("HF_HUB_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+
+
+class FakeApi:
+    """Records what push() asks of the Hub; `fail` makes the upload raise like a dropped connection."""
+
+    calls: list = []
+    fail: Exception | None = None
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_repo", repo_id, kwargs))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/me/{repo_id.split('/')[-1]}")
+
+    def upload_folder(self, **kwargs):
+        FakeApi.calls.append(("upload_folder", kwargs))
+        if FakeApi.fail:
+            raise FakeApi.fail
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    FakeApi.calls, FakeApi.fail = [], None
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return FakeApi
+
+
+def test_card_contents(run):
+    staged = hub.stage(run, hub.HubSettings(repo_id="me/tiny-lora"))
+    card = ModelCard(staged.card)
+    data = card.data.to_dict()
+    assert data["license"] == "other" and {"lora", "flux", "text-to-image"} <= set(data["tags"])
+    assert data["instance_prompt"] == "tnyst style"  # the shared last phrase of every caption
+    assert [w["output"]["url"] for w in data["widget"]] == ["images/00.png", "images/01.png"]
+    assert data["widget"][0]["text"] == run.config.data.validation_prompts[0]
+    assert "base_model" not in data  # a local tiny model is no Hub id
+    c = run.config
+    for line in (f"| LoRA rank | {c.lora.rank} |", f"| LoRA targets | {c.lora.targets} |", "| optimizer steps (done) | 40 |",
+                 f"| learning rate | {c.train.learning_rate} |", "Test artifact",
+                 'pipe.load_lora_weights("me/tiny-lora"', "run_comfyui.safetensors"):
+        assert line in card.text
+    assert str(run.path) not in staged.card and str(run.config.model.model_id) not in staged.card  # no local paths
+
+
+def test_card_for_flux_dev_names_base_model_and_licence(run, tmp_path):
+    real = Run(RunDir(tmp_path), RunConfig(profile="real"), detect("real"))
+    data = ModelCard(hub.card_text(real, hub.HubSettings(trigger_word="mucha style"), "x_comfyui.safetensors", [])).data
+    assert data.base_model == "black-forest-labs/FLUX.1-dev"
+    assert data.license_name == "flux-1-dev-non-commercial-license" and data.instance_prompt == "mucha style"
+
+
+def test_dry_run_lists_exactly_the_files_and_the_card(run, capsys):
+    settings = hub.HubSettings(repo_id="tiny-lora")
+    staged = hub.stage(run, settings)
+    on_disk = sorted(p.relative_to(staged.folder).as_posix() for p in staged.folder.rglob("*") if p.is_file())
+    assert [name for name, _ in staged.files] == on_disk == [
+        "README.md", "images/00.png", "images/01.png", "images/base_vs_lora.png",
+        "pytorch_lora_weights.safetensors", "run_comfyui.safetensors"]
+    assert (staged.folder / "pytorch_lora_weights.safetensors").read_bytes() == (run.dir.lora / hub.LORA_FILE).read_bytes()
+    result = hub.push(run, staged, settings)
+    out = capsys.readouterr().out
+    assert not result.uploaded and "dry run" in str(result)
+    assert "DRY RUN - nothing was uploaded" in out and "private model repo 'tiny-lora'" in out
+    assert all(name in out for name in on_disk) and staged.card in out
+
+
+def test_without_token_it_is_a_dry_run_that_says_why(run, online, fake_api):
+    settings = hub.HubSettings(repo_id="tiny-lora", dry_run=False)
+    result = hub.push(run, hub.stage(run, settings), settings)
+    assert not result.uploaded and "notebook_login" in result.message
+    assert fake_api.calls == []
+
+
+def test_offline_is_a_dry_run_too(run, fake_api, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = hub.HubSettings(repo_id="tiny-lora", dry_run=False)
+    result = hub.push(run, hub.stage(run, settings), settings)
+    assert not result.uploaded and "offline" in result.message and fake_api.calls == []
+
+
+def test_upload_is_private_by_default(run, online, fake_api, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    settings = hub.HubSettings(repo_id="tiny-lora", dry_run=False)
+    staged = hub.stage(run, settings)
+    result = hub.push(run, staged, settings)
+    (_, repo_id, create), (_, upload) = fake_api.calls
+    assert result.uploaded and result.url == "https://huggingface.co/me/tiny-lora"
+    assert repo_id == "tiny-lora" and create["private"] is True and create["exist_ok"] is True
+    assert upload["repo_id"] == "me/tiny-lora" and Path(upload["folder_path"]) == staged.folder
+    assert "token" not in create and "token" not in upload  # huggingface_hub reads it itself
+    assert 'load_lora_weights("me/tiny-lora"' in (staged.folder / "README.md").read_text()  # full id in the snippet
+
+
+def test_failed_upload_is_reported_not_raised_and_scrubbed(run, online, fake_api, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    fake_api.fail = ConnectionError(f"connection reset (Authorization: Bearer {FAKE_TOKEN})")
+    settings = hub.HubSettings(repo_id="tiny-lora", dry_run=False)
+    result = hub.push(run, hub.stage(run, settings), settings)
+    assert not result.uploaded and "no files were published" in result.message and "ConnectionError" in result.message
+    assert FAKE_TOKEN not in result.message
+
+
+def test_bad_repo_id_is_refused():
+    with pytest.raises(FluxnbError, match="not a valid Hub name"):
+        hub.HubSettings(repo_id="two words/and/more")
+
+
+def _all_bytes(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_fake_token_appears_in_no_file_or_output(run, capfd, monkeypatch):
+    """HF_TOKEN set: the card writer, the dry run (CLI in this process and in a fresh one) and a failed upload
+    write and print nothing that contains it."""
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    settings = hub.HubSettings(repo_id="tiny-lora")
+    hub.push(run, hub.stage(run, settings), settings)
+    assert main(["push", "--run-dir", str(run.path), "--repo-id", "tiny-lora", "--dry-run"]) == 0
+    assert main(["push", "--run-dir", str(run.path), "--repo-id", "tiny-lora"]) == 1  # offline: dry run, says so
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "fluxnb", "push", "--run-dir", str(run.path), "--repo-id", "tiny-lora",
+                           "--dry-run"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "DRY RUN" in proc.stdout
+    printed = capfd.readouterr()
+    files = _all_bytes(run.path)
+    assert "README.md" in {p.name for p in files} and len(files) > 10
+    assert FAKE_TOKEN not in printed.out + printed.err + proc.stdout + proc.stderr
+    assert not [p for p, data in files.items() if FAKE_TOKEN.encode() in data]
+    assert hub.scrub(f"oops {FAKE_TOKEN}") == "oops hf_***"
+
+
+def test_stage_needs_a_trained_lora(tmp_path):
+    empty = open_run(tmp_path / "empty", profile="tiny", verbose=False)
+    with pytest.raises(FluxnbError, match="train the LoRA first"):
+        hub.stage(empty, hub.HubSettings())
