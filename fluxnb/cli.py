@@ -2,6 +2,11 @@
 
     python -m fluxnb tiny --out DIR          build the offline tiny FLUX model + dataset
     python -m fluxnb notebooks               run notebooks 01-05 top to bottom (the whole series)
+    python -m fluxnb embed --run-dir RUN --model MODEL --dataset DATASET   notebook 01: check data, cache text embeddings
+    python -m fluxnb latents --run-dir RUN   notebook 02: cache VAE latents (model and dataset from RUN/config.json)
+    python -m fluxnb train --run-dir RUN [--max-steps N] [--resume | --overwrite]   notebook 03: QLoRA training
+    python -m fluxnb export --run-dir RUN --format comfyui|diffusers   notebook 04: LoRA file for ComfyUI/Forge/kohya
+    python -m fluxnb push --run-dir RUN --repo-id ID [--dry-run]       notebook 05: model card + upload (private)
 """
 
 from __future__ import annotations
@@ -30,6 +35,103 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
     return run_notebooks(args.run_dir, only=args.only, timeout=args.timeout)
 
 
+_DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "width", "height", "buckets",
+              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length")
+
+
+def _open_step_run(args: argparse.Namespace):
+    """open_run(--run-dir), with the options given on the command line applied (saved once the step succeeds)."""
+    from .runs import open_run
+
+    run = open_run(args.run_dir, profile=args.profile)
+    data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
+    model = {k: v for k, v in (("model_id", args.model), ("revision", args.revision)) if v is not None}
+    run.config = run.config.replace(data=data, model=model)
+    return run
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .embeddings import embed_step
+
+    run = _open_step_run(args)
+    print(embed_step(run, overwrite=args.overwrite))
+    run.save()  # config.json describes the caches it sits next to
+    return 0
+
+
+def cmd_latents(args: argparse.Namespace) -> int:
+    from .latents import latents_step
+
+    run = _open_step_run(args)
+    print(latents_step(run, overwrite=args.overwrite))
+    run.save()
+    return 0
+
+
+def _existing_run(run_dir: Path | None):
+    """open_run on a run directory that must already hold a trained run (never creates a fresh one)."""
+    from .hardware import detect
+    from .runs import default_run_dir, open_run
+
+    root = run_dir or default_run_dir(detect().profile)
+    if not (root / "config.json").is_file():
+        raise FluxnbError(f"{root} is not a run directory (no config.json): pass --run-dir of a trained run.")
+    return open_run(root)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(_existing_run(args.run_dir), resume=args.resume, overwrite=args.overwrite,
+                   max_steps=args.max_steps, live=False)
+    return 130 if result.interrupted else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_round_trip, export_lora, export_path
+
+    run = _existing_run(args.run_dir)
+    lora = args.lora or run.dir.lora / "pytorch_lora_weights.safetensors"
+    out = export_lora(lora, args.format, args.out or export_path(run.path, args.format))
+    print(f"{args.format}: {out}")
+    if args.format == "comfyui":
+        print(check_round_trip(lora, out))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import HubSettings, push, stage
+
+    run = _existing_run(args.run_dir)
+    settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
+                           trigger_word=args.trigger_word or "")
+    result = push(run, stage(run, settings), settings)
+    print(result)
+    return 0 if result.uploaded or args.dry_run else 1
+
+
+def _step_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by embed and latents; each one given is saved in the run's config.json."""
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--profile", choices=("real", "tiny"), default=None, help="force a profile (default: detect)")
+    p.add_argument("--model", default=None, help="FLUX checkpoint: Hub id or local diffusers folder")
+    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    p.add_argument("--dataset", default=None, help="Hub dataset id or local folder")
+    p.add_argument("--image-column", dest="image_column", default=None)
+    p.add_argument("--caption-column", dest="caption_column", default=None)
+    p.add_argument("--instance-prompt", dest="instance_prompt", default=None, help="trigger words put before captions")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None, help="aspect-ratio buckets")
+    p.add_argument("--bucket-step", dest="bucket_step", type=int, default=None)
+    p.add_argument("--crop", choices=("center", "random"), default=None)
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also cache mirrored copies")
+    p.add_argument("--small-images", dest="small_images", choices=("warn", "skip"), default=None)
+    p.add_argument("--bad-images", dest="bad_images", choices=("skip", "error"), default=None)
+    p.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fluxnb", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +145,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 01 02")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may take")
     p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("embed", help="notebook 01: check the dataset, cache CLIP + T5 caption embeddings")
+    _step_options(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("latents", help="notebook 02: cache VAE latents of every training image")
+    _step_options(p)
+    p.set_defaults(func=cmd_latents)
+
+    p = sub.add_parser("train", help="notebook 03: train the LoRA on the cached latents and embeddings")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None,
+                   help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the newest RUN/checkpoints/step-N")
+    mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="notebook 04: write the LoRA for ComfyUI/Forge/kohya, or a diffusers copy")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--format", choices=("comfyui", "diffusers"), default="comfyui")
+    p.add_argument("--lora", type=Path, default=None, help="LoRA file (default: RUN/lora/pytorch_lora_weights.safetensors)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: RUN/export/<run>_comfyui.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="notebook 05: model card + upload to the Hub (private; --dry-run lists the files)")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--repo-id", required=True, help="'name' (your account) or 'user-or-org/name'")
+    p.add_argument("--dry-run", action="store_true", help="only list the files and print the card")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    p.add_argument("--trigger-word", default=None, help="trigger word for the card (default: from the captions)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 

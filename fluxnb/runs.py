@@ -46,7 +46,9 @@ def default_run_dir(profile: str) -> Path:
 def default_config(hw: Hardware) -> RunConfig:
     """The blog recipe for a GPU; for the tiny profile, the same recipe pointed at the offline tiny FLUX."""
     if hw.profile != "tiny":
-        return RunConfig(profile="real")
+        from . import presets  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
+
+        return presets.apply(RunConfig(profile="real"), presets.pick(hw))
     from .tiny import ensure_tiny
 
     assets = ensure_tiny()
@@ -54,8 +56,12 @@ def default_config(hw: Hardware) -> RunConfig:
         data={"dataset": str(assets.dataset), "width": 64, "height": 96,
               "validation_prompts": list(assets.validation_prompts)},
         model={"model_id": str(assets.model)},
-        train={"max_train_steps": 40, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
-               "sample_every": 20, "checkpoint_every": 20, "sample_steps": 4},
+        # The tiny transformer is random and 32 wide: LoRA on its attention alone barely moves the loss (-18% in
+        # 300 steps), LoRA on every linear layer at rank 16 cuts the fixed-noise training-set loss by ~35% in
+        # 200 steps (~20 s on 2 cores). The blog's attention-only r4 recipe is the real profile's default.
+        lora={"rank": 16, "alpha": 16.0, "targets": "all-linear"},
+        train={"max_train_steps": 200, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 3e-3,
+               "sample_every": 100, "checkpoint_every": 100, "sample_steps": 4},
     )
 
 

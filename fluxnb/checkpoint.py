@@ -1,0 +1,100 @@
+"""Resumable training checkpoints: RUN/checkpoints/step-N/, written whole or not at all.
+
+A checkpoint holds everything that decides the rest of the run, so resuming reproduces the uninterrupted run:
+
+    pytorch_lora_weights.safetensors   the LoRA (stock diffusers format: loadable for inference as it is)
+    training_state.pt                  optimizer moments, LR-schedule position, fp16 loss scale, the training
+                                       RNG (noise, timesteps, latent draws), torch's global RNG (LoRA dropout),
+                                       the optimizer step and the micro-batch count (which fixes the data order)
+    config.json                        the run's config at that moment (to refuse resuming with another LoRA)
+    state.json                         step, loss, lr, written last: a folder without it is incomplete
+
+Sizes for FLUX.1-dev, rank 4 attention: LoRA 18.7 MB (fp32), 8-bit AdamW state ~9.5 MB (AdamW: 37 MB). The folder
+is built as step-N.tmp and renamed into place, so a Colab disconnect mid-save leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_path, atomic_write_text
+from .cache import RunDir
+from .config import RunConfig
+
+STATE_FILE = "training_state.pt"
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    step: int
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / "state.json").read_text())
+
+    def config(self) -> RunConfig:
+        return RunConfig.load(self.path)
+
+    def training_state(self) -> dict[str, Any]:
+        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(run: RunDir) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = []
+    for path in run.checkpoints.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / "state.json").is_file():
+            found.append(Checkpoint(path, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest(run: RunDir) -> Checkpoint | None:
+    found = list_checkpoints(run)
+    return found[-1] if found else None
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run: RunDir, config: RunConfig, step: int, *, transformer, training_state: dict[str, Any],
+         info: dict[str, Any], keep: int) -> Checkpoint:
+    """Write checkpoints/step-{step}/ atomically, then delete all but the newest `keep` checkpoints."""
+    from .lora import save_lora
+
+    final = run.checkpoints / f"step-{step}"
+    tmp = run.checkpoints / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_lora(transformer, tmp)
+    with atomic_path(tmp / STATE_FILE) as part:
+        torch.save(training_state, part)
+    config.save(tmp)
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
+    if final.exists():  # re-saving the same step (e.g. the final one after a resume): replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return Checkpoint(final, step)

@@ -1,0 +1,188 @@
+"""What you watch while training: a progress bar with ETA, metrics.jsonl, a live loss plot, sample grids.
+
+In a notebook the loss plot redraws in place every few seconds and each sample grid appears under the cell;
+headless (`python -m fluxnb train`) the same figures are written to RUN/samples/ (loss.png, step-000100.png).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_path
+from .cache import RunDir, embedding_path, load_tensors
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter/Colab kernel (where figures can be shown and updated), False in a terminal."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON line per optimizer step. Appended line by line (a crash can cut only the last
+    line, which `read` skips); on resume the lines after the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return rows
+
+    def truncate(self, after_step: int) -> list[dict[str, Any]]:
+        """Keep only the rows up to `after_step` (rewritten atomically); return them."""
+        rows = [r for r in self.read() if r.get("step", 0) <= after_step]
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+
+
+class Progress:
+    """tqdm bar (with ETA) + loss plot: redrawn in place in a notebook, saved as RUN/samples/loss.png at the end."""
+
+    def __init__(self, run: RunDir, total: int, initial: int, history: list[dict[str, Any]], live: bool,
+                 redraw_seconds: float = 3.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.run, self.live, self.redraw_seconds = run, live, redraw_seconds
+        self.steps = [r["step"] for r in history]
+        self.losses = [r["loss"] for r in history]
+        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+        self._handle, self._last_draw = None, 0.0
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.steps.append(row["step"])
+        self.losses.append(row["loss"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+        if self.live and time.monotonic() - self._last_draw > self.redraw_seconds:
+            self._draw()
+
+    def _figure(self):
+        from matplotlib.figure import Figure
+
+        from .plots import loss_plot
+
+        fig = Figure(figsize=(7, 3))  # not pyplot's: it must not pop up again at the end of the cell
+        loss_plot(self.steps, self.losses, ax=fig.add_subplot())
+        return fig
+
+    def _draw(self) -> None:
+        import io
+
+        from IPython.display import Image, display
+
+        if len(self.steps) < 2:
+            return
+        buf = io.BytesIO()
+        self._figure().savefig(buf, format="png", dpi=80)
+        image = Image(data=buf.getvalue())  # a PNG shows in every frontend, whatever matplotlib backend is set
+        if self._handle is None:
+            self._handle = display(image, display_id=True)
+        else:
+            self._handle.update(image)
+        self._last_draw = time.monotonic()
+
+    def close(self) -> Path | None:
+        self.bar.close()
+        if len(self.steps) < 2:
+            return None
+        if self.live:
+            self._draw()
+        fig = self._figure()
+        path = self.run.images / "loss.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        return path
+
+
+class ValidationSampler:
+    """Fixed-seed images of the validation prompts, from their CACHED embeddings: no text encoder is loaded.
+
+    The VAE (168 MB in bf16) waits on the CPU and visits the GPU only to decode, so it costs no GPU memory while
+    training. The transformer is the one being trained (NF4 + LoRA), switched to eval mode for the grid.
+    """
+
+    def __init__(self, run: RunDir, prompts: list[str], model_id: str, vae, hw, width: int, height: int,
+                 steps: int, guidance_scale: float = 3.5, seed: int = 0) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from .hub_access import hub_errors
+
+        self.run, self.prompts, self.vae, self.hw = run, prompts, vae, hw
+        self.size, self.steps, self.guidance_scale, self.seed = (width, height), steps, guidance_scale, seed
+        with hub_errors(model_id):
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler")
+        missing = [p for p in prompts if not embedding_path(run, p).is_file()]
+        if missing:
+            from .errors import FluxnbError
+
+            raise FluxnbError(f"no cached embedding for validation prompt {missing[0]!r}: re-run notebook 01 (it "
+                              "encodes the validation prompts too), or set train.sample_every = 0.")
+        texts = [load_tensors(embedding_path(run, p)) for p in prompts]
+        self.prompt_embeds = torch.stack([t["prompt_embeds"] for t in texts])  # (P, L, 4096)
+        self.pooled = torch.stack([t["pooled_prompt_embeds"] for t in texts])  # (P, 768)
+
+    @torch.no_grad()
+    def images(self, transformer) -> list:
+        from diffusers import FluxPipeline
+
+        device, dtype = self.hw.device, self.hw.dtype
+        pipe = FluxPipeline(scheduler=self.scheduler, vae=self.vae.to(device), text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            images = [pipe(prompt_embeds=self.prompt_embeds[i : i + 1].to(device, dtype),
+                           pooled_prompt_embeds=self.pooled[i : i + 1].to(device, dtype),
+                           width=self.size[0], height=self.size[1], num_inference_steps=self.steps,
+                           guidance_scale=self.guidance_scale,
+                           generator=torch.Generator("cpu").manual_seed(self.seed + i)).images[0]
+                      for i in range(len(self.prompts))]
+        finally:
+            transformer.train(was_training)
+            self.vae.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        return images
+
+    def grid(self, transformer, step: int, live: bool) -> Path:
+        """Sample, save RUN/samples/step-000100.png, show it in a notebook."""
+        import matplotlib.pyplot as plt
+
+        from .plots import image_grid
+
+        fig = image_grid(self.images(transformer), self.prompts, title=f"step {step}")
+        path = self.run.images / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+        if live:
+            from IPython.display import Image, display
+
+            display(Image(filename=str(path)))
+        return path

@@ -1,0 +1,134 @@
+"""One training step and what feeds it: cached data in a replayable order, a fixed-noise evaluation, the optimizer.
+
+`training_step` is the reference script's step (tests/reference_step.py transcribes the script and checks that
+both give the same loss); the math itself is in fluxnb.flow, the loop that calls this in fluxnb.train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from . import flow
+from .cache import CachedDataset, RunDir
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class LatentScale:
+    """From the VAE's config: latents are (z - shift) * scale; images are vae_scale_factor (8) x the latent size."""
+
+    shift: float
+    scale: float
+    vae_scale_factor: int
+
+    @classmethod
+    def from_vae_config(cls, config) -> LatentScale:
+        return cls(config["shift_factor"], config["scaling_factor"], 2 ** (len(config["block_out_channels"]) - 1))
+
+
+def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.NoiseTable, cfg: TrainConfig,
+                  latent: LatentScale, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch's flow-matching loss, the reference script's step (tests/reference_step.py checks it)."""
+    from diffusers import FluxPipeline
+
+    # A fresh draw from each cached VAE posterior, into the transformer's latent space.
+    x = flow.sample_latents(batch["latent_mean"], batch["latent_std"], generator)  # (B, 16, h, w)
+    x = flow.scale_latents(x, latent.shift, latent.scale).to(dtype)
+    b, c, h, w = x.shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)  # (h/2 * w/2, 3)
+    noise = flow.sample_noise(x, generator)  # eps, (B, 16, h, w)
+    timesteps, sigmas = flow.sample_timesteps(table, b, cfg.weighting_scheme, logit_mean=cfg.logit_mean,
+                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=generator)
+    noisy = flow.add_noise(x, noise, sigmas)  # (1 - sigma) x + sigma eps
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # 2x2 patches -> tokens: (B, h/2 * w/2, 64)
+    # FLUX.1-dev is guidance-distilled: it takes the guidance scale as an input embedding (1.0 while training).
+    guidance = torch.full((b,), cfg.guidance_scale, device=x.device) if transformer.config.guidance_embeds else None
+    pred = transformer(hidden_states=packed, timestep=(timesteps / 1000).to(x.device), guidance=guidance,
+                       pooled_projections=batch["pooled_prompt_embeds"], encoder_hidden_states=batch["prompt_embeds"],
+                       txt_ids=batch["text_ids"], img_ids=img_ids, return_dict=False)[0]  # (B, h/2 * w/2, 64)
+    f = latent.vae_scale_factor
+    pred = FluxPipeline._unpack_latents(pred, h * f, w * f, f)  # (B, 16, h, w)
+    target = flow.flow_matching_target(x, noise)  # eps - x
+    return flow.flow_matching_loss(pred, target, flow.loss_weighting(cfg.weighting_scheme, sigmas.to(x.device)))
+
+
+class TrainingData:
+    """The cached training set, held in memory, served in a seeded order that a resumed run can replay.
+
+    Micro-batch k of the run is a pure function of (seed, k): epoch e's order is a permutation seeded by
+    (seed, e), and batches never mix aspect-ratio buckets (the latents of one batch must share a shape).
+    """
+
+    def __init__(self, run: RunDir, batch_size: int, seed: int) -> None:
+        dataset = CachedDataset(run)
+        self.items = [dataset[i] for i in range(len(dataset))]
+        self.batch_size, self.seed = batch_size, seed
+        self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, item in enumerate(self.items):
+            self.buckets[tuple(item["latent_mean"].shape)].append(i)
+        self.batches_per_epoch = sum(math.ceil(len(ix) / batch_size) for ix in self.buckets.values())
+        self._order: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        batches = []
+        for shape in sorted(self.buckets):
+            ix = self.buckets[shape]
+            perm = [ix[j] for j in torch.randperm(len(ix), generator=g).tolist()]
+            batches += [perm[k : k + self.batch_size] for k in range(0, len(perm), self.batch_size)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def batch(self, micro_step: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.epoch_order(epoch))
+        return self.collate([self.items[i] for i in self._order[1][position]], device, dtype)
+
+    @staticmethod
+    def collate(items: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
+        return {"latent_mean": stack("latent_mean").to(device, torch.float32),  # (B, 16, h, w)
+                "latent_std": stack("latent_std").to(device, torch.float32),
+                "prompt_embeds": stack("prompt_embeds").to(device, dtype),  # (B, L, 4096)
+                "pooled_prompt_embeds": stack("pooled_prompt_embeds").to(device, dtype),  # (B, 768)
+                "text_ids": items[0]["text_ids"].to(device, dtype)}  # (L, 3): zeros for every caption
+
+
+@torch.no_grad()
+def evaluate(transformer, data: TrainingData, table: flow.NoiseTable, cfg: TrainConfig, latent: LatentScale,
+             hw, *, limit: int | None = 16, seed: int = 1234, autocast=contextlib.nullcontext) -> float:
+    """Mean loss over (up to `limit`) training samples with FIXED latent draws, noise and timesteps.
+
+    The per-step loss jumps with each random sigma; this number moves only when the model does, so
+    "before vs after" is an honest measure of what training changed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    was_training = transformer.training
+    transformer.eval()
+    losses = []
+    with autocast():
+        for item in data.items[:limit]:
+            batch = data.collate([item], hw.device, hw.dtype)
+            losses.append(training_step(transformer, batch, table, cfg, latent, g, hw.dtype).item())
+    transformer.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """8-bit AdamW keeps Adam's two moments in 8 bits (blockwise-quantized): 2 bytes / param instead of 8."""
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)

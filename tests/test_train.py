@@ -1,0 +1,150 @@
+"""The training loop on the tiny profile (CPU, real NF4 base): it learns, its LoRA works in stock diffusers,
+a stopped run resumes to the very same LoRA, and a diverging run stops without saving anything broken."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fluxnb import checkpoint, lora
+from fluxnb.cache import load_tensors, read_samples, save_tensors
+from fluxnb.errors import FluxnbError
+from fluxnb.step import LatentScale, TrainingData, evaluate
+from fluxnb.train import TrainingDiverged, cpu_threads, prepare_transformer, train
+from train_helpers import make_run
+
+
+def _fixed_noise_loss(run, transformer) -> float:
+    """The loss on all 16 training images with one fixed set of latent draws, noise and timesteps."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from fluxnb.flow import NoiseTable
+
+    model_id = run.config.model.model_id
+    table = NoiseTable.from_scheduler(FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"))
+    latent = LatentScale.from_vae_config(AutoencoderKL.load_config(model_id, subfolder="vae"))
+    data = TrainingData(run.dir, 1, 0)
+    with cpu_threads(run.hw):
+        return evaluate(transformer, data, table, run.config.train, latent, run.hw, limit=None, seed=99)
+
+
+def _image(pipe, seed=0):
+    out = pipe("a red house, tnyst style", num_inference_steps=4, guidance_scale=3.5, height=96, width=64,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return np.asarray(out, dtype=np.float64)
+
+
+def test_tiny_training_cuts_the_training_loss_and_its_lora_loads_in_stock_diffusers(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory)  # the tiny profile's defaults: 200 steps, NF4 base
+    before = _fixed_noise_loss(run, prepare_transformer(run))  # LoRA B = 0: the base model
+
+    result = train(run, live=False)
+
+    assert result.step == run.config.train.max_train_steps and not result.interrupted
+    trained = prepare_transformer(run)
+    lora.load_lora_(trained, run.dir.lora)
+    after = _fixed_noise_loss(run, trained)
+    print(f"fixed-noise training-set loss {before:.4f} -> {after:.4f}")
+    assert after <= 0.7 * before, f"training-set loss {before:.4f} -> {after:.4f}: less than a 30% drop"
+    rows = [json.loads(line) for line in run.dir.metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, result.step + 1)) and all("loss" in r for r in rows)
+    assert sorted(p.name for p in run.dir.images.glob("*.png")) == [
+        "loss.png", "step-000000.png", "step-000100.png", "step-000200.png"]
+
+    # Stock diffusers format: transformer.<module>.lora_A/B keys, rank/alpha in the metadata.
+    path = run.dir.lora / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (16, 16.0)
+
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(run.config.model.model_id, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base = _image(pipe)
+    pipe.load_lora_weights(run.dir.lora)
+    with_lora = _image(pipe)
+    assert np.abs(with_lora - base).mean() > 0.01  # the LoRA changes the image ...
+    pipe.unload_lora_weights()
+    assert np.abs(_image(pipe) - base).max() < 1e-6  # ... and only the LoRA does
+
+
+def test_a_stopped_run_resumes_to_the_same_lora(tmp_path, tmp_path_factory):
+    # Accumulation, a warm-up + cosine schedule, LoRA dropout (torch's global RNG) and a sample grid between
+    # checkpoints: everything a resume must restore.
+    settings = dict(train={"max_train_steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2,
+                           "lr_scheduler": "cosine", "lr_warmup_steps": 2, "checkpoint_every": 2,
+                           "keep_checkpoints": 2, "sample_every": 3},
+                    lora={"dropout": 0.1, "rank": 4, "alpha": 4.0})
+    whole = make_run(tmp_path / "whole", tmp_path_factory, **settings)
+    train(whole, live=False)
+
+    parts = make_run(tmp_path / "parts", tmp_path_factory, **settings)
+    first = train(parts, stop_after=3, live=False)  # a stop between two checkpoints ...
+    assert first.step == 3 and first.lora is None
+    assert [c.step for c in checkpoint.list_checkpoints(parts.dir)] == [2, 3]  # ... checkpoints where it stopped
+    checkpoint.latest(parts.dir).path.rename(parts.dir.checkpoints / "step-3.lost")  # a crash: step 3 never saved
+    second = train(parts, resume=True, live=False)  # a new model, as after a restart: it resumes from step 2
+    assert second.step == 6
+
+    a = load_file(whole.dir.lora / "pytorch_lora_weights.safetensors")
+    b = load_file(parts.dir.lora / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs from the uninterrupted run's"
+    losses = lambda run: [json.loads(line)["loss"] for line in run.dir.metrics.read_text().splitlines()]  # noqa: E731
+    assert losses(whole) == losses(parts) and len(losses(parts)) == 6  # steps 3.. were logged once, not twice
+    assert [c.step for c in checkpoint.list_checkpoints(parts.dir)] == [4, 6]  # only the newest 2 are kept
+
+
+def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_saves_no_lora(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory,
+                   train={"max_train_steps": 16, "batch_size": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+                          "sample_every": 0})
+    data = TrainingData(run.dir, 1, run.config.train.seed)
+    poisoned = data.epoch_order(0)[3][0]  # the 4th micro-batch of the run: optimizer step 4
+    sample = read_samples(run.dir)[poisoned]
+    tensors = load_tensors(run.dir.latents / f"{sample.id}.safetensors")
+    save_tensors(run.dir.latents / f"{sample.id}.safetensors", {"mean": tensors["mean"] * float("nan"),
+                                                                "std": tensors["std"]})
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at optimizer step 4.*step-3.*learning_rate"):
+        train(run, live=False)
+    assert not (run.dir.lora / "pytorch_lora_weights.safetensors").exists()
+    assert [c.step for c in checkpoint.list_checkpoints(run.dir)] == [3]
+    weights = load_file(checkpoint.latest(run.dir).path / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_never_saves_a_non_finite_lora(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory)
+    transformer = prepare_transformer(run)
+    next(p for p in transformer.parameters() if p.requires_grad).data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        lora.save_lora(transformer, tmp_path / "lora")
+    assert not (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory, train={"max_train_steps": 1, "sample_every": 0})
+    train(run, live=False)
+    with pytest.raises(FluxnbError, match="resume.*overwrite"):
+        train(run, resume=False, live=False)
+    changed = make_run(tmp_path / "run", tmp_path_factory, lora={"rank": 2, "alpha": 2.0})
+    with pytest.raises(FluxnbError, match="trained with LoRA"):
+        train(changed, resume=True, live=False)
+
+
+def test_cli_trains_headless(tmp_path, tmp_path_factory, capsys):
+    from fluxnb.cli import main
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train={"sample_every": 0})
+    assert main(["train", "--run-dir", str(run.dir.root), "--max-steps", "2"]) == 0
+    assert (run.dir.lora / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((run.dir.root / "config.json").read_text())["train"]["max_train_steps"] == 2
+    assert main(["train", "--run-dir", str(run.dir.root), "--max-steps", "3", "--resume"]) == 0
+    assert checkpoint.latest(run.dir).step == 3
+    assert main(["train", "--run-dir", str(run.dir.root)]) == 2  # neither --resume nor --overwrite: refused
+    assert "--resume" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""Test helper: a run directory with caches made straight from the tiny pipeline (no notebooks 01/02 needed).
+
+It writes exactly the run-directory contract of fluxnb.cache: samples.jsonl, embeddings/<caption_id> from
+`FluxPipeline.encode_prompt` (captions and validation prompts), latents/<sample_id> = the VAE's posterior mean and
+std. Images keep their own sizes (all multiples of 16 in the tiny dataset), so there are several buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fluxnb.cache import RunDir, Sample, caption_id, embedding_path, sample_id, save_tensors, write_samples
+from fluxnb.runs import Run, open_run
+
+_CACHE: dict[str, Path] = {}
+
+
+@torch.no_grad()
+def _build_caches(model_dir: Path, dataset_dir: Path, prompts: list[str], out: RunDir) -> None:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, dtype=torch.float32)
+    rows = [json.loads(line) for line in (dataset_dir / "metadata.jsonl").read_text().splitlines() if line]
+    samples = []
+    for row in rows:
+        raw = (dataset_dir / row["file_name"]).read_bytes()
+        image = Image.open(dataset_dir / row["file_name"]).convert("RGB")
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
+        dist = pipe.vae.encode(pixels[None]).latent_dist
+        sid = sample_id(raw, row["text"])
+        save_tensors(out.latents / f"{sid}.safetensors", {"mean": dist.mean[0], "std": dist.std[0]})
+        samples.append(Sample(sid, row["text"], caption_id(row["text"]), row["file_name"], image.width, image.height))
+    for text in {s.caption for s in samples} | set(prompts):
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=text, prompt_2=None, max_sequence_length=77)
+        save_tensors(embedding_path(out, text), {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0],
+                                                 "text_ids": text_ids})
+    write_samples(out, samples)
+
+
+def make_run(run_dir: Path, tmp_factory, **overrides) -> Run:
+    """A tiny-profile run in `run_dir` with filled caches; `overrides` are config sections (train={...})."""
+    run = open_run(run_dir, profile="tiny", verbose=False)
+    key = str(run.config.model.model_id)
+    if key not in _CACHE:  # encode once per session, copy for each test
+        cache_root = Path(tmp_factory.mktemp("tiny-caches"))
+        _build_caches(Path(run.config.model.model_id), Path(run.config.data.dataset),
+                      run.config.data.validation_prompts, RunDir(cache_root))
+        _CACHE[key] = cache_root
+    for name in ("embeddings", "latents"):
+        shutil.copytree(_CACHE[key] / name, run.dir.root / name, dirs_exist_ok=True)
+    shutil.copy(_CACHE[key] / "samples.jsonl", run.dir.samples)
+    if overrides:
+        run.config = run.config.replace(**overrides)
+        run.save()
+    return run
