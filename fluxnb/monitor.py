@@ -155,13 +155,17 @@ class ValidationSampler:
         pipe.set_progress_bar_config(disable=True)
         was_training = transformer.training
         transformer.eval()
+        # Autocast as in training: the LoRA weights are fp32, so without it the transformer returns fp32
+        # latents that the bf16/fp16 VAE cannot decode.
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
         try:
-            images = [pipe(prompt_embeds=self.prompt_embeds[i : i + 1].to(device, dtype),
-                           pooled_prompt_embeds=self.pooled[i : i + 1].to(device, dtype),
-                           width=self.size[0], height=self.size[1], num_inference_steps=self.steps,
-                           guidance_scale=self.guidance_scale,
-                           generator=torch.Generator("cpu").manual_seed(self.seed + i)).images[0]
-                      for i in range(len(self.prompts))]
+            with autocast:
+                images = [pipe(prompt_embeds=self.prompt_embeds[i : i + 1].to(device, dtype),
+                               pooled_prompt_embeds=self.pooled[i : i + 1].to(device, dtype),
+                               width=self.size[0], height=self.size[1], num_inference_steps=self.steps,
+                               guidance_scale=self.guidance_scale,
+                               generator=torch.Generator("cpu").manual_seed(self.seed + i)).images[0]
+                          for i in range(len(self.prompts))]
         finally:
             transformer.train(was_training)
             self.vae.to("cpu")

@@ -148,3 +148,25 @@ def test_cli_trains_headless(tmp_path, tmp_path_factory, capsys):
     assert checkpoint.latest(run.dir).step == 3
     assert main(["train", "--run-dir", str(run.dir.root)]) == 2  # neither --resume nor --overwrite: refused
     assert "--resume" in capsys.readouterr().err
+
+
+def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, tmp_path_factory):
+    """Sample grids with a bf16 base, a bf16 VAE and fp32 LoRA weights, as on a GPU.
+
+    On an H100 this combination failed before the sampler ran under autocast (fp32 latents reached the bf16 VAE).
+    The CPU happens to return bf16 latents either way, so this test guards the bf16 path here; the CUDA failure
+    itself is what benchmarks/gpu_smoke.sh checks on the GPU machine.
+    """
+    from diffusers import AutoencoderKL
+
+    from fluxnb.hardware import Hardware
+    from fluxnb.monitor import ValidationSampler
+    from fluxnb.train import prepare_transformer
+
+    run = make_run(tmp_path / "run", tmp_path_factory)
+    run.hw = Hardware("tiny", torch.device("cpu"), torch.bfloat16, None, "bf16 on the CPU, as a GPU would run")
+    transformer = prepare_transformer(run)
+    vae = AutoencoderKL.from_pretrained(run.config.model.model_id, subfolder="vae", dtype=torch.bfloat16)
+    prompts = run.config.data.validation_prompts[:1]
+    sampler = ValidationSampler(run.dir, prompts, run.config.model.model_id, vae, run.hw, 64, 96, steps=2)
+    assert [im.size for im in sampler.images(transformer)] == [(64, 96)]
