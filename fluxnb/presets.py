@@ -1,8 +1,8 @@
 """Hardware presets: the blog recipe adjusted to the GPU at hand, picked automatically, editable in a form.
 
-Peak GPU memory of the blog recipe at 512x768 (H100 measurements, DESIGN.md): NF4 + LoRA r4 + gradient
-checkpointing + 8-bit AdamW 7.94 GiB; without peft's fp32 upcast (fluxnb's default) and with double
-quantization 7.43 GiB; plain bf16 LoRA 27.54 GiB but 1.4x faster. Compute dtype is not part of a preset: the
+Peak GPU memory and time of the blog recipe at 512x768, batch 1, on an H100 (BENCHMARKS.md, 2026-11-22): NF4 + LoRA
+r4 + gradient checkpointing + 8-bit AdamW 7.94 GiB; with double quantization 7.43 GiB but ~13% slower per step;
+plain bf16 LoRA 27.54 GiB and ~1.4x faster (DESIGN.md). Compute dtype is not part of a preset: the
 hardware decides it (bf16 where the GPU has it, fp16 on a T4).
 """
 
@@ -22,19 +22,19 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)
 
 
-# Double quantization (the 4-bit scales stored in 8 bits) saves 0.55 GB and was not slower in the H100 probe
-# (1.025 vs 1.078 s/step), so every NF4 preset uses it; ModelConfig(double_quant=False) is the blog's exact base.
-_QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": True}
+# Double quantization (the 4-bit scales stored in 8 bits) saves 0.5 GiB but cost 13-17% more time per step on an
+# H100 (benchmarks/train_step.py): worth it only where those 0.5 GiB decide whether training fits.
+_QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
 _BLOG_TRAIN = {"gradient_checkpointing": True, "optimizer": "adamw8bit", "batch_size": 1,
                "gradient_accumulation_steps": 4}
 PRESETS: dict[str, Preset] = {
     "12gb": Preset("12 GB (3060, 4070): QLoRA (NF4 + double quantization), gradient checkpointing, 8-bit AdamW: "
-                   "~7.4 GiB peak at 512x768", dict(_QLORA), dict(_BLOG_TRAIN)),
+                   "~7.4 GiB peak at 512x768", {**_QLORA, "double_quant": True}, dict(_BLOG_TRAIN)),
     "t4-16gb": Preset("16 GB, free Colab T4: the same QLoRA in fp16 (a T4 has no bf16), about 4 h for 700 steps. "
                       "Save the NF4 transformer to Drive once (fluxnb.quant.save_nf4) and set model.prequantized: "
                       "quantizing FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_BLOG_TRAIN)),
-    "4090-24gb": Preset("24 GB (4090, 3090): the blog's recipe (its 4090 run: ~9 GB, ~41 min for 700 steps) with "
-                        "double quantization", dict(_QLORA), dict(_BLOG_TRAIN)),
+    "4090-24gb": Preset("24 GB (4090, 3090): the blog's recipe (its 4090 run: ~9 GB, ~41 min for 700 steps): "
+                        "~7.9 GiB peak at 512x768", dict(_QLORA), dict(_BLOG_TRAIN)),
     "h100-80gb": Preset("40-80 GB (A100, H100): plain bf16 LoRA, no quantization: ~28 GiB, 1.4x faster per step; "
                         "8-bit AdamW would save only ~30 MB for 4.7 M LoRA weights, so plain AdamW",
                         {"quantization": "none", "prequantized": None, "double_quant": False},

@@ -26,8 +26,9 @@ def test_every_preset_is_a_valid_config_and_recognisable():
         cfg = presets.apply(RunConfig(), name)  # validated by RunConfig.replace
         assert presets.matching(cfg, _hw(*gpus[name])) == name
         assert cfg.lora == RunConfig().lora  # presets change how the base is held, not the LoRA
-    blog = RunConfig()  # the blog's own 4090 run, plus double quantization
-    assert presets.apply(blog, "4090-24gb") == blog.replace(model={"double_quant": True})
+    blog = RunConfig()  # the blog's own 4090 run
+    assert presets.apply(blog, "4090-24gb") == blog
+    assert not presets.apply(blog, "t4-16gb").model.double_quant
     assert presets.apply(RunConfig(), "h100-80gb").model.quantization == "none"
     assert presets.apply(RunConfig(), "12gb").model.double_quant
 
@@ -39,11 +40,11 @@ def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
     monkeypatch.delenv("FLUXNB_PROFILE", raising=False)
     run = open_run(tmp_path / "run", verbose=False)
     assert run.hw.dtype == torch.float16 and presets.matching(run.config, run.hw) == "t4-16gb"
-    assert run.config.model.double_quant and run.config.train.optimizer == "adamw8bit"
+    assert run.config.model.quantization == "nf4" and run.config.train.optimizer == "adamw8bit"
 
 
 def test_a_config_no_preset_matches_is_custom():
-    assert presets.matching(RunConfig(), _hw("RTX 4090", 23.6)) == "custom"  # e.g. the blog's, without double quant
+    assert presets.matching(RunConfig().replace(train={"optimizer": "adamw"}), _hw("RTX 4090", 23.6)) == "custom"
 
 
 def test_form_applies_a_preset_and_edits_the_config():
