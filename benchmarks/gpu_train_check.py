@@ -1,8 +1,8 @@
 """GPU check of fluxnb's training path on a full-size (random-weight) FLUX.1-dev transformer: s/step and memory.
 
-    python benchmarks/gpu_train_check.py                       # fluxnb's NF4 presets: NF4 + double quant, bf16
-    python benchmarks/gpu_train_check.py --no-double-quant     # the blog's exact base (plain NF4)
-    python benchmarks/gpu_train_check.py --no-double-quant --variant reference   # + peft's fp32 upcast
+    python benchmarks/gpu_train_check.py                       # the blog's base (plain NF4), bf16: t4/4090 presets
+    python benchmarks/gpu_train_check.py --double-quant        # the 12gb preset (NF4 + double quantization)
+    python benchmarks/gpu_train_check.py --variant reference   # + peft's fp32 upcast
     python benchmarks/gpu_train_check.py --dtype fp16          # the t4-16gb preset's arithmetic
     python benchmarks/gpu_train_check.py --quantization none --optimizer adamw   # the h100-80gb preset
 
@@ -21,7 +21,7 @@ Why skipping peft's prepare_model_for_kbit_training is safe (fluxnb's default): 
 biases, RMSNorm scales) to fp32. They receive no gradient, so fp32 adds no optimizer precision; the forward runs
 under bf16/fp16 autocast anyway; bitsandbytes casts each Linear4bit bias back to the input dtype at its first
 call; the trained LoRA weights are fp32 regardless (cast_training_params). Compare the two with --variant.
-Note the 7.43 GiB probe in DESIGN.md combined skipping it with double quantization, which alone saves ~0.5 GiB.
+Measured (BENCHMARKS.md): the upcast costs ~0.01 GiB on FLUX; double quantization saves 0.5 GiB.
 Needs: torch (CUDA), diffusers, bitsandbytes, accelerate, peft (no tqdm/psutil/matplotlib).
 """
 
@@ -63,8 +63,8 @@ def main() -> int:
     parser.add_argument("--variant", choices=("fluxnb", "reference"), default="fluxnb",
                         help="reference = also run peft's prepare_model_for_kbit_training (fp32 frozen weights)")
     parser.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
-    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                        help="plain NF4 as in the blog (fluxnb's NF4 presets quantize the scales too: -0.55 GB)")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="quantize the NF4 scales too (the 12gb preset): -0.5 GiB, slower per step")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
