@@ -14,6 +14,7 @@ bf16 GPU, ~8 GB on a T4. On the CPU it stays in the run's plain dtype. The encod
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -107,8 +108,10 @@ def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[st
 def encode(pipe: Any, texts: list[str], max_sequence_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Texts -> prompt_embeds (B, L, D_t5), pooled_prompt_embeds (B, D_clip), text_ids (L, 3), through diffusers'
     FluxPipeline.encode_prompt; refuses NaN/inf."""
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
+    with warnings.catch_warnings():  # bitsandbytes warns on every int8 matmul of a bf16 input; once is plenty
+        warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
     bad = [t for t, e, p in zip(texts, prompt_embeds, pooled) if not (e.isfinite().all() and p.isfinite().all())]
     if bad:
         raise FluxnbError(f"the text encoders returned NaN/inf for {len(bad)} caption(s) (first: {bad[0][:60]!r}). "
