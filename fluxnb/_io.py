@@ -12,6 +12,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+_UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it) ...
+os.umask(_UMASK)  # ... and put it back
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -25,6 +28,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

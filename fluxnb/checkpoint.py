@@ -85,16 +85,20 @@ def save(run: RunDir, config: RunConfig, step: int, *, transformer, training_sta
 
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in run.checkpoints.glob("step-*.tmp"):  # left by a disconnect mid-save; never a valid checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_lora(transformer, tmp)
     with atomic_path(tmp / STATE_FILE) as part:
         torch.save(training_state, part)
     config.save(tmp)
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
-    if final.exists():  # re-saving the same step (e.g. the final one after a resume): replace it
-        shutil.rmtree(final)
+    old = final.with_name(f"step-{step}.old")
+    if final.exists():  # re-saving the same step (e.g. the final one after a resume): swap, then delete
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
-    for old in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    for expired in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(expired.path, ignore_errors=True)
     return Checkpoint(final, step)

@@ -69,10 +69,16 @@ def trigger_word(run: Run) -> str | None:
 
 
 def _public_name(value: str | None) -> str | None:
-    """Hub ids stay; local folders (which would leak your paths) become 'a local folder'."""
-    if value is None or not Path(value).expanduser().exists():
-        return value
-    return "a local folder"
+    """Hub ids stay; local folders (which would leak your paths) become 'a local folder', existing or not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value is None:
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return "a local folder"
+    return "a local folder" if Path(value).expanduser().exists() or value.startswith((".", "~")) else value
 
 
 def training_summary(run: Run) -> dict[str, object]:
@@ -116,7 +122,8 @@ def card_text(run: Run, settings: HubSettings, comfy_file: str, images: list[dic
     link = f"[{base}](https://huggingface.co/{base})" if on_hub else "a local base model"
     tiny = ("\n\n**Test artifact**: trained on fluxnb's offline tiny model (random weights, a few layers) to check the "
             "pipeline end to end; it is not a usable style." if c.profile == "tiny" else "")
-    gallery_md = "\n".join(f"| ![{im['prompt']}](images/{im['file']}) | {im['prompt']} (seed {im['seed']}, "
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a "|" would end the table cell
+    gallery_md = "\n".join(f"| ![{cell(im['prompt'])}](images/{im['file']}) | {cell(im['prompt'])} (seed {im['seed']}, "
                            f"{im['steps']} steps, LoRA scale {im['lora_scale']}) |" for im in images)
     return f"""---
 {data.to_yaml()}
@@ -141,7 +148,7 @@ from diffusers import FluxPipeline
 pipe = FluxPipeline.from_pretrained("{base if on_hub else 'path/to/base-model'}", torch_dtype=torch.bfloat16)
 pipe.load_lora_weights("{repo_id}", weight_name="{LORA_FILE}")
 pipe.enable_model_cpu_offload()
-image = pipe("{prompt}", num_inference_steps=28, guidance_scale=3.5,
+image = pipe({prompt!r}, num_inference_steps=28, guidance_scale=3.5,
              width={c.data.width}, height={c.data.height}, generator=torch.manual_seed(0)).images[0]
 ```
 
@@ -262,6 +269,11 @@ def push(run: Run, staged: Staged, settings: HubSettings) -> PushResult:
     api = HfApi()  # the token comes from the environment or huggingface_hub's own login store
     try:
         repo = api.create_repo(settings.repo_id, private=settings.private, exist_ok=True, repo_type="model")
+        if api.repo_info(repo.repo_id).private != settings.private:  # create_repo keeps an existing repo's visibility
+            want, have = ("private", "public") if settings.private else ("public", "private")
+            return PushResult(False, f"{repo.repo_id} already exists and is {have}, but {want} was asked for: nothing "
+                                     f"was uploaded. Change its visibility in its settings on the Hub, or pick "
+                                     f"another repo id.")
         if repo.repo_id != settings.repo_id:  # "name" became "user/name": the card's code snippet needs the full id
             atomic_write_text(staged.folder / "README.md",
                               card_text(run, settings, staged.comfy_file, staged.images, repo.repo_id))

@@ -16,6 +16,7 @@ never sits in memory).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,11 +59,11 @@ def _metadata_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     """(("metadata.jsonl line 3", row), ...) and one error per unreadable line."""
     rows, errors = [], []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
     except (OSError, UnicodeDecodeError) as err:
         return [], [f"{path.name} cannot be read ({_first_line(err)}): save it as UTF-8 text."]
     if path.suffix == ".csv":
-        for n, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+        for n, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):  # keeps quoted newlines
             rows.append((f"{path.name} line {n}", row))
         return rows, errors
     for n, line in enumerate(text.splitlines(), start=1):
@@ -119,7 +120,7 @@ def _read_caption(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         return path.read_bytes()  # reported as "not text": the file is not UTF-8
 

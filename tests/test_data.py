@@ -319,3 +319,18 @@ def test_new_data_fields_are_validated(kw, field):
 
     with pytest.raises(ConfigError, match=field):
         DataConfig(**kw)
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv"])
+def test_metadata_with_a_byte_order_mark_loads(tmp_path, layout):
+    """Excel's "CSV UTF-8" and some Windows editors start the file with a BOM."""
+    root = folder(tmp_path, [("a.png", png(), "a red square"), ("b.png", png(color=(1, 2, 3)), "line one\nline two")])
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    if layout == "csv":
+        (root / "metadata.jsonl").unlink()
+        body = "file_name,text\n" + "".join(f'{r["file_name"]},"{r["text"]}"\n' for r in rows)
+        (root / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    else:
+        (root / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (root / "metadata.jsonl").read_bytes())
+    prepared = check(root)  # a quoted multi-line CSV caption stays one caption (whitespace is normalised)
+    assert sorted(s.caption for s in prepared.samples) == ["a red square", "line one line two"]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -53,10 +54,15 @@ class FakeApi:
 
     calls: list = []
     fail: Exception | None = None
+    existing_private: bool | None = None  # a repo that already exists with this visibility (None: a new repo)
 
     def create_repo(self, repo_id, **kwargs):
         FakeApi.calls.append(("create_repo", repo_id, kwargs))
+        self.private = kwargs.get("private") if FakeApi.existing_private is None else FakeApi.existing_private
         return huggingface_hub.RepoUrl(f"https://huggingface.co/me/{repo_id.split('/')[-1]}")
+
+    def repo_info(self, repo_id):
+        return SimpleNamespace(private=self.private)
 
     def upload_folder(self, **kwargs):
         FakeApi.calls.append(("upload_folder", kwargs))
@@ -66,7 +72,7 @@ class FakeApi:
 
 @pytest.fixture
 def fake_api(monkeypatch):
-    FakeApi.calls, FakeApi.fail = [], None
+    FakeApi.calls, FakeApi.fail, FakeApi.existing_private = [], None, None
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     return FakeApi
 
@@ -180,3 +186,28 @@ def test_stage_needs_a_trained_lora(tmp_path):
     empty = open_run(tmp_path / "empty", profile="tiny", verbose=False)
     with pytest.raises(FluxnbError, match="train the LoRA first"):
         hub.stage(empty, hub.HubSettings())
+
+
+def test_an_existing_public_repo_is_not_filled_while_saying_private(run, online, fake_api, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    fake_api.existing_private = False  # made public earlier (--public, or on the website)
+    settings = hub.HubSettings(repo_id="tiny-lora", dry_run=False)
+    result = hub.push(run, hub.stage(run, settings), settings)
+    assert not result.uploaded and "already exists and is public" in result.message
+    assert [c[0] for c in fake_api.calls] == ["create_repo"]  # nothing uploaded
+
+
+def test_card_survives_quotes_and_pipes_and_hides_gone_local_paths(run):
+    import ast
+    import re
+
+    odd = 'a "quoted" cat | with a pipe \\ backslash'
+    config = run.config.replace(data={"dataset": "/content/gone-since-last-vm"})
+    images = [{"prompt": odd, "file": "00.png", "seed": 0, "steps": 4, "lora_scale": 1.0}]
+    card = hub.card_text(Run(run.dir, config, run.hw), hub.HubSettings(repo_id="me/x"), "x_comfyui.safetensors", images)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    ast.parse(code)  # the snippet is valid Python whatever the prompt holds
+    assert repr(odd) in code
+    row = next(line for line in card.splitlines() if line.startswith("| ![a"))
+    assert row.count(" | ") == 1  # the prompt's "|" does not split the table cell
+    assert "gone-since-last-vm" not in card
