@@ -170,3 +170,19 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
     prompts = run.config.data.validation_prompts[:1]
     sampler = ValidationSampler(run.dir, prompts, run.config.model.model_id, vae, run.hw, 64, 96, steps=2)
     assert [im.size for im in sampler.images(transformer)] == [(64, 96)]
+
+
+def test_checkpoint_save_clears_stale_temp_folders_and_replaces_a_step_whole(tmp_path, tmp_path_factory):
+    """A disconnect mid-save leaves step-N.tmp/ behind; it is no checkpoint and must not pile up on Drive."""
+    run = make_run(tmp_path / "run", tmp_path_factory)
+    transformer = prepare_transformer(run)
+    stale = run.dir.checkpoints / "step-7.tmp"
+    stale.mkdir(parents=True)
+    (stale / "half-written").write_bytes(b"x")
+    state = {"step": 3}
+    first = checkpoint.save(run.dir, run.config, 3, transformer=transformer, training_state=state, info={}, keep=2)
+    assert not stale.exists() and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [3]
+    (first.path / "marker").write_text("old")
+    again = checkpoint.save(run.dir, run.config, 3, transformer=transformer, training_state=state, info={}, keep=2)
+    assert again.path == first.path and not (again.path / "marker").exists()  # replaced, not merged
+    assert sorted(p.name for p in run.dir.checkpoints.iterdir()) == ["step-3"]  # no .tmp or .old left
