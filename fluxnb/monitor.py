@@ -125,16 +125,10 @@ class ValidationSampler:
     training. The transformer is the one being trained (NF4 + LoRA), switched to eval mode for the grid.
     """
 
-    def __init__(self, run: RunDir, prompts: list[str], model_id: str, vae, hw, width: int, height: int,
+    def __init__(self, run: RunDir, prompts: list[str], scheduler, vae, hw, width: int, height: int,
                  steps: int, guidance_scale: float = 3.5, seed: int = 0) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from .hub_access import hub_errors
-
-        self.run, self.prompts, self.vae, self.hw = run, prompts, vae, hw
+        self.run, self.prompts, self.scheduler, self.vae, self.hw = run, prompts, scheduler, vae, hw
         self.size, self.steps, self.guidance_scale, self.seed = (width, height), steps, guidance_scale, seed
-        with hub_errors(model_id):
-            self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler")
         missing = [p for p in prompts if not embedding_path(run, p).is_file()]
         if missing:
             from .errors import FluxnbError

@@ -15,7 +15,7 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -129,16 +129,19 @@ def _small_parts(run: Run) -> tuple[LatentScale, flow.NoiseTable, ValidationSamp
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from .hub_access import hub_errors
+    from .latents import load_vae
 
-    cfg, hw, t = run.config, run.hw, run.config.train
-    with hub_errors(cfg.model.model_id):
-        latent = LatentScale.from_vae_config(AutoencoderKL.load_config(cfg.model.model_id, subfolder="vae"))
-        table = flow.NoiseTable.from_scheduler(
-            FlowMatchEulerDiscreteScheduler.from_pretrained(cfg.model.model_id, subfolder="scheduler"))
-        if not t.sample_every:
-            return latent, table, None
-        vae = AutoencoderKL.from_pretrained(cfg.model.model_id, subfolder="vae", dtype=hw.dtype)
-    return latent, table, ValidationSampler(run.dir, cfg.data.validation_prompts, cfg.model.model_id, vae, hw,
+    cfg, hw, t, m = run.config, run.hw, run.config.train, run.config.model
+    with hub_errors(m.model_id):
+        latent = LatentScale.from_vae_config(AutoencoderKL.load_config(m.model_id, subfolder="vae", revision=m.revision))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(m.model_id, subfolder="scheduler",
+                                                                    revision=m.revision)
+    # The table copies the training timesteps before sampling's set_timesteps rewrites the shared scheduler.
+    table = flow.NoiseTable.from_scheduler(scheduler)
+    if not t.sample_every:
+        return latent, table, None
+    vae = load_vae(m, replace(hw, device=torch.device("cpu")))
+    return latent, table, ValidationSampler(run.dir, cfg.data.validation_prompts, scheduler, vae, hw,
                                             cfg.data.width, cfg.data.height, t.sample_steps, seed=t.seed)
 
 

@@ -157,7 +157,7 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
     The CPU happens to return bf16 latents either way, so this test guards the bf16 path here; the CUDA failure
     itself is what benchmarks/gpu_smoke.sh checks on the GPU machine.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from fluxnb.hardware import Hardware
     from fluxnb.monitor import ValidationSampler
@@ -168,7 +168,8 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
     transformer = prepare_transformer(run)
     vae = AutoencoderKL.from_pretrained(run.config.model.model_id, subfolder="vae", dtype=torch.bfloat16)
     prompts = run.config.data.validation_prompts[:1]
-    sampler = ValidationSampler(run.dir, prompts, run.config.model.model_id, vae, run.hw, 64, 96, steps=2)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(run.config.model.model_id, subfolder="scheduler")
+    sampler = ValidationSampler(run.dir, prompts, scheduler, vae, run.hw, 64, 96, steps=2)
     assert [im.size for im in sampler.images(transformer)] == [(64, 96)]
 
 
