@@ -207,14 +207,9 @@ def test_cli_bad_input_is_one_line_without_traceback(tiny_assets, tmp_path, monk
 
 def test_gated_model_says_how_to_log_in(monkeypatch):
     from diffusers import FluxPipeline
-    from huggingface_hub.errors import GatedRepoError
+    from hub_fakes import gated_load
 
-    def gated(*args, **kwargs):
-        cause = GatedRepoError.__new__(GatedRepoError)
-        Exception.__init__(cause, "401 Client Error: access to model black-forest-labs/FLUX.1-dev is restricted")
-        raise OSError("You are trying to access a gated repo.") from cause
-
-    monkeypatch.setattr(FluxPipeline, "from_pretrained", gated)
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", gated_load)
     with pytest.raises(FluxnbError) as err:
         embeddings.load_text_encoders(ModelConfig(), detect("tiny"))
     msg = str(err.value)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hub_fakes import hub_error
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from fluxnb.errors import FluxnbError
 from fluxnb.hub_access import HubAccessError, friendly_load, hub_errors
-
-
-def _hub_error(cls, text="hub said no"):
-    err = cls.__new__(cls)  # these need an HTTP response to construct normally; the message is all we need
-    Exception.__init__(err, text)
-    return err
 
 
 def _wrapped(cause):
@@ -27,7 +22,7 @@ def _wrapped(cause):
 
 def test_gated_repo_says_accept_the_licence_and_log_in():
     with pytest.raises(HubAccessError) as err:
-        friendly_load(_wrapped(_hub_error(GatedRepoError)), "black-forest-labs/FLUX.1-dev")
+        friendly_load(_wrapped(hub_error(GatedRepoError)), "black-forest-labs/FLUX.1-dev")
     msg = str(err.value)
     assert "gated" in msg and "https://huggingface.co/black-forest-labs/FLUX.1-dev" in msg
     assert "notebook_login()" in msg and "hf auth login" in msg
@@ -36,10 +31,10 @@ def test_gated_repo_says_accept_the_licence_and_log_in():
 
 def test_not_found_and_offline():
     with pytest.raises(HubAccessError, match="not found on the Hub, or it is private"):
-        friendly_load(_wrapped(_hub_error(RepositoryNotFoundError)), "someone/typo")
+        friendly_load(_wrapped(hub_error(RepositoryNotFoundError)), "someone/typo")
     with pytest.raises(HubAccessError, match="https://huggingface.co/datasets/someone/data"):
         with hub_errors("someone/data", "dataset"):
-            raise _hub_error(RepositoryNotFoundError)
+            raise hub_error(RepositoryNotFoundError)
     with pytest.raises(HubAccessError, match="Hub cannot be reached"):
         friendly_load(_wrapped(LocalEntryNotFoundError("not cached")), "black-forest-labs/FLUX.1-dev")
 

@@ -96,14 +96,9 @@ def test_nf4_on_cuda_goes_through_diffusers_bitsandbytes_config(tiny_model, monk
 
 
 def test_gated_model_without_access_gets_one_clear_message(monkeypatch):
-    from huggingface_hub.errors import GatedRepoError
+    from hub_fakes import gated_load
 
-    def gated(*args, **kwargs):
-        err = GatedRepoError.__new__(GatedRepoError)
-        Exception.__init__(err, "401 Client Error: access to model black-forest-labs/FLUX.1-dev is restricted")
-        raise OSError("You are trying to access a gated repo.") from err
-
-    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", gated)
+    monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", gated_load)
     with pytest.raises(HubAccessError, match=r"gated.*huggingface.co/black-forest-labs/FLUX.1-dev.*notebook_login"):
         quant.load_transformer(ModelConfig(), detect("tiny"))
 
