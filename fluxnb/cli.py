@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from .config import BAD_IMAGE_POLICIES, CROPS, PROFILES, SMALL_IMAGE_POLICIES
 from .errors import FluxnbError
-
-Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -113,7 +111,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def _step_options(p: argparse.ArgumentParser) -> None:
     """Options shared by embed and latents; each one given is saved in the run's config.json."""
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
-    p.add_argument("--profile", choices=("real", "tiny"), default=None, help="force a profile (default: detect)")
+    p.add_argument("--profile", choices=PROFILES, default=None, help="force a profile (default: detect)")
     p.add_argument("--model", default=None, help="FLUX checkpoint: Hub id or local diffusers folder")
     p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     p.add_argument("--dataset", default=None, help="Hub dataset id or local folder")
@@ -124,10 +122,10 @@ def _step_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None, help="aspect-ratio buckets")
     p.add_argument("--bucket-step", dest="bucket_step", type=int, default=None)
-    p.add_argument("--crop", choices=("center", "random"), default=None)
+    p.add_argument("--crop", choices=CROPS, default=None)
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also cache mirrored copies")
-    p.add_argument("--small-images", dest="small_images", choices=("warn", "skip"), default=None)
-    p.add_argument("--bad-images", dest="bad_images", choices=("skip", "error"), default=None)
+    p.add_argument("--small-images", dest="small_images", choices=SMALL_IMAGE_POLICIES, default=None)
+    p.add_argument("--bad-images", dest="bad_images", choices=BAD_IMAGE_POLICIES, default=None)
     p.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
 

@@ -17,6 +17,7 @@ from .errors import FluxnbError
 
 CONFIG_FILE = "config.json"
 
+PROFILES = ("real", "tiny")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
 LORA_PRESETS = ("attention", "all-linear", "single-blocks")
 LORA_INITS = ("gaussian", "default", "pissa", "olora")
@@ -192,7 +193,7 @@ class RunConfig:
     profile: str = "real"  # "real" or "tiny" (see fluxnb.hardware.detect)
 
     def __post_init__(self) -> None:
-        _check_choice("profile", self.profile, ("real", "tiny"))
+        _check_choice("profile", self.profile, PROFILES)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

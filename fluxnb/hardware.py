@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import PROFILES
+
 PROFILE_ENV = "FLUXNB_PROFILE"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -60,7 +62,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     """Pick profile, device and dtype. `profile` overrides FLUXNB_PROFILE; `dtype` "auto" picks from the GPU."""
     requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
-    if requested not in (None, "real", "tiny"):
+    if requested is not None and requested not in PROFILES:
         raise ValueError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
     gpu = cuda_info()
     if requested == "tiny":
