@@ -21,7 +21,8 @@ PROFILES = ("real", "tiny")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
 LORA_PRESETS = ("attention", "all-linear", "single-blocks")
 LORA_INITS = ("gaussian", "default", "pissa", "olora")
-QUANTIZATIONS = ("nf4", "none")
+QUANTIZATIONS = ("nf4", "none", "fp8")
+COMPILE_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw8bit", "adamw")
 CROPS = ("center", "random")
@@ -103,14 +104,18 @@ class ModelConfig:
 
     model_id: str = "black-forest-labs/FLUX.1-dev"  # hub id or local folder in diffusers layout
     revision: str | None = None
-    quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA
+    quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = bf16 weights, float8 matmuls
     double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
     prequantized: str | None = None  # folder or hub repo of an NF4 transformer saved by fluxnb.quant
     dtype: str = "auto"  # compute dtype; "auto" = bf16 where the GPU has it, fp16 on T4/20-series, fp32 on CPU
+    offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.offload)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
+        _check(isinstance(self.offload_blocks, int) and self.offload_blocks >= 0,
+               f"offload_blocks must be an integer >= 0 (0 = none, 57 = all of FLUX's blocks), "
+               f"got {self.offload_blocks!r}.")
         _check_choice("dtype", self.dtype, DTYPES)
 
 
@@ -154,6 +159,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
+    compile: str = "auto"  # torch.compile each transformer block: "auto" = on CUDA GPUs with Triton (fluxnb.speed)
     seed: int = 0
     sample_every: int = 100  # optimizer steps between validation sample grids (0 = never)
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
@@ -171,6 +177,7 @@ class TrainConfig:
         _check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
         _check_positive("logit_std", self.logit_std)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("compile", self.compile, COMPILE_MODES)
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}.")

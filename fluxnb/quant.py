@@ -14,6 +14,7 @@ Paths (all return a FluxTransformer2DModel ready for `fluxnb.lora.add_lora`):
     model is loaded in fp32 and its Linear layers are swapped for bitsandbytes Linear4bit with diffusers' own
     `replace_with_bnb_linear`, then quantized by bitsandbytes exactly as diffusers would on a GPU. CI trains that.
   - quantization "none": the plain bf16/fp16 model (about 27.5 GiB to train at 512x768: for 40/80 GB GPUs).
+  - quantization "fp8": the bf16 model with torchao's float8 matmuls (compute capability >= 8.9; fluxnb.speed).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def load_transformer(model: ModelConfig, hw: Hardware, *, prepare_kbit: bool = F
     """
     if model.quantization == "none":
         transformer = _from_pretrained(model, dtype=hw.dtype).to(hw.device)
+    elif model.quantization == "fp8":  # bf16 weights, float8 matmuls (torchao; fluxnb.speed)
+        from .speed import float8_
+
+        transformer = float8_(_from_pretrained(model, dtype=hw.dtype).to(hw.device), hw)
     elif model.prequantized:
         transformer = _load_prequantized(model, hw)
     elif hw.device.type == "cuda":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, flow, lora, memory
+from . import checkpoint, flow, lora, memory, speed
 from .errors import FluxnbError
 from .monitor import MetricsLog, Progress, ValidationSampler, in_notebook
 from .runs import Run
@@ -168,11 +168,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     data = TrainingData(run.dir, t.batch_size, t.seed)
     latent, table, sampler = _small_parts(run)
 
-    with cpu_threads(hw):
+    with cpu_threads(hw), speed.attention_backends(hw):
         if transformer is None:
             transformer = prepare_transformer(run)
-        if t.gradient_checkpointing:  # keep only each block's input; recompute the inside during backward
-            transformer.enable_gradient_checkpointing()
         accelerator = Accelerator(mixed_precision={torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[
             hw.dtype], gradient_accumulation_steps=t.gradient_accumulation_steps, cpu=hw.device.type == "cpu")
         params = [p for p in transformer.parameters() if p.requires_grad]  # the LoRA A/B matrices, fp32
@@ -180,6 +178,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         schedule = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_train_steps)
         transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
+        # gradient checkpointing, block offload, torch.compile of the blocks: as the config says (fluxnb.speed)
+        speed.prepare(accelerator.unwrap_model(transformer), cfg.model, t, hw)
         generator = torch.Generator().manual_seed(t.seed)  # every random draw of training_step
         step = micro = 0
         if start is not None:  # everything the checkpoint holds goes back where it came from
