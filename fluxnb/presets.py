@@ -1,9 +1,13 @@
 """Hardware presets: the blog recipe adjusted to the GPU at hand, picked automatically, editable in a form.
 
-Peak GPU memory and time of the blog recipe at 512x768, batch 1, on an H100 (BENCHMARKS.md, 2026-11-22): NF4 + LoRA
-r4 + gradient checkpointing + 8-bit AdamW 7.94 GiB; with double quantization 7.43 GiB but ~13% slower per step;
-plain bf16 LoRA 27.54 GiB and ~1.4x faster (DESIGN.md). Compute dtype is not part of a preset: the
-hardware decides it (bf16 where the GPU has it, fp16 on a T4).
+Measured on an H100 with the full-size FLUX.1-dev transformer, 512x768, one optimizer step = 4 samples as in the
+blog (BENCHMARKS.md, 2026-11-22; the blog's recipe: 7.96 GiB, 2.9-4.2 s per step):
+    NF4, batch 4, torch.compile'd blocks                    11.48 GiB   0.70-0.76 s   (fp16 too, in a 15 GiB cap)
+    the same with all 57 blocks streamed from CPU RAM        5.43 GiB   0.70-0.74 s   (fp16 too, in an 8 GiB cap)
+    bf16 weights + torchao FP8 matmuls, batch 4             25.4 GiB    0.69 s        (no faster: not a preset)
+Compute dtype is not part of a preset: the hardware decides it (bf16 where the GPU has it, fp16 on a T4). Batches
+hold 4 samples of 512x768 (1536 image tokens each); at larger sizes `apply` lowers the batch and accumulates
+instead, so activation memory stays at that measured level (1024x1024: batch 1 x 4).
 """
 
 from __future__ import annotations
@@ -22,23 +26,23 @@ class Preset:
     train: dict[str, Any] = field(default_factory=dict)
 
 
-# Double quantization (the 4-bit scales stored in 8 bits) saves 0.5 GiB but cost 13-17% more time per step on an
-# H100 (benchmarks/train_step.py): worth it only where those 0.5 GiB decide whether training fits.
-_QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
-_BLOG_TRAIN = {"gradient_checkpointing": True, "optimizer": "adamw8bit", "batch_size": 1,
-               "gradient_accumulation_steps": 4}
+SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
+TOKEN_BUDGET = SAMPLES_PER_STEP * (512 // 16) * (768 // 16)  # image tokens in one batch: 4 x 512x768
+_QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False, "offload_blocks": 0}
+_FAST_TRAIN = {"gradient_checkpointing": True, "optimizer": "adamw8bit", "batch_size": SAMPLES_PER_STEP,
+               "gradient_accumulation_steps": 1, "compile": "auto"}
 PRESETS: dict[str, Preset] = {
-    "12gb": Preset("12 GB (3060, 4070): QLoRA (NF4 + double quantization), gradient checkpointing, 8-bit AdamW: "
-                   "~7.4 GiB peak at 512x768", {**_QLORA, "double_quant": True}, dict(_BLOG_TRAIN)),
-    "t4-16gb": Preset("16 GB, free Colab T4: the same QLoRA in fp16 (a T4 has no bf16), about 4 h for 700 steps. "
-                      "Save the NF4 transformer to Drive once (fluxnb.quant.save_nf4) and set model.prequantized: "
-                      "quantizing FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_BLOG_TRAIN)),
-    "4090-24gb": Preset("24 GB (4090, 3090): the blog's recipe (its 4090 run: ~9 GB, ~41 min for 700 steps): "
-                        "~7.9 GiB peak at 512x768", dict(_QLORA), dict(_BLOG_TRAIN)),
-    "h100-80gb": Preset("40-80 GB (A100, H100): plain bf16 LoRA, no quantization: ~28 GiB, 1.4x faster per step; "
-                        "8-bit AdamW would save only ~30 MB for 4.7 M LoRA weights, so plain AdamW",
-                        {"quantization": "none", "prequantized": None, "double_quant": False},
-                        {**_BLOG_TRAIN, "optimizer": "adamw"}),
+    "8-12gb": Preset("8-12 GB (3060, 4060, 4070): QLoRA with every transformer block streamed from CPU RAM "
+                     "(needs ~7 GB of free RAM): ~5.4 GiB peak at 512x768, as fast as without streaming on an H100",
+                     {**_QLORA, "offload_blocks": 57}, dict(_FAST_TRAIN)),
+    "t4-16gb": Preset("16 GB, free Colab T4: QLoRA in fp16 (a T4 has no bf16), ~11.5 GiB peak. Save the NF4 "
+                      "transformer to Drive once (fluxnb.quant.save_nf4) and set model.prequantized: quantizing "
+                      "FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_FAST_TRAIN)),
+    "4090-24gb": Preset("24 GB (4090, 3090): the blog's QLoRA with batches of 4 and compiled blocks: ~11.5 GiB peak "
+                        "at 512x768 (the blog's run: ~9 GB, ~41 min for 700 steps)", dict(_QLORA), dict(_FAST_TRAIN)),
+    "h100-80gb": Preset("40-80 GB (A100, H100): the same QLoRA, plain AdamW (8-bit would save ~30 MB for 4.7 M "
+                        "LoRA weights): 0.7 s per 4-sample step on an H100, 5x the blog's recipe",
+                        dict(_QLORA), {**_FAST_TRAIN, "optimizer": "adamw"}),
 }
 TINY = "tiny-cpu"
 
@@ -48,7 +52,13 @@ def pick(hw: Hardware) -> str:
     if hw.profile == "tiny" or hw.gpu is None:
         return TINY
     gib = hw.gpu.total_gib
-    return "12gb" if gib < 14 else "t4-16gb" if gib < 20 else "4090-24gb" if gib < 40 else "h100-80gb"
+    return "8-12gb" if gib < 14 else "t4-16gb" if gib < 20 else "4090-24gb" if gib < 40 else "h100-80gb"
+
+
+def batch_for(width: int, height: int) -> int:
+    """The largest batch of SAMPLES_PER_STEP's divisors that keeps a batch within TOKEN_BUDGET image tokens."""
+    tokens = (width // 16) * (height // 16)
+    return next((b for b in (4, 2) if b * tokens <= TOKEN_BUDGET), 1)
 
 
 def apply(config: RunConfig, name: str) -> RunConfig:
@@ -56,16 +66,20 @@ def apply(config: RunConfig, name: str) -> RunConfig:
     if name == TINY:
         return config
     preset = PRESETS[name]
-    return config.replace(model=preset.model, train=preset.train)
+    batch = batch_for(config.data.width, config.data.height)
+    train = {**preset.train, "batch_size": batch, "gradient_accumulation_steps": SAMPLES_PER_STEP // batch}
+    return config.replace(model=preset.model, train=train)
 
 
 def matching(config: RunConfig, hw: Hardware | None = None) -> str:
     """The preset whose every setting `config` has (this machine's own if several do), or "custom"."""
-    found = [name for name, preset in PRESETS.items()
-             if all(getattr(config.model, k) == v for k, v in preset.model.items())
-             and all(getattr(config.train, k) == v for k, v in preset.train.items())]
     if config.profile == "tiny":
         return TINY
+    found = []
+    for name in PRESETS:
+        preset_config = apply(config, name)
+        if (preset_config.model, preset_config.train) == (config.model, config.train):
+            found.append(name)
     if hw is not None and pick(hw) in found:  # t4-16gb and 4090-24gb differ only in the dtype the GPU picks
         return pick(hw)
     return found[0] if found else "custom"
@@ -80,7 +94,8 @@ def apply_in_place(config: RunConfig, name: str) -> None:
             setattr(target, key, value)
 
 
-TRAIN_FIELDS = ["learning_rate", "max_train_steps", "gradient_accumulation_steps", "sample_every", "checkpoint_every"]
+TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
+                "checkpoint_every"]
 
 
 def training_form(config: RunConfig, hw: Hardware):
