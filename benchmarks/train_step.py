@@ -4,16 +4,20 @@ Runs on the GPU machine (no FLUX download there: benchmarks/fullsize.py builds a
 transformer of the real size, 11.9 B parameters, so time and memory are real; image quality is not).
 
     python benchmarks/train_step.py                       # all cases -> benchmarks/results/<date>-<device>.json
-    python benchmarks/train_step.py --cases nf4-512x768-bf16 --steps 10
+    python benchmarks/train_step.py --cases nf4-512x768-bf16 --samples 4 \
+        --impls reference,fluxnb+batch=4,fluxnb+batch=4+offload=57,reference --tag mine
 
-Each (implementation, dtype) pair runs in its own process, so one's cached allocations cannot inflate the other's
-peak. Per case: batch 1, `--warmup` steps, then `--steps` timed steps (forward + backward + clip + optimizer step,
-synchronised), median reported. Peak = torch.cuda.max_memory_allocated during the timed steps, model included.
+Each implementation runs in its own process, so one's cached allocations cannot inflate the other's peak. One
+timed step = one optimizer step of `--samples` samples (the blog: 4, as batch 1 x 4 accumulation) = forward +
+backward per micro-batch, then clip + optimizer step, synchronised. `--warmup` steps (compiling happens there),
+then `--steps` timed steps, median reported. Peak = torch.cuda.max_memory_allocated during the timed steps,
+model included. List `reference` twice to bracket the machine's drift: the ratio uses the mean.
 
 reference: transcribed from the blog / diffusers' train_dreambooth_lora_flux_miniature.py: BitsAndBytesConfig NF4
   + prepare_model_for_kbit_training + LoRA r4 on to_k/to_q/to_v/to_out.0 + gradient checkpointing + fp32 LoRA
-  params + bnb AdamW8bit + accelerate autocast; the step is tests/reference_step.py (the script's own lines).
-fluxnb: fluxnb.quant.load_transformer + fluxnb.lora.add_lora + fluxnb.step.training_step + the same optimizer.
+  params + bnb AdamW8bit + accelerate autocast, batch 1; the step is tests/reference_step.py (the script's lines).
+fluxnb: fluxnb.quant.load_transformer + fluxnb.lora.add_lora + fluxnb.speed.prepare + fluxnb.step.training_step
+  under fluxnb.speed.attention_backends, as fluxnb.train runs them; options in the name (see fluxnb_setup).
 """
 
 from __future__ import annotations
@@ -48,12 +52,12 @@ FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=
 GiB = 2**30
 
 
-def make_inputs(width: int, height: int, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """What the caches hold for one sample: VAE posterior (mean, std) and the T5/CLIP embeddings. On the GPU."""
+def make_inputs(width: int, height: int, tokens: int, seed: int = 0, batch: int = 1) -> dict[str, torch.Tensor]:
+    """What the caches hold for `batch` samples: VAE posterior (mean, std) and the T5/CLIP embeddings. On the GPU."""
     g = torch.Generator().manual_seed(seed)
-    h, w = height // 8, width // 8
-    cpu = {"latent_mean": torch.randn(1, 16, h, w, generator=g), "latent_std": 0.05 * torch.rand(1, 16, h, w, generator=g),
-           "prompt_embeds": torch.randn(1, tokens, 4096, generator=g), "pooled_prompt_embeds": torch.randn(1, 768, generator=g),
+    h, w, b = height // 8, width // 8, batch
+    cpu = {"latent_mean": torch.randn(b, 16, h, w, generator=g), "latent_std": 0.05 * torch.rand(b, 16, h, w, generator=g),
+           "prompt_embeds": torch.randn(b, tokens, 4096, generator=g), "pooled_prompt_embeds": torch.randn(b, 768, generator=g),
            "text_ids": torch.zeros(tokens, 3)}
     return {k: v.cuda() for k, v in cpu.items()}
 
@@ -89,19 +93,35 @@ def reference_step(transformer, batch, scheduler, dtype):
                           device=torch.device("cuda"))
 
 
-def fluxnb_setup(ckpt: Path, dtype: torch.dtype, double_quant: bool):
-    from fluxnb import lora
+def parse_impl(impl: str) -> dict[str, str]:
+    """"fluxnb+compile+offload=57" -> {"compile": "", "offload": "57"}; the options are fluxnb's config fields."""
+    return dict((opt.split("=") + [""])[:2] for opt in impl.split("+")[1:])
+
+
+def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str]):
+    """fluxnb's own code path, as fluxnb.train runs it: quant.load_transformer, lora.add_lora, speed.prepare.
+
+    Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
+    "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
+    offload=N (model.offload_blocks), bf16 / fp8 (model.quantization "none" / "fp8"), adamw (plain AdamW)."""
+    from fluxnb import lora, speed
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
     from fluxnb.quant import load_transformer
     from fluxnb.step import make_optimizer
 
     hw = Hardware("real", torch.device("cuda"), dtype, cuda_info(), "benchmark")
-    transformer = load_transformer(ModelConfig(model_id=str(ckpt), double_quant=double_quant), hw)
+    quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
+    model = ModelConfig(model_id=str(ckpt), quantization=quantization, double_quant="dq" in opts,
+                        offload_blocks=int(opts.get("offload", 0)))
+    compile_mode = "off" if "nocompile" in opts else "on" if "compile" in opts else "auto"
+    train = TrainConfig(gradient_checkpointing="nockpt" not in opts, compile=compile_mode,
+                        optimizer="adamw" if "adamw" in opts else "adamw8bit")
+    transformer = load_transformer(model, hw)
     lora.add_lora(transformer, LoRAConfig(), seed=0)
-    transformer.enable_gradient_checkpointing()
     params = [p for p in transformer.parameters() if p.requires_grad]
-    return transformer, make_optimizer(params, TrainConfig()), params
+    streamer = speed.prepare(transformer, model, train, hw)
+    return transformer, make_optimizer(params, train), params, streamer
 
 
 def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 - built once per process
@@ -116,77 +136,133 @@ def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 
     return training_step(transformer, batch, _state["table"], _state["cfg"], _state["latent"], _state["generator"], dtype)
 
 
-def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int, steps: int) -> list[dict]:
+def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int, steps: int,
+           profile: bool = False, samples: int = 1) -> list[dict]:
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     dtype = DTYPES[dtype_name]
+    opts = parse_impl(impl)
+    if "cap" in opts:  # emulate a smaller card: this process may allocate at most `cap` GiB
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GiB / total)
+    batch_size = int(opts.get("batch", 1))
+    if samples % batch_size:
+        raise SystemExit(f"--samples {samples} is not a multiple of batch={batch_size}")
+    micro_steps = samples // batch_size  # gradient accumulation, as the blog's 1 x 4
+    if "nocudnn" in opts:  # attention through flash / memory-efficient SDPA instead of cuDNN's
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.speed)
+        from fluxnb.speed import attention_backends
+
+        attention_backends(SimpleNamespace(device=torch.device("cuda"))).__enter__()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if impl == "reference":
         transformer, optimizer, params = reference_setup(ckpt, dtype)
         step_fn = reference_step
     else:
-        transformer, optimizer, params = fluxnb_setup(ckpt, dtype, double_quant="-dq" in impl)
-        if "-compile" in impl:  # regional compilation: each of the 57 repeated blocks, not the whole model
-            for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-                block.compile()
+        transformer, optimizer, params, _streamer = fluxnb_setup(ckpt, dtype, opts)
         step_fn = fluxnb_step
     load_s = time.perf_counter() - t0
     accelerator = Accelerator(mixed_precision=dtype_name)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     transformer.train()
+    torch.cuda.synchronize()
+    load_peak = torch.cuda.max_memory_allocated() / GiB
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     after_load = torch.cuda.memory_allocated() / GiB
     rows = []
     for name in cases:
         width, height, tokens, _ = CASES[name]
-        batch = make_inputs(width, height, tokens)
+        batches = [make_inputs(width, height, tokens, seed=k, batch=batch_size) for k in range(micro_steps)]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times, losses, grad_norms = [], [], []
-        for i in range(warmup + steps):
-            start = time.perf_counter()
-            loss = step_fn(transformer, batch, scheduler, dtype)
-            accelerator.backward(loss)
+
+        def one_step():  # one optimizer step: `samples` samples as micro_steps x batch_size
+            for batch in batches:
+                loss = step_fn(transformer, batch, scheduler, dtype)
+                accelerator.backward(loss / micro_steps)
+                losses.append(loss.item())  # synchronises
             grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())  # synchronises
+
+        for i in range(warmup + steps):
+            if i == warmup:  # compile and allocator warm-up are over: the peak of the steady state from here
+                torch.cuda.synchronize()
+                warmup_peak = torch.cuda.max_memory_allocated() / GiB
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            one_step()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-        rows.append({"case": name, "impl": impl, "s_per_step": statistics.median(times), "s_min": min(times),
-                     "s_max": max(times), "peak_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
-                     "peak_reserved_gib": torch.cuda.max_memory_reserved() / GiB, "after_load_gib": after_load,
+        peak, reserved = torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
+        if profile:
+            print_profile(one_step, f"{impl} {name}")
+        rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,
+                     "s_per_step": statistics.median(times), "s_min": min(times),
+                     "s_max": max(times), "peak_allocated_gib": peak,
+                     "peak_reserved_gib": reserved, "after_load_gib": after_load, "load_peak_gib": load_peak,
+                     "warmup_peak_gib": warmup_peak,
                      "load_s": load_s, "losses_finite": all(math.isfinite(x) for x in losses),
                      "last_loss": losses[-1], "grad_norms_finite": all(math.isfinite(g) for g in grad_norms),
                      "grad_norms": [round(g, 5) for g in grad_norms[:5]]})
         print(json.dumps(rows[-1]), flush=True)
-        del batch
         torch.cuda.empty_cache()
     return rows
+
+
+def print_profile(one_step, title: str) -> None:
+    """Two steps under torch.profiler: GPU-busy time vs wall time (how much is launch/Python overhead), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        one_step()
+        one_step()
+    wall = (time.perf_counter() - start) / 2
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # GPU-side events only
+    gpu = sum(e.device_time for e in kernels) / 2 / 1e6
+    print(f"PROFILE {title}: wall {wall:.3f} s/step (profiled), GPU busy {gpu:.3f} s/step ({100 * gpu / wall:.0f}%)")
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
 
 
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    names = ["torch", "diffusers", "transformers", "peft", "bitsandbytes", "accelerate"]
-    return {n: md.version(n) for n in names} | {"cuda": torch.version.cuda or "", "python": sys.version.split()[0]}
+    names = ["torch", "diffusers", "transformers", "peft", "bitsandbytes", "accelerate", "torchao"]
+    return {n: md.version(n) for n in names if _installed(n)} | {"cuda": torch.version.cuda or "", "python": sys.version.split()[0]}
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--impls", default="reference,fluxnb", help="reference, fluxnb; fluxnb variants: -dq (double quant), -compile (torch.compile each block)")
+    parser.add_argument("--impls", default="reference,fluxnb",
+                        help="reference, fluxnb (its defaults on CUDA), fluxnb+OPT+...: see fluxnb_setup for OPTs")
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/flux-random"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=1,
+                        help="samples per optimizer step (the blog: 4 = batch 1 x 4 accumulation); impl option "
+                             "batch=B runs them as samples/B micro-batches of B")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler summary per case")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     cases = args.cases.split(",")
     if args.worker:
-        rows = worker(*args.worker, cases, args.ckpt, args.warmup, args.steps)
+        rows = worker(*args.worker, cases, args.ckpt, args.warmup, args.steps, args.profile, args.samples)
         print("RESULT " + json.dumps(rows))
         return
 
@@ -198,39 +274,42 @@ def main() -> None:
         for dtype_name in sorted({CASES[c][3] for c in cases}):
             mine = [c for c in cases if CASES[c][3] == dtype_name]
             cmd = [sys.executable, __file__, "--worker", impl, dtype_name, "--cases", ",".join(mine), "--ckpt",
-                   str(args.ckpt), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                   str(args.ckpt), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                   "--samples", str(args.samples)] + ["--profile"] * args.profile
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not result:
                 print(f"{impl}/{dtype_name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
                 continue
+            print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
             rows += json.loads(result[-1][len("RESULT "):])
             print(f"{impl}/{dtype_name}: done", flush=True)
 
-    by = {(r["case"], r["impl"]): r for r in rows}
     table = []
-    for case in cases:
-        ref = by.get((case, "reference"))
-        for impl in [i for i in args.impls.split(",") if i != "reference"]:
-            mine = by.get((case, impl))
-            if ref and mine:
-                table.append({"name": case, "impl": impl, "ref_s_per_step": round(ref["s_per_step"], 4),
-                              "fluxnb_s_per_step": round(mine["s_per_step"], 4),
-                              "speedup": round(ref["s_per_step"] / mine["s_per_step"], 3),
-                              "ref_peak_gib": round(ref["peak_allocated_gib"], 3),
-                              "fluxnb_peak_gib": round(mine["peak_allocated_gib"], 3)})
+    for case in cases:  # list "reference" twice (first and last) to bracket the machine's drift; the mean is used
+        refs = [r for r in rows if r["case"] == case and r["impl"] == "reference"]
+        for impl in dict.fromkeys(i for i in args.impls.split(",") if i != "reference"):
+            mine = [r for r in rows if r["case"] == case and r["impl"] == impl]
+            if refs and mine:
+                ref_s = statistics.mean(r["s_per_step"] for r in refs)
+                table.append({"name": case, "impl": impl, "ref_s_per_step": round(ref_s, 4),
+                              "ref_runs_s": [round(r["s_per_step"], 4) for r in refs],
+                              "fluxnb_s_per_step": round(mine[0]["s_per_step"], 4),
+                              "speedup": round(ref_s / mine[0]["s_per_step"], 3),
+                              "ref_peak_gib": round(refs[0]["peak_allocated_gib"], 3),
+                              "fluxnb_peak_gib": round(mine[0]["peak_allocated_gib"], 3)})
     device = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()
     report = {"device": device, "date": date, "versions": versions(), "command": " ".join(sys.argv),
               "cases": table, "raw": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date}-{device.replace(' ', '_')}.json"
+    path = args.out / f"{date}-{device.replace(' ', '_')}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())
-    print(f"\n{'case':<22}{'impl':<10}{'ref s':>8}{'fluxnb s':>10}{'speedup':>9}{'ref GiB':>9}{'fluxnb GiB':>11}")
+    print(f"\n{'case':<22}{'impl':<28}{'ref s':>8}{'fluxnb s':>10}{'speedup':>9}{'ref GiB':>9}{'fluxnb GiB':>11}")
     for r in table:
-        print(f"{r['name']:<22}{r['impl']:<10}{r['ref_s_per_step']:>8.3f}{r['fluxnb_s_per_step']:>10.3f}"
+        print(f"{r['name']:<22}{r['impl']:<28}{r['ref_s_per_step']:>8.3f}{r['fluxnb_s_per_step']:>10.3f}"
               f"{r['speedup']:>9.2f}{r['ref_peak_gib']:>9.2f}{r['fluxnb_peak_gib']:>11.2f}")
     print(f"-> {path}")
 
