@@ -7,7 +7,8 @@ blog (BENCHMARKS.md, 2026-11-22; the blog's recipe: 7.96 GiB, 2.9-4.2 s per step
     bf16 weights + torchao FP8 matmuls, batch 4             25.4 GiB    0.69 s        (no faster: not a preset)
 Compute dtype is not part of a preset: the hardware decides it (bf16 where the GPU has it, fp16 on a T4). Batches
 hold 4 samples of 512x768 (1536 image tokens each); at larger sizes `apply` lowers the batch and accumulates
-instead, so activation memory stays at that measured level (1024x1024: batch 1 x 4).
+instead, so activation memory stays near a measured level: on cards below 20 GB at 4 x 512x768 (1024x1024:
+batch 1 x 4, 4.0 GiB streamed / 10.1 GiB resident), on larger ones at 2 x 1024x1024 (batch 2 x 2).
 """
 
 from __future__ import annotations
@@ -24,25 +25,28 @@ class Preset:
     description: str
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    batch_tokens: int = 0  # most image tokens in one batch (activation memory: ~0.83 GiB per 1,000 per sample)
 
 
 SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
-TOKEN_BUDGET = SAMPLES_PER_STEP * (512 // 16) * (768 // 16)  # image tokens in one batch: 4 x 512x768
+SMALL = SAMPLES_PER_STEP * (512 // 16) * (768 // 16)  # 4 x 512x768: 6,144 image tokens, 11.5 / 5.4 GiB measured
+LARGE = 2 * (1024 // 16) ** 2  # 2 x 1024x1024: 8,192 image tokens, 7.7 GiB measured with every block streamed
 _QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False, "offload_blocks": 0}
 _FAST_TRAIN = {"gradient_checkpointing": True, "optimizer": "adamw8bit", "batch_size": SAMPLES_PER_STEP,
                "gradient_accumulation_steps": 1, "compile": "auto"}
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): QLoRA with every transformer block streamed from CPU RAM "
                      "(needs ~7 GB of free RAM): ~5.4 GiB peak at 512x768, as fast as without streaming on an H100",
-                     {**_QLORA, "offload_blocks": 57}, dict(_FAST_TRAIN)),
+                     {**_QLORA, "offload_blocks": 57}, dict(_FAST_TRAIN), SMALL),
     "t4-16gb": Preset("16 GB, free Colab T4: QLoRA in fp16 (a T4 has no bf16), ~11.5 GiB peak. Save the NF4 "
                       "transformer to Drive once (fluxnb.quant.save_nf4) and set model.prequantized: quantizing "
-                      "FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_FAST_TRAIN)),
+                      "FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_FAST_TRAIN), SMALL),
     "4090-24gb": Preset("24 GB (4090, 3090): the blog's QLoRA with batches of 4 and compiled blocks: ~11.5 GiB peak "
-                        "at 512x768 (the blog's run: ~9 GB, ~41 min for 700 steps)", dict(_QLORA), dict(_FAST_TRAIN)),
+                        "at 512x768 (the blog's run: ~9 GB, ~41 min for 700 steps)", dict(_QLORA), dict(_FAST_TRAIN),
+                        LARGE),
     "h100-80gb": Preset("40-80 GB (A100, H100): the same QLoRA, plain AdamW (8-bit would save ~30 MB for 4.7 M "
                         "LoRA weights): 0.7 s per 4-sample step on an H100, 5x the blog's recipe",
-                        dict(_QLORA), {**_FAST_TRAIN, "optimizer": "adamw"}),
+                        dict(_QLORA), {**_FAST_TRAIN, "optimizer": "adamw"}, LARGE),
 }
 TINY = "tiny-cpu"
 
@@ -55,10 +59,10 @@ def pick(hw: Hardware) -> str:
     return "8-12gb" if gib < 14 else "t4-16gb" if gib < 20 else "4090-24gb" if gib < 40 else "h100-80gb"
 
 
-def batch_for(width: int, height: int) -> int:
-    """The largest batch of SAMPLES_PER_STEP's divisors that keeps a batch within TOKEN_BUDGET image tokens."""
+def batch_for(width: int, height: int, batch_tokens: int = SMALL) -> int:
+    """The largest divisor of SAMPLES_PER_STEP whose batch holds at most `batch_tokens` image tokens (else 1)."""
     tokens = (width // 16) * (height // 16)
-    return next((b for b in (4, 2) if b * tokens <= TOKEN_BUDGET), 1)
+    return next((b for b in (4, 2) if b * tokens <= batch_tokens), 1)
 
 
 def apply(config: RunConfig, name: str) -> RunConfig:
@@ -66,7 +70,7 @@ def apply(config: RunConfig, name: str) -> RunConfig:
     if name == TINY:
         return config
     preset = PRESETS[name]
-    batch = batch_for(config.data.width, config.data.height)
+    batch = batch_for(config.data.width, config.data.height, preset.batch_tokens)
     train = {**preset.train, "batch_size": batch, "gradient_accumulation_steps": SAMPLES_PER_STEP // batch}
     return config.replace(model=preset.model, train=train)
 

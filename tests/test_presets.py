@@ -36,13 +36,16 @@ def test_every_preset_is_a_valid_config_and_recognisable():
     assert presets.apply(RunConfig(), "8-12gb").model.offload_blocks == 57
 
 
-@pytest.mark.parametrize("size, batch", [((512, 768), 4), ((512, 512), 4), ((768, 768), 2), ((1024, 1024), 1),
-                                         ((1536, 1536), 1)])
-def test_bigger_images_trade_batch_for_accumulation(size, batch):
-    """Activation memory grows with the image tokens in a batch; the presets keep it at 4 x 512x768 (measured)."""
-    cfg = presets.apply(RunConfig().replace(data={"width": size[0], "height": size[1]}), "t4-16gb")
+@pytest.mark.parametrize("preset, gpu, size, batch", [
+    ("t4-16gb", ("Tesla T4", 15.6), (512, 768), 4), ("t4-16gb", ("Tesla T4", 15.6), (512, 512), 4),
+    ("t4-16gb", ("Tesla T4", 15.6), (768, 768), 2), ("t4-16gb", ("Tesla T4", 15.6), (1024, 1024), 1),
+    ("8-12gb", ("RTX 3060", 12.0), (1024, 1024), 1), ("4090-24gb", ("RTX 4090", 23.6), (512, 768), 4),
+    ("4090-24gb", ("RTX 4090", 23.6), (1024, 1024), 2), ("h100-80gb", ("H100", 79.2), (1536, 1536), 1)])
+def test_bigger_images_trade_batch_for_accumulation(preset, gpu, size, batch):
+    """Activation memory grows with the image tokens in a batch; each preset caps them (measured levels)."""
+    cfg = presets.apply(RunConfig().replace(data={"width": size[0], "height": size[1]}), preset)
     assert cfg.train.batch_size == batch and batch * cfg.train.gradient_accumulation_steps == 4
-    assert presets.matching(cfg, _hw("Tesla T4", 15.6)) == "t4-16gb"
+    assert presets.matching(cfg, _hw(*gpu)) == preset
 
 
 def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
