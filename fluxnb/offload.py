@@ -1,7 +1,7 @@
 """Block offload for training: the frozen weights of some transformer blocks live in (pinned) CPU RAM and are
 copied to the GPU just before each use, on a second CUDA stream, while the block before runs.
 
-    streamer = stream_blocks(transformer, 57)     # all 57 blocks: NF4 FLUX trains in ~3 GiB instead of ~8
+    streamer = stream_blocks(transformer, 57)     # all 57: 1.6 GiB instead of 7.7 (NF4 FLUX, 512x768, batch 1)
     ...train...
     streamer.remove()                             # everything back on the GPU, hooks gone
 
@@ -168,14 +168,7 @@ class BlockStreamer:
         outputs = output if isinstance(output, tuple) else (output,)
         needs_grad = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
         for t in needs_grad:  # fires when the gradient reaches this block's output: its backward starts next
-            t.register_hook(self._hook_backward(i))
-
-    def _hook_backward(self, i: int):
-        def hook(grad):
-            self._before_backward(i)
-            return grad
-
-        return hook
+            t.register_hook(lambda grad: self._before_backward(i))  # returns None: the gradient is unchanged
 
     def _before_backward(self, i: int) -> None:
         self._release(lambda j: j <= i)  # blocks after i have finished their backward
