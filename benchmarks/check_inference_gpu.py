@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from lora_helpers import make_lora, save_random_lora  # noqa: E402
 
-from fluxnb import merge, sampling  # noqa: E402
 from fluxnb.hardware import detect  # noqa: E402
-from fluxnb.runs import open_run  # noqa: E402
+from fluxnb.infer import merge, sampling  # noqa: E402
+from fluxnb.run import open_run  # noqa: E402
 
 
 def tiny_on_cuda(root: Path) -> None:

@@ -28,11 +28,11 @@ def main() -> int:
         print("gpu_check_data: no CUDA GPU here; run this on the GPU machine.")
         return 1
 
-    from fluxnb import embeddings, latents, memory
-    from fluxnb.cache import CachedDataset
-    from fluxnb.data import prepare
-    from fluxnb.runs import open_run
+    from fluxnb import memory
+    from fluxnb.data import embeddings, latents, prepare
+    from fluxnb.run import open_run
     from fluxnb.tiny import ensure_tiny
+    from fluxnb.train.batches import CachedDataset
 
     assets = ensure_tiny(args.tiny_dir)
     shutil.rmtree(args.run_dir, ignore_errors=True)

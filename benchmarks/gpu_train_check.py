@@ -82,10 +82,11 @@ def main() -> int:
     from diffusers import FlowMatchEulerDiscreteScheduler
     from fullsize import build
 
-    from fluxnb import flow, lora, quant
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import detect
-    from fluxnb.step import LatentScale, make_optimizer, training_step
+    from fluxnb.model import lora, quant
+    from fluxnb.train import flow
+    from fluxnb.train.step import LatentScale, make_optimizer, training_step
 
     folder = build(args.out)  # out/transformer, bf16
     hw = detect("real", args.dtype)

@@ -104,11 +104,12 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str]):
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), bf16 / fp8 (model.quantization "none" / "fp8"), adamw (plain AdamW)."""
-    from fluxnb import lora, speed
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
-    from fluxnb.quant import load_transformer
-    from fluxnb.step import make_optimizer
+    from fluxnb.model import lora
+    from fluxnb.model.quant import load_transformer
+    from fluxnb.train import speed
+    from fluxnb.train.step import make_optimizer
 
     hw = Hardware("real", torch.device("cuda"), dtype, cuda_info(), "benchmark")
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
@@ -125,9 +126,9 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str]):
 
 
 def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 - built once per process
-    from fluxnb import flow
     from fluxnb.config import TrainConfig
-    from fluxnb.step import LatentScale, training_step
+    from fluxnb.train import flow
+    from fluxnb.train.step import LatentScale, training_step
 
     if not _state:
         _state |= {"table": flow.NoiseTable.from_scheduler(scheduler), "cfg": TrainConfig(),
@@ -153,7 +154,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     if "nocudnn" in opts:  # attention through flash / memory-efficient SDPA instead of cuDNN's
         torch.backends.cuda.enable_cudnn_sdp(False)
     if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.speed)
-        from fluxnb.speed import attention_backends
+        from fluxnb.train.speed import attention_backends
 
         attention_backends(SimpleNamespace(device=torch.device("cuda"))).__enter__()
     torch.manual_seed(0)

@@ -1,8 +1,16 @@
 """fluxnb: fine-tune FLUX.1-dev into your own style with QLoRA, one notebook at a time.
 
-The notebooks in notebooks/ explain; this package computes. Each module is small and named for its step:
-config (what to run), hardware (where), cache (the run directory), tiny (an offline stand-in model),
-memory (what it costs). See README.md for the map.
+The notebooks in notebooks/ explain; this package computes. Its folders follow the pipeline:
+
+    data/   notebooks 01-02: dataset checks, cached text embeddings and VAE latents
+    model/  the NF4 transformer and its LoRA, shared by training and inference
+    train/  notebook 03: the flow-matching step and the training loop
+    infer/  notebook 04: sampling, merging, export
+    share/  notebook 05: model card and upload
+    nb/     what only notebooks need: forms and the headless runner
+
+and on top: config (what to run), hardware (where), run (the run directory), presets, memory, tiny (the offline
+stand-in model), cli. A module imports only from its own floor or below (README, Development).
 """
 
 import logging

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BAD_IMAGE_POLICIES, CROPS, PROFILES, SMALL_IMAGE_POLICIES
+from .config import BAD_IMAGE_POLICIES, CROPS, EXPORT_FORMATS, PROFILES, SMALL_IMAGE_POLICIES
 from .errors import FluxnbError
 
 
@@ -28,7 +28,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from .notebooks import run_notebooks
+    from .nb.runner import run_notebooks
 
     return run_notebooks(args.run_dir, only=args.only, timeout=args.timeout)
 
@@ -39,7 +39,7 @@ _DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "w
 
 def _open_step_run(args: argparse.Namespace):
     """open_run(--run-dir), with the options given on the command line applied (saved once the step succeeds)."""
-    from .runs import open_run
+    from .run import open_run
 
     run = open_run(args.run_dir, profile=args.profile)
     data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
@@ -49,7 +49,7 @@ def _open_step_run(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .embeddings import embed_step
+    from .data.embeddings import embed_step
 
     run = _open_step_run(args)
     print(embed_step(run, overwrite=args.overwrite))
@@ -58,7 +58,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_latents(args: argparse.Namespace) -> int:
-    from .latents import latents_step
+    from .data.latents import latents_step
 
     run = _open_step_run(args)
     print(latents_step(run, overwrite=args.overwrite))
@@ -69,7 +69,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def _existing_run(run_dir: Path | None):
     """open_run on a run directory that must already hold a trained run (never creates a fresh one)."""
     from .hardware import detect
-    from .runs import default_run_dir, open_run
+    from .run import default_run_dir, open_run
 
     root = run_dir or default_run_dir(detect().profile)
     if not (root / "config.json").is_file():
@@ -86,11 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_round_trip, export_lora, export_path
+    from .infer.export import check_round_trip, export_lora, export_path
 
     run = _existing_run(args.run_dir)
-    lora = args.lora or run.dir.lora / "pytorch_lora_weights.safetensors"
-    out = export_lora(lora, args.format, args.out or export_path(run.path, args.format))
+    lora = args.lora or run.dir.lora_file
+    out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
     print(f"{args.format}: {out}")
     if args.format == "comfyui":
         print(check_round_trip(lora, out))
@@ -98,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import HubSettings, push, stage
+    from .share.hub import HubSettings, push, stage
 
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="notebook 04: write the LoRA for ComfyUI/Forge/kohya, or a diffusers copy")
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
-    p.add_argument("--format", choices=("comfyui", "diffusers"), default="comfyui")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="comfyui")
     p.add_argument("--lora", type=Path, default=None, help="LoRA file (default: RUN/lora/pytorch_lora_weights.safetensors)")
     p.add_argument("--out", type=Path, default=None, help="output file (default: RUN/export/<run>_comfyui.safetensors)")
     p.set_defaults(func=cmd_export)

@@ -12,14 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text
 from .errors import FluxnbError
+from .files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 
 PROFILES = ("real", "tiny")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
-LORA_PRESETS = ("attention", "all-linear", "single-blocks")
+# LoRA target presets -> peft's target_modules (fluxnb.model.lora); the notebook's dropdown lists these names.
+LORA_PRESETS: dict[str, list[str] | str] = {
+    "attention": ["to_k", "to_q", "to_v", "to_out.0"],  # the blog's: image-stream attention of every block
+    "all-linear": "all-linear",  # every Linear layer (peft's shorthand)
+    # every projection of the 38 single-stream blocks; peft reads a string as a regex of the whole module name
+    "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
+}
 LORA_INITS = ("gaussian", "default", "pissa", "olora")
 QUANTIZATIONS = ("nf4", "none", "fp8")
 COMPILE_MODES = ("auto", "on", "off")
@@ -28,6 +34,7 @@ OPTIMIZERS = ("adamw8bit", "adamw")
 CROPS = ("center", "random")
 SMALL_IMAGE_POLICIES = ("warn", "skip")
 BAD_IMAGE_POLICIES = ("skip", "error")
+EXPORT_FORMATS = ("comfyui", "diffusers")  # notebook 04's LoRA files: kohya/BFL layout, or a diffusers copy
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PROFILES
+from .errors import FluxnbError
 
 PROFILE_ENV = "FLUXNB_PROFILE"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -63,7 +64,7 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     """Pick profile, device and dtype. `profile` overrides FLUXNB_PROFILE; `dtype` "auto" picks from the GPU."""
     requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
     if requested is not None and requested not in PROFILES:
-        raise ValueError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
+        raise FluxnbError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
     gpu = cuda_info()
     if requested == "tiny":
         profile_name, reason = "tiny", f"asked for ({PROFILE_ENV}=tiny or profile='tiny')"
@@ -86,5 +87,5 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
         chosen = "fp16"
         reason += "; fp16 because this GPU has no bf16 (compute capability < 8.0)"
     if chosen == "bf16" and gpu is not None and not gpu.has_bf16 and device.type == "cuda":
-        raise ValueError(f"dtype bf16 was asked for, but {gpu.name} has no bf16 support; use 'fp16' or 'auto'.")
+        raise FluxnbError(f"dtype bf16 was asked for, but {gpu.name} has no bf16 support; use 'fp16' or 'auto'.")
     return Hardware(profile_name, device, _DTYPES[chosen], gpu, reason)

@@ -1,14 +1,21 @@
-"""matplotlib figures the notebooks show: image grids with captions, and the training loss."""
+"""matplotlib figures the notebooks show and the run directory keeps: image grids with captions, the training loss.
+
+Figures are made here and written with `save_figure` (atomically, like every file in a run directory); showing
+them is the caller's business (a notebook displays a returned figure, headless runs only save it).
+"""
 
 from __future__ import annotations
 
 import math
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from PIL import Image
+
+from .files import atomic_path
 
 
 def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = None, *, ncols: int = 4,
@@ -47,3 +54,10 @@ def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10
     ax.legend(loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 100) -> Path:
+    """Write `fig` as a PNG at `path`, whole or not at all."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)

@@ -1,14 +1,11 @@
-"""Hardware presets: the blog recipe adjusted to the GPU at hand, picked automatically, editable in a form.
+"""Hardware presets: the blog recipe adjusted to the GPU at hand, picked automatically (notebook 03's form,
+fluxnb.nb.forms, edits them).
 
-Measured on an H100 with the full-size FLUX.1-dev transformer, 512x768, one optimizer step = 4 samples as in the
-blog (BENCHMARKS.md, 2026-11-22; the blog's recipe: 7.96 GiB, 2.9-4.2 s per step):
-    NF4, batch 4, torch.compile'd blocks                    11.48 GiB   0.70-0.76 s   (fp16 too, in a 15 GiB cap)
-    the same with all 57 blocks streamed from CPU RAM        5.43 GiB   0.70-0.74 s   (fp16 too, in an 8 GiB cap)
-    bf16 weights + torchao FP8 matmuls, batch 4             25.4 GiB    0.69 s        (no faster: not a preset)
-Compute dtype is not part of a preset: the hardware decides it (bf16 where the GPU has it, fp16 on a T4). Batches
-hold 4 samples of 512x768 (1536 image tokens each); at larger sizes `apply` lowers the batch and accumulates
-instead, so activation memory stays near a measured level: on cards below 20 GB at 4 x 512x768 (1024x1024:
-batch 1 x 4, 4.0 GiB streamed / 10.1 GiB resident), on larger ones at 2 x 1024x1024 (batch 2 x 2).
+A preset says how the frozen base is held (NF4, blocks resident or streamed from CPU RAM), the batch split and the
+optimizer; every preset trains the same LoRA. Compute dtype is not part of a preset: the hardware decides it (bf16
+where the GPU has it, fp16 on a T4). Batches hold 4 samples of 512x768 (1536 image tokens each); at larger sizes
+`apply` lowers the batch and accumulates instead, so activation memory stays near a measured level (`batch_tokens`).
+What each preset costs in memory and time, measured, is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -25,12 +22,12 @@ class Preset:
     description: str
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    batch_tokens: int = 0  # most image tokens in one batch (activation memory: ~0.83 GiB per 1,000 per sample)
+    batch_tokens: int = 0  # most image tokens in one batch (activation memory grows with it)
 
 
 SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
-SMALL = SAMPLES_PER_STEP * (512 // 16) * (768 // 16)  # 4 x 512x768: 6,144 image tokens, 11.5 / 5.4 GiB measured
-LARGE = 2 * (1024 // 16) ** 2  # 2 x 1024x1024: 8,192 image tokens, 7.7 GiB measured with every block streamed
+SMALL = SAMPLES_PER_STEP * (512 // 16) * (768 // 16)  # 4 x 512x768: 6,144 image tokens
+LARGE = 2 * (1024 // 16) ** 2  # 2 x 1024x1024: 8,192 image tokens
 _QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False, "offload_blocks": 0}
 _FAST_TRAIN = {"gradient_checkpointing": True, "optimizer": "adamw8bit", "batch_size": SAMPLES_PER_STEP,
                "gradient_accumulation_steps": 1, "compile": "auto"}
@@ -39,7 +36,7 @@ PRESETS: dict[str, Preset] = {
                      "(needs ~7 GB of free RAM): ~5.4 GiB peak at 512x768, as fast as without streaming on an H100",
                      {**_QLORA, "offload_blocks": 57}, dict(_FAST_TRAIN), SMALL),
     "t4-16gb": Preset("16 GB, free Colab T4: QLoRA in fp16 (a T4 has no bf16), ~11.5 GiB peak. Save the NF4 "
-                      "transformer to Drive once (fluxnb.quant.save_nf4) and set model.prequantized: quantizing "
+                      "transformer to Drive once (fluxnb.model.save_nf4) and set model.prequantized: quantizing "
                       "FLUX on the fly needs most of Colab's 12.7 GB of RAM", dict(_QLORA), dict(_FAST_TRAIN), SMALL),
     "4090-24gb": Preset("24 GB (4090, 3090): the blog's QLoRA with batches of 4 and compiled blocks: ~11.5 GiB peak "
                         "at 512x768 (the blog's run: ~9 GB, ~41 min for 700 steps)", dict(_QLORA), dict(_FAST_TRAIN),
@@ -96,39 +93,3 @@ def apply_in_place(config: RunConfig, name: str) -> None:
         target, source = getattr(config, section), getattr(fresh, section)
         for key, value in vars(source).items():
             setattr(target, key, value)
-
-
-TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
-                "checkpoint_every"]
-
-
-def training_form(config: RunConfig, hw: Hardware):
-    """The notebook's settings form: preset, LoRA rank/alpha/targets, lr, steps, accumulation, resolution,
-    sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
-    import ipywidgets as W
-
-    from .config import LORA_PRESETS
-    from .widgets import config_form
-
-    current = matching(config, hw)
-    options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
-    chooser = W.Dropdown(options=options, value=current, description="hardware preset",
-                         style={"description_width": "200px"}, layout=W.Layout(width="520px"))
-    note, forms = W.HTML(), W.VBox()
-
-    def refresh(*_: Any) -> None:
-        if chooser.value in PRESETS or chooser.value == TINY:
-            apply_in_place(config, chooser.value)
-        note.value = f"<i>{PRESETS[chooser.value].description if chooser.value in PRESETS else hw.describe()}</i>"
-        forms.children = [
-            config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
-                        choices={"targets": (*LORA_PRESETS, *([config.lora.targets]
-                                                              if config.lora.targets not in LORA_PRESETS else []))}),
-            config_form(config.train, TRAIN_FIELDS, "Training"),
-            config_form(config.data, ["width", "height"],
-                        "Resolution (the latents of notebook 02 were cached at this size; change it there)"),
-        ]
-
-    chooser.observe(refresh, names="value")
-    refresh()
-    return W.VBox([chooser, note, forms])

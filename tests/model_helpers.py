@@ -5,9 +5,9 @@ Shared by the tests of fluxnb.offload and fluxnb.speed, which compare a changed 
 
 import torch
 
-from fluxnb import lora, quant
 from fluxnb.config import LoRAConfig, ModelConfig
 from fluxnb.hardware import Hardware
+from fluxnb.model import lora, quant
 
 HW = Hardware("tiny", torch.device("cpu"), torch.float32, None, "test")
 

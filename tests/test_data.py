@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxnb.buckets import fit_to_bucket, make_buckets, nearest_bucket, to_rgb
-from fluxnb.cache import sample_id
 from fluxnb.config import DataConfig
 from fluxnb.data import DataError, prepare
+from fluxnb.data.buckets import fit_to_bucket, make_buckets, nearest_bucket, to_rgb
+from fluxnb.data.store import sample_id
 from fluxnb.errors import FluxnbError
 
 

@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxnb import embeddings, latents
-from fluxnb.buckets import fit_to_bucket, to_rgb
-from fluxnb.cache import CacheMismatch, CachedDataset, read_samples, write_samples
 from fluxnb.cli import main
 from fluxnb.config import ModelConfig, RunConfig
+from fluxnb.data import embeddings, latents
+from fluxnb.data.buckets import fit_to_bucket, to_rgb
+from fluxnb.data.store import CacheMismatch, read_samples, write_samples
 from fluxnb.errors import FluxnbError
 from fluxnb.hardware import detect
-from fluxnb.runs import open_run
+from fluxnb.run import open_run
+from fluxnb.train.batches import CachedDataset
 
 
 def make_run(path: Path, assets, dataset: Path | None = None, **data):

@@ -12,9 +12,16 @@ from safetensors.torch import load_file, save_file
 
 from fluxnb.cli import main
 from fluxnb.errors import FluxnbError
-from fluxnb.export import (FLUX_DEV_LINEAR1_ROWS, LoraPair, check_round_trip, export_lora, export_path, read_lora,
-                           to_comfyui)
-from fluxnb.runs import open_run
+from fluxnb.infer.export import (
+    FLUX_DEV_LINEAR1_ROWS,
+    LoraPair,
+    check_round_trip,
+    export_lora,
+    export_path,
+    read_lora,
+    to_comfyui,
+)
+from fluxnb.run import open_run
 
 DOUBLE_ONLY = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"  # peft full-matches: skips single_...
 
@@ -141,10 +148,10 @@ def test_cli_export_both_formats(tiny_assets, tmp_path, capsys):
     run = open_run(tmp_path / "run", profile="tiny", verbose=False)
     lora = make_lora(tiny_assets.model, run.dir.lora)
     assert main(["export", "--run-dir", str(run.path), "--format", "comfyui"]) == 0
-    comfy = export_path(run.path, "comfyui")
+    comfy = export_path(run.dir, "comfyui")
     assert comfy.name == "run_comfyui.safetensors" and "modules match" in capsys.readouterr().out
     with safe_open(str(comfy), "pt") as f:
         assert f.metadata()["ss_network_module"] == "networks.lora_flux"
     assert main(["export", "--run-dir", str(run.path), "--format", "diffusers"]) == 0
-    assert export_path(run.path, "diffusers").read_bytes() == lora.read_bytes()
+    assert export_path(run.dir, "diffusers").read_bytes() == lora.read_bytes()
     assert main(["export", "--run-dir", str(tmp_path / "nowhere")]) == 2

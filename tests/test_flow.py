@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from fluxnb import flow
-from fluxnb.config import TrainConfig
-from fluxnb.step import LatentScale, training_step
 from reference_step import reference_loss
+
+from fluxnb.config import TrainConfig
+from fluxnb.train import flow
+from fluxnb.train.step import LatentScale, training_step
 
 
 def test_add_noise_interpolates_from_data_to_noise():

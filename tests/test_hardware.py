@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fluxnb import hardware
+from fluxnb.errors import FluxnbError
 from fluxnb.hardware import GPUInfo, detect
 
 T4 = GPUInfo("Tesla T4", (7, 5), 14.7)
@@ -50,7 +51,7 @@ def test_explicit_dtype_and_bad_requests(gpu):
     gpu(H100)
     assert detect(dtype="fp16").dtype == torch.float16
     gpu(T4)
-    with pytest.raises(ValueError, match="no bf16"):
+    with pytest.raises(FluxnbError, match="no bf16"):
         detect(dtype="bf16")
-    with pytest.raises(ValueError, match="not a profile"):
+    with pytest.raises(FluxnbError, match="not a profile"):
         detect("huge")

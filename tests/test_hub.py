@@ -15,13 +15,13 @@ from huggingface_hub import ModelCard
 from lora_helpers import make_lora
 from PIL import Image
 
-from fluxnb import hub, sampling
-from fluxnb.cache import RunDir
 from fluxnb.cli import main
 from fluxnb.config import RunConfig
 from fluxnb.errors import FluxnbError
 from fluxnb.hardware import detect
-from fluxnb.runs import Run, open_run
+from fluxnb.infer import sampling
+from fluxnb.run import Run, RunDir, open_run
+from fluxnb.share import hub
 
 FAKE_TOKEN = "hf_fakeTOKENfluxnb0123456789abcdefXYZ"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ def run(tiny_assets, tmp_path_factory) -> Run:
     make_lora(run.config.model.model_id, run.dir.lora)
     prompts = run.config.data.validation_prompts[:2]
     images = [Image.new("RGB", (64, 96), c) for c in ("teal", "orange")]
-    sampling.save_images(run.dir.images / hub.GALLERY, prompts, images, sampling.default_settings(run))
-    images[0].save(run.dir.images / hub.GRID)
+    sampling.save_images(run.dir.gallery, prompts, images, sampling.default_settings(run))
+    images[0].save(run.dir.comparison)
     run.dir.metrics.write_text(json.dumps({"step": 40, "loss": 0.41}) + "\n")
     return run
 

@@ -7,7 +7,7 @@ from hub_fakes import hub_error
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from fluxnb.errors import FluxnbError
-from fluxnb.hub_access import HubAccessError, friendly_load, hub_errors
+from fluxnb.hub_errors import HubAccessError, friendly_load, hub_errors
 
 
 def _wrapped(cause):

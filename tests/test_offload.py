@@ -9,7 +9,7 @@ import pytest
 import torch
 from model_helpers import grads, loss, model
 
-from fluxnb import offload
+from fluxnb.train import offload
 
 
 def _frozen_bytes(block):

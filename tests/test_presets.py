@@ -6,6 +6,7 @@ import torch
 from fluxnb import hardware, presets
 from fluxnb.config import RunConfig
 from fluxnb.hardware import GPUInfo
+from fluxnb.nb.forms import training_form
 
 
 def _hw(name, gib, capability=(8, 9)):
@@ -49,7 +50,7 @@ def test_bigger_images_trade_batch_for_accumulation(preset, gpu, size, batch):
 
 
 def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
-    from fluxnb.runs import open_run
+    from fluxnb.run import open_run
 
     monkeypatch.setattr(hardware, "cuda_info", lambda: GPUInfo("Tesla T4", (7, 5), 15.6))
     monkeypatch.delenv("FLUXNB_PROFILE", raising=False)
@@ -66,7 +67,7 @@ def test_form_applies_a_preset_and_edits_the_config():
     import ipywidgets as W
 
     cfg = presets.apply(RunConfig(), "4090-24gb")
-    form = presets.training_form(cfg, _hw("RTX 4090", 23.6))
+    form = training_form(cfg, _hw("RTX 4090", 23.6))
     chooser = form.children[0]
     assert chooser.value == "4090-24gb"
     chooser.value = "h100-80gb"

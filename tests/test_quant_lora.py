@@ -5,10 +5,11 @@ import pytest
 import torch
 from diffusers import BitsAndBytesConfig, FluxPipeline, FluxTransformer2DModel
 
-from fluxnb import lora, quant
 from fluxnb.config import LoRAConfig, ModelConfig
+from fluxnb.errors import FluxnbError
 from fluxnb.hardware import GPUInfo, Hardware, detect
-from fluxnb.hub_access import HubAccessError
+from fluxnb.hub_errors import HubAccessError
+from fluxnb.model import lora, quant
 
 # black-forest-labs/FLUX.1-dev transformer/config.json
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -79,7 +80,7 @@ def test_saved_nf4_loads_back_identically(tiny_model, tmp_path, double_quant):
     with torch.no_grad():
         assert torch.equal(model(**_inputs())[0], again(**_inputs())[0])
     lora.add_lora(model, LoRAConfig())
-    with pytest.raises(ValueError, match="before adding LoRA"):
+    with pytest.raises(FluxnbError, match="before adding LoRA"):
         quant.save_nf4(model, tmp_path / "again")
 
 

@@ -13,12 +13,14 @@ from lora_helpers import make_lora
 from PIL import Image
 from safetensors.torch import load_file
 
-from fluxnb import merge, sampling
-from fluxnb.cache import RunDir, caption_id, embedding_path, fingerprint, save_tensors
 from fluxnb.config import RunConfig
+from fluxnb.data.embeddings import embedding_path
+from fluxnb.data.store import caption_id, fingerprint
 from fluxnb.errors import FluxnbError
+from fluxnb.files import save_tensors
 from fluxnb.hardware import GPUInfo, Hardware
-from fluxnb.runs import Run, open_run
+from fluxnb.infer import merge, sampling
+from fluxnb.run import Run, RunDir, open_run
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -113,7 +115,7 @@ def test_base_vs_lora_grid_and_gallery(pipe, run, settings):
 
 def test_pipeline_without_text_encoders_gives_the_same_images(pipe, run, settings, monkeypatch):
     """The T4 route: no T5/CLIP in the pipeline; prompts are encoded separately (or read from the run's cache)."""
-    import fluxnb.embeddings
+    import fluxnb.data.embeddings
 
     prompts = run.config.data.validation_prompts[:2]
     sampling.set_scale(pipe, 1.0)
@@ -125,11 +127,11 @@ def test_pipeline_without_text_encoders_gives_the_same_images(pipe, run, setting
     assert np.abs(pixels(sampling.generate(lean, prompts, settings, run)) - want).max() <= 1
     assert sampling.encode_prompts(run, prompts) == 0  # encoded once above, now in the run's cache
     # cached embeddings are used as they are, without loading any encoder
-    tag = fingerprint(fluxnb.embeddings.settings(run.config))
+    tag = fingerprint(fluxnb.data.embeddings.settings(run.config))
     for p in prompts:
         zeros = {"prompt_embeds": torch.zeros(77, 32), "pooled_prompt_embeds": torch.zeros(32), "text_ids": torch.zeros(77, 3)}
         save_tensors(embedding_path(run.dir, p), zeros, metadata={"id": caption_id(p), "settings": tag})
-    monkeypatch.setattr(fluxnb.embeddings, "load_text_encoders", lambda *a: pytest.fail("encoders were loaded"))
+    monkeypatch.setattr(fluxnb.data.embeddings, "load_text_encoders", lambda *a: pytest.fail("encoders were loaded"))
     assert np.abs(pixels(sampling.generate(lean, prompts, settings, run)) - want).mean() > 1.0
     for p in prompts:
         embedding_path(run.dir, p).unlink()
@@ -186,7 +188,7 @@ def test_fused_matches_unfused(run, unfused):
     scale = with_lora.abs().max()
     assert (with_lora - base).abs().max() > 1e-2 * scale
     assert (fused - with_lora).abs().max() < 1e-5 * scale
-    info = json.loads((merge.merged_dir(run) / "merge.json").read_text())
+    info = json.loads((run.dir.merged / "merge.json").read_text())
     assert info["lora"] == LORA and info["lora_scale"] == 1.0
 
 
@@ -197,7 +199,7 @@ def test_merge_fuses_in_full_precision_then_requantizes(run, unfused):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from fluxnb.quant import quantize_nf4_
+    from fluxnb.model.quant import quantize_nf4_
 
     _, _, base_weights = unfused
     assert run.config.model.quantization == "nf4"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from model_helpers import HW, grads, loss, model
 
-from fluxnb import speed
 from fluxnb.config import ConfigError, ModelConfig, TrainConfig
 from fluxnb.errors import FluxnbError
 from fluxnb.hardware import GPUInfo, Hardware
+from fluxnb.model import quant
+from fluxnb.train import speed
 
 
 def test_compiled_blocks_give_the_plain_steps_loss_and_gradients(tiny_assets):
@@ -70,7 +71,7 @@ def test_fp8_swaps_the_big_linears_and_trains(tiny_assets):
 def test_fp8_refuses_an_old_gpu_with_the_way_out():
     t4 = Hardware("real", torch.device("cuda"), torch.float16, GPUInfo("Tesla T4", (7, 5), 15.6), "test")
     with pytest.raises(FluxnbError, match=r"compute capability 8.9.*Tesla T4 is 7.5.*quantization='nf4'"):
-        speed.float8_(torch.nn.Linear(32, 32), t4)
+        quant.float8_(torch.nn.Linear(32, 32), t4)
 
 
 def test_config_checks_the_new_settings():

@@ -6,22 +6,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from fluxnb import checkpoint, lora
-from fluxnb.cache import load_tensors, read_samples, save_tensors
-from fluxnb.errors import FluxnbError
-from fluxnb.step import LatentScale, TrainingData, evaluate
-from fluxnb.train import TrainingDiverged, cpu_threads, prepare_transformer, train
 from train_helpers import make_run
+
+from fluxnb.data.store import read_samples
+from fluxnb.errors import FluxnbError
+from fluxnb.files import load_tensors, save_tensors
+from fluxnb.model import lora
+from fluxnb.train import TrainingDiverged, TrainState, checkpoint, prepare_transformer, train
+from fluxnb.train.batches import TrainingData
+from fluxnb.train.loop import cpu_threads
+from fluxnb.train.step import LatentScale, evaluate
 
 
 def _fixed_noise_loss(run, transformer) -> float:
     """The loss on all 16 training images with one fixed set of latent draws, noise and timesteps."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from fluxnb.flow import NoiseTable
+    from fluxnb.train.flow import NoiseTable
 
     model_id = run.config.model.model_id
     table = NoiseTable.from_scheduler(FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler"))
@@ -122,7 +126,7 @@ def test_never_saves_a_non_finite_lora(tmp_path, tmp_path_factory):
     run = make_run(tmp_path / "run", tmp_path_factory)
     transformer = prepare_transformer(run)
     next(p for p in transformer.parameters() if p.requires_grad).data[0, 0] = float("inf")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(FluxnbError, match="non-finite"):
         lora.save_lora(transformer, tmp_path / "lora")
     assert not (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()
 
@@ -160,8 +164,8 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from fluxnb.hardware import Hardware
-    from fluxnb.monitor import ValidationSampler
     from fluxnb.train import prepare_transformer
+    from fluxnb.train.monitor import ValidationSampler
 
     run = make_run(tmp_path / "run", tmp_path_factory)
     run.hw = Hardware("tiny", torch.device("cpu"), torch.bfloat16, None, "bf16 on the CPU, as a GPU would run")
@@ -180,10 +184,11 @@ def test_checkpoint_save_clears_stale_temp_folders_and_replaces_a_step_whole(tmp
     stale = run.dir.checkpoints / "step-7.tmp"
     stale.mkdir(parents=True)
     (stale / "half-written").write_bytes(b"x")
-    state = {"step": 3}
-    first = checkpoint.save(run.dir, run.config, 3, transformer=transformer, training_state=state, info={}, keep=2)
+    state = TrainState.create(transformer, run.config.train, Accelerator(cpu=True))
+    state.step = 3
+    first = checkpoint.save(run.dir, run.config, state, info={}, keep=2)
     assert not stale.exists() and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [3]
     (first.path / "marker").write_text("old")
-    again = checkpoint.save(run.dir, run.config, 3, transformer=transformer, training_state=state, info={}, keep=2)
+    again = checkpoint.save(run.dir, run.config, state, info={}, keep=2)
     assert again.path == first.path and not (again.path / "marker").exists()  # replaced, not merged
     assert sorted(p.name for p in run.dir.checkpoints.iterdir()) == ["step-3"]  # no .tmp or .old left

@@ -2,8 +2,8 @@ import matplotlib
 from PIL import Image
 
 from fluxnb.config import DataConfig, TrainConfig
+from fluxnb.nb.widgets import config_form
 from fluxnb.plots import image_grid, loss_plot
-from fluxnb.widgets import config_form
 
 matplotlib.use("Agg")
 

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxnb.cache import RunDir, Sample, caption_id, embedding_path, sample_id, save_tensors, write_samples
-from fluxnb.runs import Run, open_run
+from fluxnb.data.embeddings import embedding_path
+from fluxnb.data.store import Sample, caption_id, sample_id, write_samples
+from fluxnb.files import save_tensors
+from fluxnb.run import Run, RunDir, open_run
 
 _CACHE: dict[str, Path] = {}
 

@@ -8,7 +8,7 @@
 Loading FLUX.1-dev's T5 takes minutes; finding out afterwards that row 37 has no caption is a waste. So every
 row is opened and checked here first, and all problems come back in one report: unreadable or truncated files,
 colour modes that need converting, images smaller than their bucket, missing captions, captions T5 would
-truncate, duplicates. A sample's id hashes its image bytes and caption (fluxnb.cache.sample_id), so the cached
+truncate, duplicates. A sample's id hashes its image bytes and caption (fluxnb.data.store.sample_id), so the cached
 latent and the cached caption embedding of one sample are found by the same id in any order.
 """
 
@@ -23,11 +23,11 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..config import DataConfig
+from ..errors import FluxnbError
 from .buckets import MODE_NOTES, Size, fit_to_bucket, is_smaller, make_buckets, nearest_bucket, to_rgb
-from .cache import Sample, caption_id, sample_id
-from .config import DataConfig
-from .errors import FluxnbError
 from .sources import Record, load_records
+from .store import Sample, caption_id, sample_id
 
 SHOW = 5  # how many offending rows a message names before "... and N more"
 

@@ -1,29 +1,24 @@
-"""The training step's speed and memory levers, applied in one place (fluxnb.train and benchmarks/train_step.py).
+"""The training step's speed and memory levers, applied in one place (the training loop and benchmarks/train_step.py).
 
-    streamer = prepare(transformer, run.config.model, run.config.train, run.hw)   # after fluxnb.lora.add_lora
+    streamer = prepare(transformer, run.config.model, run.config.train, run.hw)   # after fluxnb.model.add_lora
 
 - Gradient checkpointing (train.gradient_checkpointing): keep each block's input, recompute its inside during
   the backward pass. About a third more compute for far less activation memory; the blog's setting.
-- Block offload (model.offload_blocks, fluxnb.offload): frozen weights of that many blocks wait in CPU RAM and
+- Block offload (model.offload_blocks, fluxnb.train.offload): frozen weights of that many blocks wait in CPU RAM and
   stream in while the previous block computes.
 - Regional compilation (train.compile): `torch.compile` of each of the 57 repeated blocks (diffusers'
   `compile_repeated_blocks`), not of the whole model: the blocks share one compiled graph per block type, so it
-  compiles in about a minute, once per image size (bucket) and batch size. It removes most of the per-layer
-  Python and kernel launch overhead that bounds the NF4 + LoRA step. The loss is the eager step's
-  (tests/test_speed.py).
-- FP8 (model.quantization="fp8", `float8_`): bf16 weights, the big matmuls in float8 through torchao, as in the
-  blog's H100 run. Needs compute capability 8.9 (RTX 40, L4, L40S, H100) and room for 24 GB of bf16 weights.
+  compiles once per image size (bucket) and batch size. It removes most of the per-layer Python and kernel
+  launch overhead that bounds the NF4 + LoRA step. The loss is the eager step's (tests/test_speed.py).
+What each lever costs and buys, measured, is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig, TrainConfig
-from .errors import FluxnbError
+from ..config import ModelConfig, TrainConfig
 from .offload import BlockStreamer, stream_blocks, transformer_blocks
-
-FP8_MIN_CAPABILITY = (8, 9)
 
 
 def compile_available(hw) -> bool:
@@ -83,9 +78,9 @@ def describe(streamer: BlockStreamer | None, compiled: bool, blocks: int) -> str
 
 def attention_backends(hw):
     """The context the training loop runs in: scaled-dot-product attention through flash / memory-efficient /
-    math kernels, not cuDNN's. On the H100 (torch 2.11, cuDNN attention chosen by default) training the
+    math kernels, not cuDNN's. On an H100 (torch 2.11, cuDNN attention chosen by default) training the
     non-quantized and FP8 models hit "illegal memory access" in the backward pass with cuDNN attention and ran
-    without it (BENCHMARKS.md). The price for NF4: ~6% with resident blocks, nothing measurable when streamed."""
+    without it; BENCHMARKS.md has what the exclusion costs."""
     import contextlib
 
     if hw.device.type != "cuda":
@@ -93,29 +88,3 @@ def attention_backends(hw):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
-    """diffusers-torchao's filter: not the output projection, and only layers float8 matmuls can take (dims % 16)."""
-    if name == "proj_out":
-        return False
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-
-def float8_(transformer, hw):
-    """Swap the transformer's Linear layers for torchao's Float8Linear (float8 matmuls, bf16 weights), in place.
-
-    Call before adding LoRA: peft then wraps the Float8Linear layers like any nn.Linear. On a CPU (the tiny
-    profile) torchao emulates float8, which checks the wiring but is no faster.
-    """
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError:
-        raise FluxnbError("model.quantization='fp8' needs torchao: pip install torchao (then restart the kernel), "
-                          "or use quantization='nf4'.") from None
-    if hw.device.type == "cuda" and hw.gpu is not None and tuple(hw.gpu.capability) < FP8_MIN_CAPABILITY:
-        raise FluxnbError(f"model.quantization='fp8' needs a GPU of compute capability 8.9 or newer (RTX 40, L4, "
-                          f"L40S, H100); {hw.gpu.name} is {hw.gpu.capability[0]}.{hw.gpu.capability[1]}. Use "
-                          "quantization='nf4'.")
-    config = Float8LinearConfig(pad_inner_dim=True, emulate=hw.device.type != "cuda")
-    return convert_to_float8_training(transformer, module_filter_fn=_fp8_filter, config=config)

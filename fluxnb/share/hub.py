@@ -18,13 +18,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import atomic_write_bytes, atomic_write_text
-from .errors import FluxnbError
-from .runs import Run
+from ..data.store import read_samples
+from ..errors import FluxnbError
+from ..files import atomic_write_bytes, atomic_write_text
+from ..infer.export import comfyui_name, export_lora
+from ..run import LORA_FILE, Run
+from ..train.monitor import MetricsLog
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-GALLERY = "final"  # RUN/samples/final/: images + prompts.json written by notebook 04 (fluxnb.sampling.save_images)
-GRID = "base_vs_lora.png"
 LICENSES = {  # base model -> (license, license_name, license_link): a LoRA inherits its base model's terms
     "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license",
                                      "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
@@ -63,7 +63,7 @@ def trigger_word(run: Run) -> str | None:
         return data.instance_prompt.strip()
     texts = list(data.validation_prompts)
     if run.dir.samples.is_file():
-        texts += [json.loads(line)["caption"] for line in run.dir.samples.read_text().splitlines() if line.strip()]
+        texts += [s.caption for s in read_samples(run.dir)]
     tails = {t.rsplit(",", 1)[-1].strip().lower() for t in texts}
     return tails.pop() if len(tails) == 1 and "," in texts[0] else None
 
@@ -84,10 +84,8 @@ def _public_name(value: str | None) -> str | None:
 def training_summary(run: Run) -> dict[str, object]:
     """The settings a reader needs to reproduce the LoRA, with no local paths."""
     c = run.config
-    steps = None
-    if run.dir.metrics.is_file():
-        lines = [line for line in run.dir.metrics.read_text().splitlines() if line.strip()]
-        steps = json.loads(lines[-1]).get("step") if lines else None
+    rows = MetricsLog(run.dir.metrics).read()
+    steps = rows[-1].get("step") if rows else None
     return {"base model": _public_name(c.model.model_id), "dataset": _public_name(c.data.dataset),
             "resolution": f"{c.data.width}x{c.data.height}", "quantization": c.model.quantization,
             "LoRA rank": c.lora.rank, "LoRA alpha": c.lora.alpha, "LoRA targets": c.lora.targets,
@@ -100,7 +98,7 @@ def training_summary(run: Run) -> dict[str, object]:
 
 def gallery(run: Run) -> list[dict]:
     """Notebook 04's LoRA images with their prompts ([] when notebook 04 has not been run)."""
-    index = run.dir.images / GALLERY / "prompts.json"
+    index = run.dir.gallery / "prompts.json"
     return json.loads(index.read_text()) if index.is_file() else []
 
 
@@ -200,21 +198,19 @@ def _copy(src: Path, dst: Path) -> None:
 
 def stage(run: Run, settings: HubSettings) -> Staged:
     """Rebuild RUN/hub/ (a derived folder) with the card, both LoRA files and the sample images."""
-    from .export import export_lora
-
-    lora = run.dir.lora / LORA_FILE
+    lora = run.dir.lora_file
     if not lora.is_file():
         raise FluxnbError(f"{lora} does not exist: train the LoRA first (notebook 03 / `python -m fluxnb train`).")
-    folder = run.dir.root / "hub"
+    folder = run.dir.hub
     shutil.rmtree(folder, ignore_errors=True)
     _copy(lora, folder / LORA_FILE)
-    comfy = f"{run.path.resolve().name}_comfyui.safetensors"
+    comfy = comfyui_name(run.dir)
     export_lora(lora, "comfyui", folder / comfy)
     images, notes = gallery(run), []
     for im in images:
-        _copy(run.dir.images / GALLERY / im["file"], folder / "images" / im["file"])
-    if (run.dir.images / GRID).is_file():
-        _copy(run.dir.images / GRID, folder / "images" / GRID)
+        _copy(run.dir.gallery / im["file"], folder / "images" / im["file"])
+    if run.dir.comparison.is_file():
+        _copy(run.dir.comparison, folder / "images" / run.dir.comparison.name)
     if not images:
         notes.append("no sample images yet: run notebook 04 to add a gallery to the card")
     card = card_text(run, settings, comfy, images)

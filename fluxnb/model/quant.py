@@ -14,7 +14,7 @@ Paths (all return a FluxTransformer2DModel ready for `fluxnb.lora.add_lora`):
     model is loaded in fp32 and its Linear layers are swapped for bitsandbytes Linear4bit with diffusers' own
     `replace_with_bnb_linear`, then quantized by bitsandbytes exactly as diffusers would on a GPU. CI trains that.
   - quantization "none": the plain bf16/fp16 model (about 27.5 GiB to train at 512x768: for 40/80 GB GPUs).
-  - quantization "fp8": the bf16 model with torchao's float8 matmuls (compute capability >= 8.9; fluxnb.speed).
+  - quantization "fp8": the bf16 model with torchao's float8 matmuls (compute capability >= 8.9; `float8_`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .hardware import Hardware
-from .hub_access import hub_errors
+from ..config import ModelConfig
+from ..errors import FluxnbError
+from ..hardware import Hardware
+from ..hub_errors import hub_errors
 
 TRANSFORMER = "transformer"
 
@@ -51,9 +52,7 @@ def load_transformer(model: ModelConfig, hw: Hardware, *, prepare_kbit: bool = F
     """
     if model.quantization == "none":
         transformer = _from_pretrained(model, dtype=hw.dtype).to(hw.device)
-    elif model.quantization == "fp8":  # bf16 weights, float8 matmuls (torchao; fluxnb.speed)
-        from .speed import float8_
-
+    elif model.quantization == "fp8":  # bf16 weights, float8 matmuls (torchao)
         transformer = float8_(_from_pretrained(model, dtype=hw.dtype).to(hw.device), hw)
     elif model.prequantized:
         transformer = _load_prequantized(model, hw)
@@ -124,9 +123,9 @@ def save_nf4(transformer, folder: str | Path) -> Path:
     with no 23.8 GB download and no quantizing in 12.7 GB of system RAM. Loadable by stock diffusers on a GPU.
     """
     if getattr(transformer, "peft_config", None):
-        raise ValueError("save_nf4 saves the frozen base only: call it before adding LoRA (fluxnb.lora.add_lora).")
+        raise FluxnbError("save_nf4 saves the frozen base only: call it before adding LoRA (fluxnb.lora.add_lora).")
     if not getattr(transformer, "is_loaded_in_4bit", False):
-        raise ValueError("this transformer is not NF4-quantized; load it with quantization='nf4' first.")
+        raise FluxnbError("this transformer is not NF4-quantized; load it with quantization='nf4' first.")
     folder = Path(folder)
     transformer.save_pretrained(folder, max_shard_size="5GB")
     return folder
@@ -172,7 +171,7 @@ def _load_prequantized_cpu(source: str, subfolder: str | None, dtype: torch.dtyp
     config = json.loads((folder / "config.json").read_text())
     raw_q = config.pop("quantization_config", None)
     if not raw_q or raw_q.get("bnb_4bit_quant_type") != "nf4":
-        raise ValueError(f"{folder} is not an NF4 checkpoint (no nf4 quantization_config in its config.json).")
+        raise FluxnbError(f"{folder} is not an NF4 checkpoint (no nf4 quantization_config in its config.json).")
     cfg = BitsAndBytesConfig.from_dict({**raw_q, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")})
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
@@ -188,6 +187,36 @@ def _load_prequantized_cpu(source: str, subfolder: str | None, dtype: torch.dtyp
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not any(k.startswith(n + ".weight") for n, _ in _linear4bit_modules(model))]
     if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match FLUX's layout (missing {missing[:3]}, "
+        raise FluxnbError(f"{folder}: checkpoint does not match FLUX's layout (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return _finish_nf4(model.eval(), cfg, dtype)
+
+
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
+    """diffusers-torchao's filter: not the output projection, and only layers float8 matmuls can take (dims % 16)."""
+    if name == "proj_out":
+        return False
+    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def float8_(transformer, hw: Hardware):
+    """Swap the transformer's Linear layers for torchao's Float8Linear (float8 matmuls, bf16 weights), in place.
+
+    Call before adding LoRA: peft then wraps the Float8Linear layers like any nn.Linear. On a CPU (the tiny
+    profile) torchao emulates float8, which checks the wiring but is no faster. Needs compute capability 8.9
+    (RTX 40, L4, L40S, H100) and room for 24 GB of bf16 weights.
+    """
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise FluxnbError("model.quantization='fp8' needs torchao: pip install torchao (then restart the kernel), "
+                          "or use quantization='nf4'.") from None
+    if hw.device.type == "cuda" and hw.gpu is not None and tuple(hw.gpu.capability) < FP8_MIN_CAPABILITY:
+        raise FluxnbError(f"model.quantization='fp8' needs a GPU of compute capability 8.9 or newer (RTX 40, L4, "
+                          f"L40S, H100); {hw.gpu.name} is {hw.gpu.capability[0]}.{hw.gpu.capability[1]}. Use "
+                          "quantization='nf4'.")
+    config = Float8LinearConfig(pad_inner_dim=True, emulate=hw.device.type != "cuda")
+    return convert_to_float8_training(transformer, module_filter_fn=_fp8_filter, config=config)

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_path
-from .cache import RunDir, embedding_path, load_tensors
+from ..data.embeddings import load_prompts
+from ..files import atomic_path
+from ..plots import image_grid, loss_plot, save_figure
+from ..run import RunDir
 
 
 def in_notebook() -> bool:
@@ -82,8 +84,6 @@ class Progress:
     def _figure(self):
         from matplotlib.figure import Figure
 
-        from .plots import loss_plot
-
         fig = Figure(figsize=(7, 3))  # not pyplot's: it must not pop up again at the end of the cell
         loss_plot(self.steps, self.losses, ax=fig.add_subplot())
         return fig
@@ -110,12 +110,7 @@ class Progress:
             return None
         if self.live:
             self._draw()
-        fig = self._figure()
-        path = self.run.images / "loss.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        return path
+        return save_figure(self._figure(), self.run.images / "loss.png")
 
 
 class ValidationSampler:
@@ -129,15 +124,7 @@ class ValidationSampler:
                  steps: int, guidance_scale: float = 3.5, seed: int = 0) -> None:
         self.run, self.prompts, self.scheduler, self.vae, self.hw = run, prompts, scheduler, vae, hw
         self.size, self.steps, self.guidance_scale, self.seed = (width, height), steps, guidance_scale, seed
-        missing = [p for p in prompts if not embedding_path(run, p).is_file()]
-        if missing:
-            from .errors import FluxnbError
-
-            raise FluxnbError(f"no cached embedding for validation prompt {missing[0]!r}: re-run notebook 01 (it "
-                              "encodes the validation prompts too), or set train.sample_every = 0.")
-        texts = [load_tensors(embedding_path(run, p)) for p in prompts]
-        self.prompt_embeds = torch.stack([t["prompt_embeds"] for t in texts])  # (P, L, 4096)
-        self.pooled = torch.stack([t["pooled_prompt_embeds"] for t in texts])  # (P, 768)
+        self.prompt_embeds, self.pooled = load_prompts(run, prompts)  # (P, L, 4096), (P, 768)
 
     @torch.no_grad()
     def images(self, transformer) -> list:
@@ -171,13 +158,8 @@ class ValidationSampler:
         """Sample, save RUN/samples/step-000100.png, show it in a notebook."""
         import matplotlib.pyplot as plt
 
-        from .plots import image_grid
-
         fig = image_grid(self.images(transformer), self.prompts, title=f"step {step}")
-        path = self.run.images / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        path = save_figure(fig, self.run.images / f"step-{step:06d}.png")
         plt.close(fig)
         if live:
             from IPython.display import Image, display

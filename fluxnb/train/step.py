@@ -1,21 +1,19 @@
-"""One training step and what feeds it: cached data in a replayable order, a fixed-noise evaluation, the optimizer.
+"""One training step, a fixed-noise evaluation, the optimizer.
 
 `training_step` is the reference script's step (tests/reference_step.py transcribes the script and checks that
-both give the same loss); the math itself is in fluxnb.flow, the loop that calls this in fluxnb.train.
+both give the same loss); the math itself is in fluxnb.train.flow, the loop that calls this in fluxnb.train.loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
+from ..config import TrainConfig
 from . import flow
-from .cache import CachedDataset, RunDir
-from .config import TrainConfig
+from .batches import TrainingData
 
 
 @dataclass(frozen=True)
@@ -55,51 +53,6 @@ def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.Noise
     pred = FluxPipeline._unpack_latents(pred, h * f, w * f, f)  # (B, 16, h, w)
     target = flow.flow_matching_target(x, noise)  # eps - x
     return flow.flow_matching_loss(pred, target, flow.loss_weighting(cfg.weighting_scheme, sigmas.to(x.device)))
-
-
-class TrainingData:
-    """The cached training set, held in memory, served in a seeded order that a resumed run can replay.
-
-    Micro-batch k of the run is a pure function of (seed, k): epoch e's order is a permutation seeded by
-    (seed, e), and batches never mix aspect-ratio buckets (the latents of one batch must share a shape).
-    """
-
-    def __init__(self, run: RunDir, batch_size: int, seed: int) -> None:
-        dataset = CachedDataset(run)
-        self.items = [dataset[i] for i in range(len(dataset))]
-        self.batch_size, self.seed = batch_size, seed
-        self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, item in enumerate(self.items):
-            self.buckets[tuple(item["latent_mean"].shape)].append(i)
-        self.batches_per_epoch = sum(math.ceil(len(ix) / batch_size) for ix in self.buckets.values())
-        self._order: tuple[int, list[list[int]]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def epoch_order(self, epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        batches = []
-        for shape in sorted(self.buckets):
-            ix = self.buckets[shape]
-            perm = [ix[j] for j in torch.randperm(len(ix), generator=g).tolist()]
-            batches += [perm[k : k + self.batch_size] for k in range(0, len(perm), self.batch_size)]
-        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
-
-    def batch(self, micro_step: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        epoch, position = divmod(micro_step, self.batches_per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, self.epoch_order(epoch))
-        return self.collate([self.items[i] for i in self._order[1][position]], device, dtype)
-
-    @staticmethod
-    def collate(items: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
-        return {"latent_mean": stack("latent_mean").to(device, torch.float32),  # (B, 16, h, w)
-                "latent_std": stack("latent_std").to(device, torch.float32),
-                "prompt_embeds": stack("prompt_embeds").to(device, dtype),  # (B, L, 4096)
-                "pooled_prompt_embeds": stack("pooled_prompt_embeds").to(device, dtype),  # (B, 768)
-                "text_ids": items[0]["text_ids"].to(device, dtype)}  # (L, 3): zeros for every caption
 
 
 @torch.no_grad()

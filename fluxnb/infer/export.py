@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import FluxnbError
-
-DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights(repo_or_folder) looks for
-FORMATS = ("comfyui", "diffusers")
+from ..config import EXPORT_FORMATS as FORMATS
+from ..errors import FluxnbError
+from ..files import atomic_write_bytes, save_tensors
+from ..run import LORA_FILE, RunDir
 
 # diffusers module (inside transformer_blocks.N / single_transformer_blocks.N / the model) -> (BFL name, part).
 # part is the index inside a fused BFL Linear, or None for a 1:1 module. Read off diffusers' converter.
@@ -201,10 +201,13 @@ def to_comfyui(loras: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
 FLUX_DEV_LINEAR1_ROWS = 3 * 3072 + 12288
 
 
-def export_path(run_dir: str | Path, fmt: str) -> Path:
+def comfyui_name(run: RunDir) -> str:
+    return f"{run.name}_comfyui.safetensors"
+
+
+def export_path(run: RunDir, fmt: str) -> Path:
     """RUN/export/<run name>_comfyui.safetensors, or RUN/export/pytorch_lora_weights.safetensors for diffusers."""
-    root = Path(run_dir)
-    return root / "export" / (f"{root.resolve().name}_comfyui.safetensors" if fmt == "comfyui" else DIFFUSERS_NAME)
+    return run.export / (comfyui_name(run) if fmt == "comfyui" else LORA_FILE)
 
 
 def comfyui_metadata(loras: dict[str, LoraPair]) -> dict[str, str]:
@@ -217,9 +220,6 @@ def comfyui_metadata(loras: dict[str, LoraPair]) -> dict[str, str]:
 
 def export_lora(lora: str | Path, fmt: str, out: str | Path) -> Path:
     """Write the LoRA at `lora` (diffusers file) to `out` in `fmt` ("comfyui" or "diffusers"); returns `out`."""
-    from .cache import save_tensors
-    from ._io import atomic_write_bytes
-
     if fmt not in FORMATS:
         raise FluxnbError(f"export format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}.")
     loras, out = read_lora(lora), Path(out)  # reading first also validates a "diffusers" copy

@@ -24,15 +24,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from ._io import atomic_write_text
-from .errors import FluxnbError
-from .runs import Run
-
-GIB = 2**30
-
-
-def merged_dir(run: Run) -> Path:
-    return run.dir.root / "merged"
+from ..errors import FluxnbError
+from ..files import atomic_write_text
+from ..hub_errors import hub_errors
+from ..memory import GiB
+from ..model.quant import load_transformer
+from ..run import Run
+from .sampling import load_lora
 
 
 def transformer_gib(run: Run, dtype: torch.dtype) -> float:
@@ -40,20 +38,18 @@ def transformer_gib(run: Run, dtype: torch.dtype) -> float:
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    from .hub_access import hub_errors
-
     model = run.config.model
     with hub_errors(model.model_id):
         config = FluxTransformer2DModel.load_config(model.model_id, subfolder="transformer", revision=model.revision)
     with init_empty_weights():
         empty = FluxTransformer2DModel.from_config(config)
-    return sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits / 8 / GIB
+    return sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits / 8 / GiB
 
 
 def memory_problem(run: Run) -> str | None:
     """Why this machine cannot merge (too little free RAM for the unquantized transformer), or None."""
     need = transformer_gib(run, run.hw.dtype) * 1.1  # + one layer's fused copy at a time and Python's overhead
-    have = psutil.virtual_memory().available / GIB
+    have = psutil.virtual_memory().available / GiB
     if need <= have:
         return None
     return (f"merging needs the base transformer unquantized in system RAM: {need:.1f} GiB, and {have:.1f} GiB are "
@@ -79,8 +75,6 @@ def fuse_into(transformer, lora: str | Path, lora_scale: float = 1.0):
     """Fuse the LoRA file into `transformer` in place (stock diffusers calls); refuses a quantized base."""
     from diffusers import FluxPipeline
 
-    from .sampling import load_lora
-
     if is_quantized(transformer):
         raise FluxnbError("this transformer is quantized (NF4/8-bit): fusing into 4-bit weights rounds most of the "
                           "LoRA away. Load the base in 16-bit (quantization='none') to merge, then re-quantize.")
@@ -103,9 +97,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     """
     from diffusers import FluxTransformer2DModel
 
-    from .hub_access import hub_errors
-
-    out, model = Path(out or merged_dir(run)), run.config.model
+    out, model = Path(out or run.dir.merged), run.config.model
     dtype = run.hw.dtype  # fp16 on a T4, bf16 on newer GPUs, fp32 on the CPU
     check_memory(run)
     with hub_errors(model.model_id):  # quantization_config=None on purpose: never 4-bit (see module docstring)
@@ -129,9 +121,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
 def load_merged(run: Run, folder: Path | None = None, *, quantize: bool = True):
     """The merged transformer, NF4 again by default: the same loader as training (fluxnb.quant), so CUDA goes
     through diffusers' BitsAndBytesConfig and the CPU through bitsandbytes' own NF4 layers."""
-    from .quant import load_transformer
-
-    folder = Path(folder or merged_dir(run))
+    folder = Path(folder or run.dir.merged)
     if not (folder / "transformer" / "config.json").is_file():
         raise FluxnbError(f"{folder} holds no merged model: run fuse_to_disk (notebook 04, merge section) first.")
     cfg = dataclasses.replace(run.config.model, model_id=str(folder), revision=None, prequantized=None,

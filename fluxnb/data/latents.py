@@ -15,35 +15,33 @@ augmentation, exactly what encoding on the fly would do), for twice the disk of 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from ..config import ModelConfig, RunConfig
+from ..errors import FluxnbError
+from ..files import load_tensors, save_tensors
+from ..hardware import Hardware
+from ..hub_errors import friendly_load
+from ..memory import free, measure, report
+from ..run import Run, RunDir
 from . import embeddings
-from .cache import (CacheMismatch, check_meta, fingerprint, is_cached, load_tensors, prune, save_tensors, write_meta,
-                    write_samples)
-from .config import ModelConfig, RunConfig
-from .data import Item, Prepared, prepare, progress_bar
-from .errors import FluxnbError
-from .hardware import Hardware
-from .hub_access import friendly_load
-from .memory import free, measure, report
-from .runs import Run
-
-
-@dataclass
-class LatentStats:
-    samples: int
-    encoded: int
-    reused: int
-    seconds: float
-
-    def __str__(self) -> str:
-        return (f"latents: {self.samples} samples ({self.encoded} encoded, {self.reused} reused from the cache) "
-                f"in {self.seconds:.1f} s")
+from .checks import Item, Prepared, prepare, progress_bar
+from .store import (
+    CacheMismatch,
+    CacheStats,
+    Sample,
+    check_meta,
+    fingerprint,
+    is_cached,
+    prune,
+    read_meta,
+    write_meta,
+    write_samples,
+)
 
 
 def settings(config: RunConfig) -> dict[str, Any]:
@@ -53,8 +51,28 @@ def settings(config: RunConfig) -> dict[str, Any]:
             "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop}
 
 
-def latent_path(run: Run, sample_id: str) -> Path:
-    return run.dir.latents / f"{sample_id}.safetensors"
+def latent_path(run: RunDir, sample_id: str) -> Path:
+    """latents/<sample_id>.safetensors: the VAE posterior's mean and std, (C, h, w) float32 each."""
+    return run.latents / f"{sample_id}.safetensors"
+
+
+def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tensor, settings_hash: str) -> None:
+    save_tensors(latent_path(run, sample.id), {"mean": mean, "std": std},
+                 metadata={"id": sample.id, "settings": settings_hash, "caption_id": sample.caption_id,
+                           "source": sample.source, "bucket": f"{sample.width}x{sample.height}",
+                           "flip": str(sample.flip)})
+
+
+def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of one cached sample, each (C, h, w)."""
+    tensors = load_tensors(latent_path(run, sample_id))
+    return tensors["mean"], tensors["std"]
+
+
+def cached_size(run: RunDir) -> tuple[int, int] | None:
+    """(width, height) the latents were cached at, from latents/meta.json; None before notebook 02."""
+    meta = read_meta(run.latents)
+    return (meta["width"], meta["height"]) if "width" in meta else None
 
 
 def load_vae(model: ModelConfig, hw: Hardware) -> Any:
@@ -86,7 +104,7 @@ def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[It
     if not overwrite:
         check_meta(run.dir.latents, wanted)
     tag = fingerprint(wanted)
-    return [i for i in prepared.items if not is_cached(latent_path(run, i.sample.id), tag, i.sample.id)]
+    return [i for i in prepared.items if not is_cached(latent_path(run.dir, i.sample.id), tag, i.sample.id)]
 
 
 @torch.no_grad()
@@ -112,7 +130,7 @@ def encode_checked(vae: Any, image: Image.Image, source: str) -> tuple[torch.Ten
 
 
 def cache_latents(run: Run, vae: Any, prepared: Prepared, *, overwrite: bool = False,
-                  progress: bool = True) -> LatentStats:
+                  progress: bool = True) -> CacheStats:
     """Encode what is not cached yet (one file per sample id), then write samples.jsonl (the training set)."""
     start = time.perf_counter()
     check_embeddings(run, prepared)
@@ -126,14 +144,12 @@ def cache_latents(run: Run, vae: Any, prepared: Prepared, *, overwrite: bool = F
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
         s = item.sample
         mean, std = encode_checked(vae, item.image(), s.source)
-        save_tensors(latent_path(run, s.id), {"mean": mean, "std": std},
-                     metadata={"id": s.id, "settings": tag, "caption_id": s.caption_id, "source": s.source,
-                               "bucket": f"{s.width}x{s.height}", "flip": str(s.flip)})
+        save_latent(run.dir, s, mean, std, tag)
     if overwrite:
         prune(run.dir.latents, tag)
     write_samples(run.dir, prepared.samples)  # last: every row it lists now has a latent and an embedding
     n = len(prepared.items)
-    return LatentStats(n, len(todo), n - len(todo), time.perf_counter() - start)
+    return CacheStats("latents", "samples", n, len(todo), time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -143,13 +159,13 @@ def decode(vae: Any, run: Run, sample_ids: list[str]) -> list[Image.Image]:
 
     out = []
     for sid in sample_ids:
-        mean = load_tensors(latent_path(run, sid))["mean"][None].to(vae.device, vae.dtype)  # (1, C, h, w)
+        mean = load_latent(run.dir, sid)[0][None].to(vae.device, vae.dtype)  # (1, C, h, w)
         pixels = vae.decode(mean).sample  # unscaled latents in, so no shift/scale here
         out += VaeImageProcessor(vae_scale_factor=8).postprocess(pixels.float(), output_type="pil")
     return out
 
 
-def latents_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> LatentStats:
+def latents_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 02 headless (`python -m fluxnb latents`): check, encode what is missing, free."""
     prepared = prepare(run.config.data, progress=progress)
     print(prepared.report)

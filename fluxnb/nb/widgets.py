@@ -1,6 +1,6 @@
 """ipywidgets forms that edit a config dataclass in place: the form changes values, the dataclass stays the truth.
 
-    form = fluxnb.widgets.config_form(run.config.data, ["dataset", "width", "height"], "Dataset")
+    form = fluxnb.nb.widgets.config_form(run.config.data, ["dataset", "width", "height"], "Dataset")
     display(form)            # edit, then run the next cell: run.config.data already holds the new values
 
 Every change is validated by building a copy of the dataclass; a bad value is shown in red under the form and
@@ -15,7 +15,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from .errors import FluxnbError
+from ..errors import FluxnbError
 
 _STYLE = {"description_width": "200px"}
 _LAYOUT = W.Layout(width="520px")

@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_path, atomic_write_text
-from .cache import RunDir
-from .config import RunConfig
+from ..config import RunConfig
+from ..files import atomic_path, atomic_write_text
+from ..model.lora import load_lora_, save_lora
+from ..run import RunDir
+from .state import TrainState
 
 STATE_FILE = "training_state.pt"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -64,33 +66,17 @@ def latest(run: RunDir) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save(run: RunDir, config: RunConfig, step: int, *, transformer, training_state: dict[str, Any],
-         info: dict[str, Any], keep: int) -> Checkpoint:
-    """Write checkpoints/step-{step}/ atomically, then delete all but the newest `keep` checkpoints."""
-    from .lora import save_lora
-
+def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, Any], keep: int) -> Checkpoint:
+    """Write checkpoints/step-{state.step}/ atomically, then delete all but the newest `keep` checkpoints."""
+    step = state.step
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f"step-{step}.tmp"
     for stale in run.checkpoints.glob("step-*.tmp"):  # left by a disconnect mid-save; never a valid checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora(transformer, tmp)
+    save_lora(state.model, tmp)
     with atomic_path(tmp / STATE_FILE) as part:
-        torch.save(training_state, part)
+        torch.save(state.state_dict(), part)
     config.save(tmp)
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
     old = final.with_name(f"step-{step}.old")
@@ -102,3 +88,9 @@ def save(run: RunDir, config: RunConfig, step: int, *, transformer, training_sta
     for expired in list_checkpoints(run)[:-keep]:
         shutil.rmtree(expired.path, ignore_errors=True)
     return Checkpoint(final, step)
+
+
+def restore(checkpoint: Checkpoint, state: TrainState) -> None:
+    """Everything `save` wrote goes back where it came from: the LoRA weights into the adapter, then the rest."""
+    load_lora_(state.model, checkpoint.path)
+    state.load_state_dict(checkpoint.training_state())

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
@@ -25,8 +25,8 @@ def run_notebooks(run_dir: Path | None = None, *, only: list[str] | None = None,
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    from .hardware import detect
-    from .runs import RUN_DIR_ENV, default_run_dir
+    from ..hardware import detect
+    from ..run import RUN_DIR_ENV, default_run_dir
 
     paths = notebook_paths(only)
     if not paths:

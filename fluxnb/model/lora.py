@@ -5,12 +5,13 @@ FLUX.1-dev's attention projections (the blog's recipe) that is 4,669,440 trainab
 ones: 19 double blocks x 4 projections (q, k, v, out) + 38 single blocks x 3 (q, k, v), each 3072 -> 3072, each
 adding r * (3072 + 3072) = 24,576 parameters: (76 + 114) * 24,576 = 4,669,440.
 
-Presets (LoRAConfig.targets):
+Presets (LoRAConfig.targets, defined in fluxnb.config.LORA_PRESETS):
   "attention"      the blog's to_q, to_k, to_v, to_out.0 (image-stream attention of every block)
   "all-linear"     every Linear layer (peft's shorthand): attention, MLPs, modulation, embedders; ~40x more params
   "single-blocks"  every projection of the 38 single-stream blocks (q, k, v, proj_mlp, proj_out), nothing in the
                    19 double blocks: a common choice for style LoRAs
   or a comma-separated list of module names ("to_q,to_v", matched as name suffixes by peft).
+This module owns the LoRA files: `save_lora` writes them, `load_lora_` reads them back into an adapter.
 """
 
 from __future__ import annotations
@@ -20,23 +21,18 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from ._io import atomic_path
-from .config import LoRAConfig
+from ..config import LORA_PRESETS, LoRAConfig
+from ..errors import FluxnbError
+from ..files import atomic_path
+from ..run import LORA_FILE
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-PRESETS: dict[str, list[str] | str] = {
-    "attention": ["to_k", "to_q", "to_v", "to_out.0"],
-    "all-linear": "all-linear",
-    # peft reads a string as a regex that must match the whole module name.
-    "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
-}
 _INITS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
 
 
 def target_modules(targets: str) -> list[str] | str:
     """A preset name -> its peft target_modules; otherwise a comma-separated list of module names."""
-    if targets in PRESETS:
-        return PRESETS[targets]
+    if targets in LORA_PRESETS:
+        return LORA_PRESETS[targets]
     return [name.strip() for name in targets.split(",") if name.strip()]
 
 
@@ -63,10 +59,8 @@ def add_lora(transformer: torch.nn.Module, cfg: LoRAConfig, *, seed: int | None 
         transformer.add_adapter(peft_config(cfg))
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
-            from .errors import FluxnbError
-
             raise FluxnbError(f"LoRA targets {cfg.targets!r} match no layer of this transformer ({err}); use a preset "
-                              f"({', '.join(PRESETS)}) or module names such as to_q,to_v.") from None
+                              f"({', '.join(LORA_PRESETS)}) or module names such as to_q,to_v.") from None
         raise
     cast_training_params(transformer, dtype=torch.float32)
     return count_trainable(transformer)
@@ -89,7 +83,7 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(transformer).items()}
 
 
-def save_lora(transformer, folder: str | Path, *, weight_name: str = LORA_WEIGHT_NAME) -> Path:
+def save_lora(transformer, folder: str | Path, *, weight_name: str = LORA_FILE) -> Path:
     """Write folder/pytorch_lora_weights.safetensors in stock diffusers format, atomically.
 
     Keys are `transformer.<module>.lora_A.weight` / `lora_B.weight`; the adapter's LoraConfig (rank, alpha,
@@ -102,14 +96,14 @@ def save_lora(transformer, folder: str | Path, *, weight_name: str = LORA_WEIGHT
     weights = lora_state_dict(transformer)
     bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
     if bad:  # never write a LoRA that would turn every image into NaN
-        raise ValueError(f"refusing to save a LoRA with non-finite weights (first: {bad[0]})")
+        raise FluxnbError(f"refusing to save a LoRA with non-finite weights (first: {bad[0]})")
     with atomic_path(path) as tmp:
         FluxPipeline.save_lora_weights(tmp.parent, transformer_lora_layers=weights, weight_name=tmp.name,
                                        **_collate_lora_metadata({"transformer": transformer}))
     return path
 
 
-def load_lora_(transformer, folder: str | Path, *, weight_name: str = LORA_WEIGHT_NAME) -> None:
+def load_lora_(transformer, folder: str | Path, *, weight_name: str = LORA_FILE) -> None:
     """Copy saved LoRA weights into the adapter already on `transformer` (same targets and rank): for resuming."""
     from diffusers import FluxPipeline
     from peft import set_peft_model_state_dict
@@ -120,4 +114,5 @@ def load_lora_(transformer, folder: str | Path, *, weight_name: str = LORA_WEIGH
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     unexpected = getattr(result, "unexpected_keys", [])
     if missing or unexpected:
-        raise ValueError(f"{folder} does not fit this adapter (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        raise FluxnbError(f"{folder} does not fit this adapter (missing {missing[:2]}, unexpected {unexpected[:2]}): it "
+                          "was saved with other LoRA targets or rank.")

@@ -9,7 +9,7 @@
 - Local folder of pairs: `cat.png` + `cat.txt` (the caption), in any sub-folder.
 
 Nothing here decodes images or judges captions: Records keep the raw bytes reader and the raw caption value, so
-that fluxnb.data can check every row and report all problems at once. Images are read lazily (a big dataset
+that fluxnb.data.checks can check every row and report all problems at once. Images are read lazily (a big dataset
 never sits in memory).
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig
-from .errors import FluxnbError
-from .hub_access import LOGIN_HOWTO, explain
+from ..config import DataConfig
+from ..errors import FluxnbError
+from ..hub_errors import LOGIN_HOWTO, explain
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ._io import atomic_path, atomic_write_text
-from .cache import caption_id, check_meta, embedding_path, fingerprint, is_cached, load_tensors, save_tensors, write_meta
-from .errors import FluxnbError
-from .runs import Run
+from ..data import embeddings
+from ..errors import FluxnbError
+from ..files import atomic_path, atomic_write_text
+from ..hub_errors import hub_errors
+from ..memory import GiB, free
+from ..model.quant import load_transformer
+from ..plots import image_grid, save_figure
+from ..run import Run
 
 ADAPTER = "lora"
-GIB = 2**30
 
 
 @dataclass
@@ -96,9 +99,6 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
     """A stock FluxPipeline of the run's base model (or of `transformer`, e.g. a merged one), placed per `plan`."""
     from diffusers import FluxPipeline
 
-    from .hub_access import hub_errors
-    from .quant import load_transformer
-
     plan = plan or plan_pipeline(run)
     model = run.config.model
     if transformer is None:
@@ -152,28 +152,18 @@ def encode_prompts(run: Run, prompts: list[str]) -> int:
     """Encode the prompts missing from the run's embedding cache with notebook 01's encoders, cache them, free the
     encoders; returns how many were encoded. On a small GPU (T4) call it BEFORE load_pipeline: T5 in 8-bit
     (8.3 GB on a T4) and the NF4 transformer (6.7 GB) do not fit in its 15 GB together."""
-    from .embeddings import encode, load_text_encoders, settings
-    from .memory import free
-
-    wanted = settings(run.config)
-    tag = fingerprint(wanted)
-    todo = [p for p in dict.fromkeys(prompts) if not is_cached(embedding_path(run.dir, p), tag, caption_id(p))]
+    todo = embeddings.missing(run, prompts)
     if not todo:
         return 0
     if run.hw.device.type == "cuda":
-        have, need = torch.cuda.mem_get_info()[0] / GIB, T5_8BIT_GIB.get(run.hw.dtype, 10.0)
+        have, need = torch.cuda.mem_get_info()[0] / GiB, T5_8BIT_GIB.get(run.hw.dtype, 10.0)
         if have < need:
             raise FluxnbError(
                 f"{len(todo)} new prompt(s) need the text encoders ({need:.1f} GiB), but only {have:.1f} GiB of GPU "
                 "memory is free next to the transformer. Free the pipeline (memory.free(pipe)), run "
                 "sampling.encode_prompts(run, prompts), then load the pipeline again: the prompts stay cached.")
-    if not check_meta(run.dir.embeddings, wanted):
-        write_meta(run.dir.embeddings, wanted)
-    text = load_text_encoders(run.config.model, run.hw)
-    embeds, pooled, text_ids = encode(text, todo, run.config.data.max_sequence_length, run.hw.device)
-    for prompt, e, c in zip(todo, embeds, pooled):  # (L, D_t5), (D_clip,): notebook 01's file format
-        save_tensors(embedding_path(run.dir, prompt), {"prompt_embeds": e, "pooled_prompt_embeds": c, "text_ids": text_ids},
-                     metadata={"id": caption_id(prompt), "settings": tag, "text": prompt[:1000]})
+    text = embeddings.load_text_encoders(run.config.model, run.hw)
+    embeddings.encode_and_save(run, text, todo, progress=False)
     free(text)
     return len(todo)
 
@@ -185,7 +175,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
         if run is None:
             raise FluxnbError("this pipeline has no text encoders: pass run= so prompts can be encoded or read from cache.")
         encode_prompts(run, prompts)
-        encoded = [load_tensors(embedding_path(run.dir, p)) for p in prompts]
+        encoded = [embeddings.load_embedding(run.dir, p) for p in prompts]
     images = []
     for i, prompt in enumerate(prompts):
         device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also under CPU offload
@@ -213,12 +203,9 @@ def base_vs_lora(pipe, prompts: list[str], settings: SampleSettings, run: Run | 
 def save_grid(path: Path, prompts: list[str], base: list[Image.Image], styled: list[Image.Image], *,
               labels: tuple[str, str] = ("base", "LoRA")):
     """Top row base, bottom row LoRA, one column per prompt, saved as PNG; returns the matplotlib figure."""
-    from .plots import image_grid
-
     captions = [f"{label}: {p}" for label in labels for p in prompts]
     fig = image_grid([*base, *styled], captions, ncols=len(prompts))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_figure(fig, path)
     return fig
 
 

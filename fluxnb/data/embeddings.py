@@ -16,38 +16,62 @@ from __future__ import annotations
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .cache import (caption_id, check_meta, embedding_path, fingerprint, is_cached, prune, save_tensors, write_meta,
-                    write_samples)
-from .config import ModelConfig, RunConfig
-from .data import Prepared, prepare, progress_bar
-from .errors import FluxnbError
-from .hardware import Hardware
-from .hub_access import friendly_load
-from .memory import free, measure, report
-from .runs import Run
-
-
-@dataclass
-class EmbedStats:
-    texts: int  # captions + validation prompts
-    encoded: int
-    reused: int
-    seconds: float
-
-    def __str__(self) -> str:
-        return (f"embeddings: {self.texts} texts ({self.encoded} encoded, {self.reused} reused from the cache) "
-                f"in {self.seconds:.1f} s")
+from ..config import ModelConfig, RunConfig
+from ..errors import FluxnbError
+from ..files import load_tensors, save_tensors
+from ..hardware import Hardware
+from ..hub_errors import friendly_load
+from ..memory import free, measure, report
+from ..run import Run, RunDir
+from .checks import Prepared, prepare, progress_bar
+from .store import CacheStats, caption_id, check_meta, fingerprint, is_cached, prune, write_meta, write_samples
 
 
 def settings(config: RunConfig) -> dict[str, Any]:
     """What makes a cached embedding valid: another model or sequence length gives other vectors."""
     m = config.model
     return {"model_id": m.model_id, "revision": m.revision, "max_sequence_length": config.data.max_sequence_length}
+
+
+def embedding_path(run: RunDir, text: str) -> Path:
+    """embeddings/<caption_id>.safetensors: T5 prompt_embeds (L, 4096), CLIP pooled (768,), text_ids (L, 3)."""
+    return run.embeddings / f"{caption_id(text)}.safetensors"
+
+
+def save_embedding(run: RunDir, text: str, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                   text_ids: torch.Tensor, settings_hash: str) -> None:
+    save_tensors(embedding_path(run, text),
+                 {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids},
+                 metadata={"id": caption_id(text), "settings": settings_hash, "text": text[:1000]})
+
+
+def load_embedding(run: RunDir, text: str) -> dict[str, torch.Tensor]:
+    """{"prompt_embeds": (L, D_t5), "pooled_prompt_embeds": (D_clip,), "text_ids": (L, 3)} of one cached text."""
+    path = embedding_path(run, text)
+    if not path.is_file():
+        raise FluxnbError(f"no cached embedding for {text[:60]!r}: re-run notebook 01 (`python -m fluxnb embed`), "
+                          "which encodes the captions and the validation prompts.")
+    return load_tensors(path)
+
+
+def load_prompts(run: RunDir, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached embeddings of several texts, stacked: prompt_embeds (P, L, D_t5), pooled (P, D_clip)."""
+    loaded = [load_embedding(run, t) for t in texts]
+    return (torch.stack([e["prompt_embeds"] for e in loaded]), torch.stack([e["pooled_prompt_embeds"] for e in loaded]))
+
+
+def missing(run: Run, texts: list[str], *, overwrite: bool = False) -> list[str]:
+    """The texts without a valid cached embedding. Raises CacheMismatch if embeddings/ was made otherwise."""
+    wanted = settings(run.config)
+    if not overwrite:
+        check_meta(run.dir.embeddings, wanted)
+    tag = fingerprint(wanted)
+    return [t for t in dict.fromkeys(texts) if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
@@ -95,13 +119,8 @@ def texts_to_encode(config: RunConfig, prepared: Prepared) -> list[str]:
 
 
 def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[str]:
-    """Texts without a valid cached embedding. Raises CacheMismatch if embeddings/ was made with other settings."""
-    wanted = settings(run.config)
-    if not overwrite:
-        check_meta(run.dir.embeddings, wanted)
-    tag = fingerprint(wanted)
-    return [t for t in texts_to_encode(run.config, prepared)
-            if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
+    """Captions and validation prompts without a valid cached embedding (see `missing`)."""
+    return missing(run, texts_to_encode(run.config, prepared), overwrite=overwrite)
 
 
 @torch.no_grad()
@@ -119,39 +138,45 @@ def encode(pipe: Any, texts: list[str], max_sequence_length: int, device: torch.
     return prompt_embeds, pooled, text_ids
 
 
+def encode_and_save(run: Run, pipe: Any, texts: list[str], *, batch_size: int = 8, progress: bool = True) -> None:
+    """Encode `texts` with the pipeline's CLIP + T5 and write one embedding file each (meta.json first: a crash
+    midway leaves files that the meta describes)."""
+    wanted = settings(run.config)
+    t5 = pipe.text_encoder_2
+    write_meta(run.dir.embeddings, wanted | {"dtype": str(t5.dtype).removeprefix("torch."),
+                                             "t5_8bit": bool(getattr(t5, "is_loaded_in_8bit", False))})
+    tag = fingerprint(wanted)
+    length = run.config.data.max_sequence_length
+    with progress_bar(total=len(texts), show=progress and bool(texts), desc="encoding captions", unit="caption") as bar:
+        for i in range(0, len(texts), batch_size):
+            batch = texts[i : i + batch_size]
+            prompt_embeds, pooled, text_ids = encode(pipe, batch, length, run.hw.device)
+            for text, e, p in zip(batch, prompt_embeds, pooled):  # (L, D_t5), (D_clip,)
+                save_embedding(run.dir, text, e, p, text_ids, tag)
+            bar.update(len(batch))
+
+
 def cache_embeddings(run: Run, pipe: Any, prepared: Prepared, *, overwrite: bool = False, batch_size: int = 8,
-                     progress: bool = True) -> EmbedStats:
+                     progress: bool = True) -> CacheStats:
     """Encode what is not cached yet, save one file per text, then write samples.jsonl (the training set)."""
     start = time.perf_counter()
     todo = pending(run, prepared, overwrite=overwrite)
     wanted = settings(run.config)
-    tag = fingerprint(wanted)
     if todo and pipe is None:
         raise FluxnbError(f"{len(todo)} caption(s) need encoding but no text encoders were given: "
                           "load them with load_text_encoders first.")
-    if todo or overwrite or not (run.dir.embeddings / "meta.json").is_file():
-        t5 = pipe.text_encoder_2 if pipe is not None else None
-        info = {"dtype": str(t5.dtype).removeprefix("torch."),
-                "t5_8bit": bool(getattr(t5, "is_loaded_in_8bit", False))} if t5 is not None else {}
-        write_meta(run.dir.embeddings, wanted | info)  # first: a crash midway leaves files this meta describes
-    length = run.config.data.max_sequence_length
-    with progress_bar(total=len(todo), show=progress and bool(todo), desc="encoding captions", unit="caption") as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i : i + batch_size]
-            prompt_embeds, pooled, text_ids = encode(pipe, batch, length, run.hw.device)
-            for text, e, p in zip(batch, prompt_embeds, pooled):  # (L, D_t5), (D_clip,)
-                save_tensors(embedding_path(run.dir, text),
-                             {"prompt_embeds": e, "pooled_prompt_embeds": p, "text_ids": text_ids},
-                             metadata={"id": caption_id(text), "settings": tag, "text": text[:1000]})
-            bar.update(len(batch))
+    if todo or (overwrite and pipe is not None):
+        encode_and_save(run, pipe, todo, batch_size=batch_size, progress=progress)
+    elif overwrite or not check_meta(run.dir.embeddings, wanted):
+        write_meta(run.dir.embeddings, wanted)
     if overwrite:
-        prune(run.dir.embeddings, tag)
+        prune(run.dir.embeddings, fingerprint(wanted))
     write_samples(run.dir, prepared.samples)
     n = len(texts_to_encode(run.config, prepared))
-    return EmbedStats(n, len(todo), n - len(todo), time.perf_counter() - start)
+    return CacheStats("embeddings", "texts", n, len(todo), time.perf_counter() - start)
 
 
-def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> EmbedStats:
+def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 01 headless (`python -m fluxnb embed`): check, encode what is missing, free."""
     prepared = prepare(run.config.data, load_tokenizer(run.config.model), progress=progress)
     print(prepared.report)

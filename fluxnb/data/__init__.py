@@ -1,0 +1,15 @@
+"""Notebooks 01-02: your images and captions, checked, then cached once as text embeddings and VAE latents.
+
+    sources     where rows come from (a Hub dataset, a local folder)      -> Records
+    checks      every row opened and judged before any model loads         -> Prepared + DataReport
+    buckets     aspect-ratio buckets and the resize/crop into them
+    store       samples.jsonl, content ids, cache meta and fingerprints
+    embeddings  notebook 01: CLIP + T5 once per caption (owner of embeddings/)
+    latents     notebook 02: the VAE once per image (owner of latents/)
+"""
+
+from .checks import DataError, DataReport, Item, Prepared, prepare, progress_bar, with_instance_prompt
+from .store import CacheMismatch, Sample, caption_id, read_samples, sample_id
+
+__all__ = ["CacheMismatch", "DataError", "DataReport", "Item", "Prepared", "Sample", "caption_id", "prepare",
+           "progress_bar", "read_samples", "sample_id", "with_instance_prompt"]

@@ -1,0 +1,11 @@
+"""The frozen FLUX transformer and its adapter, shared by training (notebook 03) and inference (notebook 04).
+
+    quant   load the transformer: NF4 (QLoRA) on a GPU or the CPU, pre-quantized, plain 16-bit, or FP8
+    lora    add the LoRA adapter; owner of the LoRA files (stock diffusers format)
+"""
+
+from .lora import add_lora, count_trainable, describe, load_lora_, lora_state_dict, save_lora, target_modules
+from .quant import float8_, load_transformer, quantize_nf4_, save_nf4
+
+__all__ = ["add_lora", "count_trainable", "describe", "float8_", "load_lora_", "load_transformer", "lora_state_dict",
+           "quantize_nf4_", "save_lora", "save_nf4", "target_modules"]

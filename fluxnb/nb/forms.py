@@ -1,0 +1,45 @@
+"""Notebook 03's settings form: a hardware preset chooser above the LoRA, training and resolution fields.
+
+The presets themselves (policy) are fluxnb.presets; this is only their form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as W
+
+from ..config import LORA_PRESETS, RunConfig
+from ..hardware import Hardware
+from ..presets import PRESETS, TINY, apply_in_place, matching
+from .widgets import config_form
+
+TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
+                "checkpoint_every"]
+
+
+def training_form(config: RunConfig, hw: Hardware):
+    """The notebook's settings form: preset, LoRA rank/alpha/targets, lr, steps, accumulation, resolution,
+    sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
+    current = matching(config, hw)
+    options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
+    chooser = W.Dropdown(options=options, value=current, description="hardware preset",
+                         style={"description_width": "200px"}, layout=W.Layout(width="520px"))
+    note, forms = W.HTML(), W.VBox()
+
+    def refresh(*_: Any) -> None:
+        if chooser.value in PRESETS or chooser.value == TINY:
+            apply_in_place(config, chooser.value)
+        note.value = f"<i>{PRESETS[chooser.value].description if chooser.value in PRESETS else hw.describe()}</i>"
+        forms.children = [
+            config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
+                        choices={"targets": (*LORA_PRESETS, *([config.lora.targets]
+                                                              if config.lora.targets not in LORA_PRESETS else []))}),
+            config_form(config.train, TRAIN_FIELDS, "Training"),
+            config_form(config.data, ["width", "height"],
+                        "Resolution (the latents of notebook 02 were cached at this size; change it there)"),
+        ]
+
+    chooser.observe(refresh, names="value")
+    refresh()
+    return W.VBox([chooser, note, forms])
