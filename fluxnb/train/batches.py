@@ -1,13 +1,16 @@
 """What training reads: the two caches joined per sample, held in memory, served in a replayable order.
 
-    data = TrainingData(run.dir, batch_size=4, seed=0)
-    batch = data.batch(micro_step, device, dtype)     # micro-batch k of the run: a pure function of (seed, k)
+    data = TrainingData(run.dir, batch_size=4, seed=0, accumulation=1, processes=1)
+    for micro in data.micro_batches(step, rank, device, dtype):   # optimizer step s: a pure function of (seed, s)
+        loss = micro.scale * training_step(..., micro.batch, ..., micro.generators, ...)
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -47,40 +50,86 @@ class CachedDataset(torch.utils.data.Dataset):
                 **embeddings.load_embedding(self.run, sample.caption)}
 
 
+def sample_generator(seed: int, step: int, sample_id: str) -> torch.Generator:
+    """The RNG of one sample at one optimizer step: its latent draw, noise and timestep depend on nothing else
+    (not on the batch it shares, the micro-batch split or the number of GPUs), so any split gives the same run."""
+    digest = hashlib.sha256(f"{seed}/{step}/{sample_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward of one process: its samples (collated), their generators, and the loss scale.
+
+    `scale` makes every sample of an optimizer step count equally whatever the split: accelerate divides each
+    micro-batch's loss by the accumulation steps and DDP averages over processes, so a micro-batch of k samples
+    out of a step of n gets scale = k * accumulation * processes / n (1 when the step is full). A process with
+    no sample left in a short step still runs one (scale 0) so that every process joins the gradient all-reduce.
+    """
+
+    batch: dict[str, torch.Tensor]
+    generators: list[torch.Generator]
+    ids: list[str]
+    scale: float
+
+
 class TrainingData:
     """The cached training set, held in memory, served in a seeded order that a resumed run can replay.
 
-    Micro-batch k of the run is a pure function of (seed, k): epoch e's order is a permutation seeded by
-    (seed, e), and batches never mix aspect-ratio buckets (the latents of one batch must share a shape).
+    Optimizer step s of the run is a pure function of (seed, s): epoch e's order is a list of groups of up to
+    `samples_per_step` samples, each group from one aspect-ratio bucket (the latents of a batch share a shape),
+    permuted by a generator seeded by (seed, e). A group is split into processes x accumulation micro-batches
+    of `batch_size`; process r takes its `accumulation` of them. Every sample is seen once per epoch.
     """
 
-    def __init__(self, run: RunDir, batch_size: int, seed: int) -> None:
+    def __init__(self, run: RunDir, batch_size: int, seed: int, *, accumulation: int = 1, processes: int = 1) -> None:
         dataset = CachedDataset(run)
         self.items = [dataset[i] for i in range(len(dataset))]
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.accumulation, self.processes = batch_size, seed, accumulation, processes
+        self.samples_per_step = batch_size * accumulation * processes
         self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, item in enumerate(self.items):
             self.buckets[tuple(item["latent_mean"].shape)].append(i)
-        self.batches_per_epoch = sum(math.ceil(len(ix) / batch_size) for ix in self.buckets.values())
+        self.steps_per_epoch = sum(math.ceil(len(ix) / self.samples_per_step) for ix in self.buckets.values())
         self._order: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The groups (one per optimizer step) of epoch `epoch`, as item indices."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        batches = []
+        groups, n = [], self.samples_per_step
         for shape in sorted(self.buckets):
             ix = self.buckets[shape]
             perm = [ix[j] for j in torch.randperm(len(ix), generator=g).tolist()]
-            batches += [perm[k : k + self.batch_size] for k in range(0, len(perm), self.batch_size)]
-        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+            groups += [perm[k : k + n] for k in range(0, len(perm), n)]
+        return [groups[j] for j in torch.randperm(len(groups), generator=g).tolist()]
 
-    def batch(self, micro_step: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        epoch, position = divmod(micro_step, self.batches_per_epoch)
+    def group(self, step: int) -> list[int]:
+        """The samples of optimizer step `step` (0-based), across all processes."""
+        epoch, position = divmod(step, self.steps_per_epoch)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self.epoch_order(epoch))
-        return self.collate([self.items[i] for i in self._order[1][position]], device, dtype)
+        return self._order[1][position]
+
+    def micro_batches(self, step: int, rank: int, device: torch.device, dtype: torch.dtype) -> list[MicroBatch]:
+        """Process `rank`'s `accumulation` micro-batches of optimizer step `step`."""
+        group, bs = self.group(step), self.batch_size
+        chunks = [group[c * bs : (c + 1) * bs] for c in range(self.processes * self.accumulation)]
+        out = []
+        for chunk in chunks[rank * self.accumulation : (rank + 1) * self.accumulation]:
+            scale = len(chunk) * self.accumulation * self.processes / len(group)
+            chunk = chunk or group[:1]  # nothing left for this process: one sample at scale 0
+            ids = [self.items[i]["id"] for i in chunk]
+            out.append(MicroBatch(self.collate([self.items[i] for i in chunk], device, dtype),
+                                  [sample_generator(self.seed, step, sid) for sid in ids], ids, scale))
+        return out
+
+    def batch(self, k: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Micro-batch k of a one-process run, collated (for looking at the data, as notebook 03 does)."""
+        step, part = divmod(k, self.accumulation)
+        return self.micro_batches(step, 0, device, dtype)[part].batch
 
     @staticmethod
     def collate(items: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

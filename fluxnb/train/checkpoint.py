@@ -3,9 +3,9 @@
 A checkpoint holds everything that decides the rest of the run, so resuming reproduces the uninterrupted run:
 
     pytorch_lora_weights.safetensors   the LoRA (stock diffusers format: loadable for inference as it is)
-    training_state.pt                  optimizer moments, LR-schedule position, fp16 loss scale, the training
-                                       RNG (noise, timesteps, latent draws), torch's global RNG (LoRA dropout),
-                                       the optimizer step and the micro-batch count (which fixes the data order)
+    training_state.pt                  optimizer moments, LR-schedule position, fp16 loss scale, torch's global
+                                       RNG (LoRA dropout), and the optimizer step, which fixes the data order
+                                       and every draw of noise, timesteps and latents (fluxnb.train.batches)
     config.json                        the run's config at that moment (to refuse resuming with another LoRA)
     state.json                         step, loss, lr, written last: a folder without it is incomplete
 

@@ -3,7 +3,7 @@
     result = train(run)                      # notebook 03, or `python -m fluxnb train --run-dir RUN`
 
 Only the transformer is on the GPU: the text encoders ran once in notebook 01 (embeddings/), the VAE once in
-notebook 02 (latents/) and waits on the CPU to decode sample grids. One optimizer step = accumulation x micro-batch,
+notebook 02 (latents/) and waits on the CPU to decode sample grids. One optimizer step = processes x accumulation x micro-batch,
 each micro-batch one `training_step` (fluxnb.train.step, the math in fluxnb.train.flow). Every `checkpoint_every`
 steps the TrainState goes to checkpoints/step-N (fluxnb.train.checkpoint): `train(run, resume=True)` replays the run
 from there exactly. At the end: RUN/lora/pytorch_lora_weights.safetensors, for stock `FluxPipeline.load_lora_weights`.
@@ -148,6 +148,36 @@ def make_sampler(run: Run, scheduler) -> ValidationSampler | None:
                              cfg.data.height, tc.sample_steps, seed=tc.seed)
 
 
+def optimizer_step(accelerator, wrapped, state: TrainState, data: TrainingData, latent: LatentScale,
+                   table: flow.NoiseTable, tc, hw, last: Path | None) -> tuple[float, float]:
+    """One optimizer step: this process's micro-batches of step `state.step`, forward + backward each, gradients
+    all-reduced across processes, clipped, applied. Returns (mean loss of the step's samples over all processes,
+    gradient norm)."""
+    total, grad_norm = torch.zeros(2, device=accelerator.device), float("nan")
+    for micro in data.micro_batches(state.step, accelerator.process_index, hw.device, hw.dtype):
+        with accelerator.accumulate(wrapped):  # no all-reduce until the last micro-batch of the step
+            loss = training_step(wrapped, micro.batch, table, tc, latent, micro.generators, hw.dtype)
+            value = loss.item()
+            if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):  # on any process
+                what = value if not math.isfinite(value) else "non-finite on another process"
+                raise _diverged(f"the loss became {what}", state.step, last, hw)
+            accelerator.backward(micro.scale * loss)  # every sample of the step weighs the same (MicroBatch)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(state.params, tc.max_grad_norm).item()
+                state.skipped = state.skipped + 1 if not math.isfinite(grad_norm) else 0  # fp16: the scaler skips
+                if state.skipped and (state.scaler is None or state.skipped > MAX_SKIPPED_FP16_STEPS):
+                    raise _diverged(f"the gradient norm became {grad_norm}", state.step, last, hw)
+            state.optimizer.step()  # a no-op before the last micro-batch (accelerate)
+            if accelerator.sync_gradients and not state.optimizer.step_was_skipped:
+                state.schedule.step()  # once per optimizer step, whatever the number of processes
+            state.optimizer.zero_grad(set_to_none=True)
+        samples = len(micro.ids) if micro.scale else 0
+        total += torch.stack([loss.detach().float() * samples, torch.tensor(float(samples), device=total.device)])
+    total = accelerator.reduce(total, "sum")  # (sum of per-sample losses, samples) over every process
+    state.step += 1
+    return (total[0] / total[1]).item(), grad_norm
+
+
 def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = False, max_steps: int | None = None,
           stop_after: int | None = None, live: bool | None = None) -> TrainResult:
     """Train (or continue training) the LoRA of `run`; see the module docstring.
@@ -156,7 +186,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     total for train.max_train_steps, saved to config.json. stop_after: pause after this optimizer step (a
     checkpoint is written; the LR schedule still aims at max_train_steps). live: redraw plots in a notebook.
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
     _check_resolution(run)
     start = _start_point(run, resume, overwrite)
@@ -167,7 +197,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     live = in_notebook() if live is None else live
     if start is not None:
         _check_same_adapter(run, start)
-    data = TrainingData(run.dir, tc.batch_size, tc.seed)
+    processes = PartialState(cpu=hw.device.type == "cpu").num_processes  # > 1 under `accelerate launch`
+    data = TrainingData(run.dir, tc.batch_size, tc.seed, accumulation=tc.gradient_accumulation_steps,
+                        processes=processes)
     latent, table, scheduler = load_scales(run)
     sampler = make_sampler(run, scheduler)
 
@@ -175,77 +207,68 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         model = transformer if transformer is not None else prepare_transformer(run)
         accelerator = Accelerator(mixed_precision=MIXED_PRECISION[hw.dtype], cpu=hw.device.type == "cpu",
                                   gradient_accumulation_steps=tc.gradient_accumulation_steps)
-        wrapped = accelerator.prepare(model)  # autocast in the compute dtype around the forward
-        speed.prepare(model, cfg.model, tc, hw)  # checkpointing, block offload, compiled blocks (fluxnb.train.speed)
+        main = accelerator.is_main_process  # the one process that writes: metrics, grids, checkpoints, the LoRA
+        wrapped = accelerator.prepare(model)  # autocast around the forward; DistributedDataParallel on several GPUs
+        speed.prepare(model, cfg.model, tc, hw, verbose=main)  # checkpointing, block offload, compiled blocks
         state = TrainState.create(model, tc, accelerator)
         if start is not None:
             checkpoint.restore(start, state)
-            print(f"fluxnb: resuming from {start.path} (step {state.step} of {tc.max_train_steps})")
-        metrics = MetricsLog(run.dir.metrics)
-        history = metrics.truncate(state.step)
-        print(memory.report(f"memory after loading ({hw.describe()})"))
+            accelerator.print(f"fluxnb: resuming from {start.path} (step {state.step} of {tc.max_train_steps})")
+        history = MetricsLog(run.dir.metrics).truncate(state.step) if main else []
+        accelerator.print(memory.report(f"memory after loading ({hw.describe()})"))
 
         def save_checkpoint(loss: float) -> Path:
             return checkpoint.save(run.dir, cfg, state, info={"loss": loss, "lr": state.lr}, keep=tc.keep_checkpoints).path
 
+        def on_main(fn, *args):  # the others wait, so that no process runs ahead into the next all-reduce
+            out = fn(*args) if main else None
+            accelerator.wait_for_everyone()
+            return out
+
         target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
         newest = checkpoint.latest(run.dir)
         result = TrainResult(state.step, None, newest.path if newest else None)
-        result.train_loss_before = evaluate(wrapped, data, table, tc, latent, hw, autocast=accelerator.autocast)
+        fixed_loss = lambda: evaluate(model, data, table, tc, latent, hw, autocast=accelerator.autocast)  # noqa: E731
+        result.train_loss_before = on_main(fixed_loss)
         if sampler is not None and state.step == 0:  # the base model's images, to compare the later grids with
-            sampler.grid(model, 0, live)
-        progress = Progress(run.dir, tc.max_train_steps, state.step, history, live)
-        began, window, skipped = time.perf_counter(), [], 0
+            on_main(sampler.grid, model, 0, live)
+        progress = Progress(run.dir, tc.max_train_steps, state.step, history, live) if main else None
+        began = time.perf_counter()
         wrapped.train()
         try:
             while state.step < target:
-                batch = data.batch(state.micro, hw.device, hw.dtype)  # micro-batch k: a function of (seed, k)
-                state.micro += 1
-                with accelerator.accumulate(wrapped):  # loss / accumulation; the real step every N-th call
-                    loss = training_step(wrapped, batch, table, tc, latent, state.generator, hw.dtype)
-                    window.append(loss.item())
-                    if not math.isfinite(window[-1]):
-                        raise _diverged(f"the loss became {window[-1]}", state.step, result.checkpoint, hw)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(state.params, tc.max_grad_norm).item()
-                        skipped = skipped + 1 if not math.isfinite(grad_norm) else 0  # fp16: the scaler skips it
-                        if skipped and (state.scaler is None or skipped > MAX_SKIPPED_FP16_STEPS):
-                            raise _diverged(f"the gradient norm became {grad_norm}", state.step, result.checkpoint, hw)
-                    state.optimizer.step()  # skipped by accelerate between accumulation boundaries
-                    state.schedule.step()
-                    state.optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                state.step += 1
-                row = {"step": state.step, "loss": sum(window) / len(window), "lr": state.lr, "grad_norm": grad_norm,
-                       "epoch": (state.micro - 1) // data.batches_per_epoch,
-                       "seconds": round(time.perf_counter() - began, 3)}
-                row |= {k: round(v, 3) for k, v in memory.snapshot().items() if k.startswith("gpu_peak")}
-                window = []
-                metrics.append(row)
-                result.losses.append(row["loss"])
-                progress.update(row)
+                loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
+                                                 result.checkpoint)
+                result.losses.append(loss)
+                if main:
+                    row = {"step": state.step, "loss": loss, "lr": state.lr, "grad_norm": grad_norm,
+                           "epoch": (state.step - 1) // data.steps_per_epoch,
+                           "seconds": round(time.perf_counter() - began, 3)}
+                    row |= {k: round(v, 3) for k, v in memory.snapshot().items() if k.startswith("gpu_peak")}
+                    MetricsLog(run.dir.metrics).append(row)
+                    progress.update(row)
                 if sampler and tc.sample_every and state.step % tc.sample_every == 0:
-                    sampler.grid(model, state.step, live)
+                    on_main(sampler.grid, model, state.step, live)
                 if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
-                    result.checkpoint = save_checkpoint(row["loss"])
+                    result.checkpoint = on_main(save_checkpoint, loss)
         except KeyboardInterrupt:
             result.interrupted = True
             print(f"\nfluxnb: interrupted at step {state.step}; run again with resume=True to continue from "
                   f"{result.checkpoint or 'the start (no checkpoint yet)'}.")
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
         result.step, result.seconds = state.step, time.perf_counter() - began
         if result.interrupted:
             return result
         if checkpoint.latest(run.dir) is None or checkpoint.latest(run.dir).step != state.step:
-            result.checkpoint = save_checkpoint(result.losses[-1] if result.losses else float("nan"))
-        result.train_loss_after = evaluate(wrapped, data, table, tc, latent, hw, autocast=accelerator.autocast)
-        print(f"fluxnb: training-set loss (fixed noise, {min(16, len(data))} samples): "
-              f"{result.train_loss_before:.4f} -> {result.train_loss_after:.4f}")
+            result.checkpoint = on_main(save_checkpoint, result.losses[-1] if result.losses else float("nan"))
+        result.train_loss_after = on_main(fixed_loss)
+        if main:
+            print(f"fluxnb: training-set loss (fixed noise, {min(16, len(data))} samples): "
+                  f"{result.train_loss_before:.4f} -> {result.train_loss_after:.4f}")
         if state.step >= tc.max_train_steps:
-            result.lora = lora.save_lora(model, run.dir.lora)
-            print(f"fluxnb: LoRA saved to {result.lora}")
-        print(memory.report("memory at the end"))
+            result.lora = on_main(lora.save_lora, model, run.dir.lora)
+            accelerator.print(f"fluxnb: LoRA saved to {result.lora}")
+        accelerator.print(memory.report("memory at the end"))
     return result

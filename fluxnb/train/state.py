@@ -19,44 +19,45 @@ from ..config import TrainConfig
 from .step import make_optimizer
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    generator.set_state(state["generator"])
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
 class TrainState:
-    """The model being trained and what moves with it: optimizer, LR schedule, fp16 loss scaler, the RNG of
-    every draw of training_step (noise, timesteps, latent samples), and the counters. `micro` (micro-batches
-    seen) fixes the data order (fluxnb.train.batches); `step` counts optimizer steps."""
+    """The model being trained and what moves with it: optimizer, LR schedule, fp16 loss scaler, torch's global
+    RNG (LoRA dropout) and the optimizer step. The step alone fixes the rest: which samples come next and every
+    random draw of training_step (fluxnb.train.batches: seeded by seed, step and sample)."""
 
     model: torch.nn.Module  # the transformer with its LoRA (not wrapped by accelerate)
     optimizer: torch.optim.Optimizer
     schedule: Any  # a torch LR scheduler, as accelerate prepared it
     scaler: Any  # torch.amp.GradScaler under fp16, else None
-    generator: torch.Generator
     step: int = 0
-    micro: int = 0
+    skipped: int = 0  # optimizer steps skipped in a row by the fp16 loss scaler (inf gradients); not saved
 
     @classmethod
     def create(cls, model: torch.nn.Module, cfg: TrainConfig, accelerator) -> TrainState:
-        """Optimizer over the LoRA weights (fp32) and the LR schedule, prepared by `accelerator`; RNG seeded."""
+        """Optimizer over the LoRA weights (fp32), prepared by `accelerator`, and the LR schedule.
+
+        The schedule is not handed to accelerate, which would step it once per process: the training loop steps
+        it once per optimizer step, so max_train_steps and warmup mean the same on 1 GPU or 8 (and on resume
+        with another number of processes)."""
         from diffusers.optimization import get_scheduler
 
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-        schedule = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        optimizer = accelerator.prepare(make_optimizer([p for p in model.parameters() if p.requires_grad], cfg))
+        schedule = get_scheduler(cfg.lr_scheduler, optimizer.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
-        optimizer, schedule = accelerator.prepare(optimizer, schedule)
-        return cls(model, optimizer, schedule, accelerator.scaler, torch.Generator().manual_seed(cfg.seed))
+        return cls(model, optimizer, schedule, accelerator.scaler)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -69,12 +70,12 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": rng_state(self.generator), "step": self.step, "micro_step": self.micro}
+                "rng": rng_state(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["lr_scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], self.generator)
-        self.step, self.micro = state["step"], state["micro_step"]
+        set_rng_state(state["rng"])
+        self.step = state["step"]

@@ -29,23 +29,47 @@ class LatentScale:
         return cls(config["shift_factor"], config["scaling_factor"], 2 ** (len(config["block_out_channels"]) - 1))
 
 
+Generators = torch.Generator | list[torch.Generator]  # one for the whole batch, or one per sample
+
+
+def _per_sample(generator: Generators, draw, *tensors: torch.Tensor) -> torch.Tensor:
+    """draw(*tensors, generator) for the batch from one generator, or sample by sample from each one's own."""
+    if isinstance(generator, torch.Generator):
+        return draw(*tensors, generator)
+    return torch.cat([draw(*(t[i : i + 1] for t in tensors), g) for i, g in enumerate(generator)])
+
+
 def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.NoiseTable, cfg: TrainConfig,
-                  latent: LatentScale, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    """One micro-batch's flow-matching loss, the reference script's step (tests/reference_step.py checks it)."""
+                  latent: LatentScale, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch's flow-matching loss, the reference script's step (tests/reference_step.py checks it).
+
+    `generator` draws every random number of the step (latent sample, noise, timestep): one generator for the
+    batch (as the reference draws from torch's global RNG), or one per sample (the training loop: then each
+    sample's draws depend on the sample and the step alone, not on how samples are split into batches or GPUs).
+    """
+    from accelerate.utils import extract_model_from_parallel
     from diffusers import FluxPipeline
 
     # A fresh draw from each cached VAE posterior, into the transformer's latent space.
-    x = flow.sample_latents(batch["latent_mean"], batch["latent_std"], generator)  # (B, 16, h, w)
+    x = _per_sample(generator, flow.sample_latents, batch["latent_mean"], batch["latent_std"])  # (B, 16, h, w)
     x = flow.scale_latents(x, latent.shift, latent.scale).to(dtype)
     b, c, h, w = x.shape
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype)  # (h/2 * w/2, 3)
-    noise = flow.sample_noise(x, generator)  # eps, (B, 16, h, w)
-    timesteps, sigmas = flow.sample_timesteps(table, b, cfg.weighting_scheme, logit_mean=cfg.logit_mean,
-                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=generator)
+    noise = _per_sample(generator, flow.sample_noise, x)  # eps, (B, 16, h, w)
+    def timesteps_for(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # (n,), (n,)
+        return flow.sample_timesteps(table, n, cfg.weighting_scheme, logit_mean=cfg.logit_mean,
+                                     logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=g)
+
+    if isinstance(generator, torch.Generator):
+        timesteps, sigmas = timesteps_for(b, generator)
+    else:
+        drawn = [timesteps_for(1, g) for g in generator]
+        timesteps, sigmas = torch.cat([t for t, _ in drawn]), torch.cat([s for _, s in drawn])
     noisy = flow.add_noise(x, noise, sigmas)  # (1 - sigma) x + sigma eps
     packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # 2x2 patches -> tokens: (B, h/2 * w/2, 64)
     # FLUX.1-dev is guidance-distilled: it takes the guidance scale as an input embedding (1.0 while training).
-    guidance = torch.full((b,), cfg.guidance_scale, device=x.device) if transformer.config.guidance_embeds else None
+    config = extract_model_from_parallel(transformer).config  # under DistributedDataParallel too
+    guidance = torch.full((b,), cfg.guidance_scale, device=x.device) if config.guidance_embeds else None
     pred = transformer(hidden_states=packed, timestep=(timesteps / 1000).to(x.device), guidance=guidance,
                        pooled_projections=batch["pooled_prompt_embeds"], encoder_hidden_states=batch["prompt_embeds"],
                        txt_ids=batch["text_ids"], img_ids=img_ids, return_dict=False)[0]  # (B, h/2 * w/2, 64)
