@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from train_helpers import make_run
 
 from fluxnb.cli import main
@@ -62,3 +63,39 @@ def test_importing_the_libraries_prints_no_known_noise():
     printed = proc.stdout + proc.stderr
     assert not [n for n in NOISE if n in printed], printed
     assert "a torchao warning that matters" in printed
+
+
+def _fake_setup(tmp_path: Path, cpu_index_up: bool) -> list[str]:
+    """scripts/setup.sh on a Linux box without CUDA and without torch, with python3 and nvidia-smi faked: the pip
+    calls it makes, one per line."""
+    log, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")  # no driver
+    refuse = "" if cpu_index_up else 'case "$*" in *download.pytorch.org*) exit 1;; esac\n'
+    (bin_dir / "py").write_text(f'#!/bin/bash\necho "$*" >> {log}\n[ "$*" = "-c import torch" ] && exit 1\n{refuse}exit 0\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**__import__("os").environ, "PYTHON": str(bin_dir / "py"), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "setup.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in log.read_text().splitlines() if "pip install" in line and "torch==" in line]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="setup.sh picks the CPU index on Linux only")
+def test_setup_installs_the_cpu_build_of_torch_without_cuda_and_falls_back_offline(tmp_path):
+    calls = _fake_setup(tmp_path / "up", cpu_index_up=True)
+    assert len(calls) == 1 and "--index-url https://download.pytorch.org/whl/cpu" in calls[0]
+    assert "--timeout" in calls[0]  # an unreachable index costs seconds, never a hang
+    calls = _fake_setup(tmp_path / "down", cpu_index_up=False)
+    assert len(calls) == 2 and "download.pytorch.org" not in calls[1] and "torch==2.13.0" in calls[1]
+
+
+def test_readme_says_how_to_open_the_notebooks_in_jupyterlab():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("jupyterlab") for req in extras["jupyter"])
+    readme = (REPO / "README.md").read_text()
+    assert 'pip install -e ".[jupyter]"' in readme and "jupyter lab notebooks/" in readme
+    assert all(pin in readme for pin in ("diffusers | ==0.42.1", "bitsandbytes | ==0.50.2", "datasets | ==5.2.0"))
