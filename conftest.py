@@ -20,3 +20,19 @@ for key, value in {
     "HF_DATASETS_CACHE": str(_scratch / "datasets-cache"),
 }.items():
     os.environ[key] = value
+
+_SERIES_TEST = Path(__file__).resolve().parent / "tests" / "test_notebooks.py"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Run the notebook series once per session. tests/test_notebooks.py executes it with fluxnb's own runner (as
+    `python -m fluxnb notebooks` does) and checks the executed copies; when it is collected too (plain
+    `python3 -m pytest`), nbval skips notebooks/ instead of executing everything a second time. `python3 -m pytest
+    notebooks` still runs them through nbval, cell by cell."""
+    if collection_path.suffix != ".ipynb":
+        return None
+    here = Path(config.invocation_params.dir)
+    targets = [(here / str(arg).split("::")[0]).resolve() for arg in config.args]
+    if any(t == _SERIES_TEST or t in _SERIES_TEST.parents for t in targets):
+        return True
+    return None

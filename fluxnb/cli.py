@@ -66,21 +66,32 @@ def cmd_latents(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_run(run_dir: Path | None):
-    """open_run on a run directory that must already hold a trained run (never creates a fresh one)."""
+# What a folder without config.json still needs before each command can run there (the steps make config.json).
+_MISSING_STEPS = {
+    "train": "notebooks 01 and 02 have not run there: cache the text embeddings and latents first "
+             "(`python -m fluxnb embed --run-dir {root} --model MODEL --dataset DATASET`, then "
+             "`python -m fluxnb latents --run-dir {root}`), or pass the --run-dir they were made in",
+    "trained": "no run was trained there: run notebooks 01-03 first (embed, latents, train), or pass the --run-dir "
+               "of a trained run",
+}
+
+
+def _existing_run(run_dir: Path | None, needs: str = "trained"):
+    """open_run on a run directory that earlier steps made (never creates a fresh one); `needs` names what is missing."""
     from .hardware import detect
     from .run import default_run_dir, open_run
 
     root = run_dir or default_run_dir(detect().profile)
     if not (root / "config.json").is_file():
-        raise FluxnbError(f"{root} is not a run directory (no config.json): pass --run-dir of a trained run.")
+        raise FluxnbError(f"{root} is not a run directory yet (no config.json): "
+                          + _MISSING_STEPS[needs].format(root=root) + ".")
     return open_run(root)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(_existing_run(args.run_dir), resume=args.resume, overwrite=args.overwrite,
+    result = train(_existing_run(args.run_dir, "train"), resume=args.resume, overwrite=args.overwrite,
                    max_steps=args.max_steps, live=False)
     return 130 if result.interrupted else 0
 
@@ -103,7 +114,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
-    result = push(run, stage(run, settings), settings)
+    staged = stage(run, settings)
+    print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
+    result = push(run, staged, settings)
     print(result)
     return 0 if result.uploaded or args.dry_run else 1
 

@@ -85,18 +85,37 @@ def _modules(obj: Any) -> Iterator[torch.nn.Module]:
         yield from _modules(dict(obj.components))
 
 
-def free(*objs: Any) -> float:
-    """Release the weights of models / pipelines now and return the GiB of GPU memory given back.
+@dataclass(frozen=True)
+class Freed:
+    """What `free` gave back: GPU memory (as CUDA's allocator counts it) and the size of the weights it emptied."""
+
+    gpu_gib: float
+    weights_gib: float
+    cuda: bool
+
+    def __str__(self) -> str:
+        if self.cuda:
+            return f"freed {self.gpu_gib:.2f} GiB of GPU memory ({self.weights_gib:.2f} GiB of weights emptied)"
+        # Without a GPU the weights lived in RAM; the process's RSS may not shrink at once (the allocator keeps pages).
+        size = f"{self.weights_gib:.2f} GiB" if self.weights_gib >= 0.01 else f"{self.weights_gib * 1024:.1f} MiB"
+        return f"emptied {size} of weights in CPU RAM (no GPU here, so no GPU memory to free)"
+
+
+def free(*objs: Any) -> Freed:
+    """Release the weights of models / pipelines now; returns what was given back (`print` it).
 
     `del model` alone frees nothing while a pipeline, an optimizer or a notebook's `Out[]` still holds a
     reference. Here every parameter and buffer is swapped for an empty tensor, so the storage goes whatever
     else still points at the module; the module is unusable afterwards.
     """
-    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    cuda = torch.cuda.is_available()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    emptied = 0
     for obj in objs:
         for module in _modules(obj):
             for tensor in [*module.parameters(), *module.buffers()]:
+                emptied += tensor.data.nbytes  # tied weights count once: the second visit sees an empty tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device="cpu")
     free_memory()  # gc.collect() + empty the accelerator's cache
-    after = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    return (before - after) / GiB
+    after = torch.cuda.memory_allocated() if cuda else 0
+    return Freed((before - after) / GiB, emptied / GiB, cuda)

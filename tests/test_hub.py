@@ -110,10 +110,13 @@ def test_dry_run_lists_exactly_the_files_and_the_card(run, capsys):
         "pytorch_lora_weights.safetensors", "run_comfyui.safetensors"]
     assert (staged.folder / "pytorch_lora_weights.safetensors").read_bytes() == (run.dir.lora / hub.LORA_FILE).read_bytes()
     result = hub.push(run, staged, settings)
+    assert not result.uploaded and str(result).startswith("dry run: nothing was uploaded")
+    assert "private repo 'tiny-lora'" in str(result) and "--dry-run" in str(result)
+    assert capsys.readouterr().out == ""  # notebook 05 shows the file list and the card in their own cells, once
+    assert main(["push", "--run-dir", str(run.path), "--repo-id", "tiny-lora", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert not result.uploaded and "dry run" in str(result)
-    assert "DRY RUN - nothing was uploaded" in out and "private model repo 'tiny-lora'" in out
-    assert all(name in out for name in on_disk) and staged.card in out
+    assert "private model repo 'tiny-lora'" in out and all(name in out for name in on_disk)
+    assert out.count(staged.card) == 1 and out.count("dry run: nothing was uploaded") == 1
 
 
 def test_without_token_it_is_a_dry_run_that_says_why(run, online, fake_api):
@@ -173,7 +176,7 @@ def test_fake_token_appears_in_no_file_or_output(run, capfd, monkeypatch):
     env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "fluxnb", "push", "--run-dir", str(run.path), "--repo-id", "tiny-lora",
                            "--dry-run"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0 and "DRY RUN" in proc.stdout
+    assert proc.returncode == 0 and "dry run: nothing was uploaded" in proc.stdout
     printed = capfd.readouterr()
     files = _all_bytes(run.path)
     assert "README.md" in {p.name for p in files} and len(files) > 10

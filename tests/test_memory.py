@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fluxnb import memory
@@ -26,3 +27,11 @@ def test_free_releases_weights_even_with_other_references():
     memory.free(other_reference)
     assert all(p.numel() == 0 for p in model.parameters())
     assert weight.numel() == 0  # the storage is gone although `weight` still names the parameter
+
+
+def test_free_says_what_it_gave_back_on_this_machine():
+    model = torch.nn.Linear(512, 512)  # 512 x 513 fp32 numbers: 1.0 MiB
+    freed = memory.free(model)
+    assert freed.weights_gib * 1024 == pytest.approx(512 * 513 * 4 / 2**20)
+    if not torch.cuda.is_available():  # never "freed 0.00 GiB of GPU memory" on a machine without one
+        assert str(freed) == "emptied 1.0 MiB of weights in CPU RAM (no GPU here, so no GPU memory to free)"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..data import embeddings
 from ..errors import FluxnbError
@@ -176,8 +177,13 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
             raise FluxnbError("this pipeline has no text encoders: pass run= so prompts can be encoded or read from cache.")
         encode_prompts(run, prompts)
         encoded = [embeddings.load_embedding(run.dir, p) for p in prompts]
+    # One progress bar per call: over the denoising steps for one image, over the images for several (the
+    # pipeline's own unlabelled per-image bar, "0/4" each time, is switched off then).
+    many = len(prompts) > 1
+    pipe.set_progress_bar_config(disable=many, desc=f"1 image, {settings.steps} steps", leave=False)
     images = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc=f"{len(prompts)} images, {settings.steps} steps each", unit="image",
+                                    disable=not many)):
         device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also under CPU offload
         text = {"prompt": prompt} if encoded is None else {
             "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)

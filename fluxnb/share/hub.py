@@ -255,11 +255,16 @@ def upload_blocker() -> str | None:
 
 
 def push(run: Run, staged: Staged, settings: HubSettings) -> PushResult:
-    """Upload RUN/hub/ to the repo (created private by default), or say why it was a dry run and print the plan."""
-    reason = "dry run asked for (settings.dry_run / --dry-run)" if settings.dry_run else upload_blocker()
-    if reason:
-        print(f"DRY RUN - nothing was uploaded: {reason}.\n{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
-        return PushResult(False, f"dry run: nothing was uploaded ({reason})")
+    """Upload RUN/hub/ to the repo (created private by default), or say why nothing was uploaded. Prints nothing:
+    the caller has shown `staged` (the file list) and its card already."""
+    where = f"the {len(staged.files)} files of {staged.folder} to the {'private' if settings.private else 'PUBLIC'} repo " \
+            f"'{settings.repo_id}'"
+    if settings.dry_run:
+        return PushResult(False, f"dry run: nothing was uploaded. To upload {where}, turn dry run off (untick it in "
+                                 "the form; on the command line leave out --dry-run) and log in.")
+    blocker = upload_blocker()
+    if blocker:
+        return PushResult(False, f"nothing was uploaded: {blocker}.")
     from huggingface_hub import HfApi
 
     api = HfApi()  # the token comes from the environment or huggingface_hub's own login store

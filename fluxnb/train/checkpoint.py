@@ -90,6 +90,12 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
     return Checkpoint(final, step)
 
 
+def annotate(checkpoint: Checkpoint, **info: Any) -> None:
+    """Add numbers to a checkpoint's state.json (rewritten atomically), e.g. the loss measured after the last step."""
+    atomic_write_text(checkpoint.path / "state.json",
+                      json.dumps(checkpoint.info() | info, indent=2, sort_keys=True) + "\n")
+
+
 def restore(checkpoint: Checkpoint, state: TrainState) -> None:
     """Everything `save` wrote goes back where it came from: the LoRA weights into the adapter, then the rest."""
     load_lora_(state.model, checkpoint.path)

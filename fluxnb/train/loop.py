@@ -51,6 +51,15 @@ class TrainResult:
     train_loss_after: float | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    already_trained: bool = False  # the run had reached max_train_steps before this call: nothing was trained
+
+    def __str__(self) -> str:
+        if self.train_loss_before is None or self.train_loss_after is None:
+            return f"step {self.step}: no training-set loss measured in this run yet"
+        change = 100 * (1 - self.train_loss_after / self.train_loss_before)
+        done = "when this run was trained" if self.already_trained else "in this session"
+        return (f"training-set loss, fixed noise: {self.train_loss_before:.4f} -> {self.train_loss_after:.4f} "
+                f"({change:.0f}% lower), {self.seconds:.0f} s of training {done}")
 
 
 @contextlib.contextmanager
@@ -92,6 +101,18 @@ def _start_point(run: Run, resume: bool, overwrite: bool) -> checkpoint.Checkpoi
                           "or start over (overwrite=True / --overwrite, which deletes its checkpoints, samples and "
                           "LoRA).")
     return None
+
+
+def _already_trained(run: Run, last: checkpoint.Checkpoint) -> TrainResult:
+    """A run that reached max_train_steps and saved its LoRA is left as it is: re-running a notebook series must
+    neither retrain it nor look like a failed run. Its numbers come from the last checkpoint."""
+    info, total = last.info(), run.config.train.max_train_steps
+    print(f"fluxnb: {run.dir.root} is already trained (step {last.step} of {total}; its LoRA is "
+          f"{run.dir.lora_file}): nothing to train. To train longer raise train.max_train_steps (--max-steps N); "
+          "to start over pass overwrite=True (--overwrite).")
+    return TrainResult(last.step, run.dir.lora_file, last.path, train_loss_before=info.get("train_loss_before"),
+                       train_loss_after=info.get("train_loss_after"), seconds=info.get("train_seconds", 0.0),
+                       already_trained=True)
 
 
 def _check_same_adapter(run: Run, ckpt: checkpoint.Checkpoint) -> None:
@@ -194,6 +215,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         run.config = run.config.replace(train={"max_train_steps": max_steps})
         run.save()
     cfg, hw, tc = run.config, run.hw, run.config.train
+    if start is not None and start.step >= tc.max_train_steps and run.dir.lora_file.is_file():
+        return _already_trained(run, start)
     live = in_notebook() if live is None else live
     if start is not None:
         _check_same_adapter(run, start)
@@ -268,6 +291,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
             print(f"fluxnb: training-set loss (fixed noise, {min(16, len(data))} samples): "
                   f"{result.train_loss_before:.4f} -> {result.train_loss_after:.4f}")
         if state.step >= tc.max_train_steps:
+            if main:  # kept with the last checkpoint, so a later call on this finished run can report them
+                checkpoint.annotate(checkpoint.latest(run.dir), train_loss_before=result.train_loss_before,
+                                    train_loss_after=result.train_loss_after, train_seconds=round(result.seconds, 1))
             result.lora = on_main(lora.save_lora, model, run.dir.lora)
             accelerator.print(f"fluxnb: LoRA saved to {result.lora}")
         accelerator.print(memory.report("memory at the end"))
