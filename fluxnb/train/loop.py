@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import memory
+from ..budget import tokens_per_sample
 from ..data import latents
 from ..errors import FluxnbError
 from ..hub_errors import hub_errors
@@ -171,7 +172,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     latent, table, scheduler = load_scales(run)
     sampler = make_sampler(run, scheduler)
 
-    with cpu_threads(hw), speed.attention_backends(hw):
+    with cpu_threads(hw), speed.attention_backends(hw, cfg.model.quantization):
         model = transformer if transformer is not None else prepare_transformer(run)
         accelerator = Accelerator(mixed_precision=MIXED_PRECISION[hw.dtype], cpu=hw.device.type == "cpu",
                                   gradient_accumulation_steps=tc.gradient_accumulation_steps)
@@ -218,6 +219,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                 if not accelerator.sync_gradients:
                     continue
                 state.step += 1
+                if state.step == result.step + 1:  # this call's first step measured the peak: fit the budget once
+                    speed.fit_budget(model, cfg.model, tc, hw, tokens_per_sample(cfg.data.width, cfg.data.height,
+                                                                                 cfg.data.max_sequence_length))
                 row = {"step": state.step, "loss": sum(window) / len(window), "lr": state.lr, "grad_norm": grad_norm,
                        "epoch": (state.micro - 1) // data.batches_per_epoch,
                        "seconds": round(time.perf_counter() - began, 3)}
