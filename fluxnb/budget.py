@@ -6,17 +6,16 @@
 
 Per block of the 57, three choices: its frozen weights resident on the GPU or streamed from CPU RAM
 (fluxnb.train.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
-and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs, fitted to the peaks
-measured on an H100 at 512x768 and 1024x1024 (BENCHMARKS.md; within 0.05 GiB of each measured layout):
-weights are NF4 bytes (0.5 + 4/64 per parameter); a checkpointed block keeps its two inputs (6 KiB per token),
-a block that keeps its activations ~88 KiB per token; one block's activations are rebuilt at a time during
-the backward pass; the rest (LoRA, optimizer, embeddings, the output layers, gradients in flight) grows with the
-tokens of a batch. Speed, measured on the H100 at batch 4: a recomputed block costs about a third of its forward
-pass (all 57 checkpointed: +0.27 s per 4-sample step), a streamed block almost nothing (its copy hides behind
-the compute), a smaller batch a lot (batch 2 x 2: +70%). So the policy takes the largest batch that fits with
-every block streamed and checkpointed, then spends what is left on kept activations (the last blocks, whose
-backward runs first), then on resident blocks. The first optimizer step measures the real peak; `adjust` moves
-one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
+and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs fitted to the peaks
+measured at 512x768 and 1024x1024 (BENCHMARKS.md): weights are NF4 bytes (0.5 + 4/64 per parameter); a
+checkpointed block keeps its two inputs (6 KiB per token), a block that keeps its activations ~88 KiB per
+token; one block's activations are rebuilt at a time during the backward pass; the rest (LoRA, optimizer,
+embeddings, the output layers, gradients in flight) grows with the tokens of a batch. Speed, as measured: a
+recomputed block costs about a third of its forward pass, a streamed block almost nothing at batch 4 (its copy
+hides behind the compute), a smaller batch a lot. So the policy takes the largest batch that fits with every
+block streamed and checkpointed, then spends what is left on kept activations (the last blocks, whose backward
+runs first), then on resident blocks. The first optimizer step measures the real peak; `adjust` moves one notch
+toward memory if it is over (fluxnb.train.speed.fit_budget).
 """
 
 from __future__ import annotations

@@ -27,17 +27,20 @@ class Preset:
 SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
 _QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
 PRESETS: dict[str, Preset] = {
-    "8-12gb": Preset("8-12 GB (3060, 4060, 4070): QLoRA planned for 6 GiB: at 512x768 every block streams from "
-                     "CPU RAM (needs ~7 GB of free RAM), batches of 4: 5.4 GiB, 5x the blog's recipe on an H100", 6.0),
-    "t4-16gb": Preset("16 GB, free Colab T4 (14.7 GiB): QLoRA in fp16 (a T4 has no bf16), blocks streamed, the last "
-                      "~18 keep their activations (~14 GiB). torch.compile stays off on a T4 (train.compile='auto'; "
-                      "'on' to try it: Triton supports sm_75 poorly and the step is bound by arithmetic). Save the "
-                      "NF4 transformer to Drive once (fluxnb.model.save_nf4) and set model.prequantized: quantizing "
-                      "FLUX on the fly needs most of Colab's 12.7 GB of RAM", 14.7),
-    "4090-24gb": Preset("24 GB (4090, 3090; 23.6 GiB): QLoRA with batches of 4, compiled blocks, blocks streamed and "
-                        "~34 keeping their activations (~23 GiB); the blog's run: ~9 GB, ~41 min for 700 steps", 23.6),
-    "h100-80gb": Preset("40-80 GB (A100, H100): QLoRA with every block resident and no recompute (~40 GiB at "
-                        "512x768), fused AdamW (8-bit would save ~27 MiB for 4.7 M LoRA weights)", 80.0),
+    "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
+                     "(needs ~7 GB of free RAM), batches of 4: 5.45 GiB, 0.8-1.0 s per 4-sample step in a 6 GiB cap "
+                     "on an H200 (4.6x the blog's recipe in the same run)", 6.0),
+    "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB. QLoRA in fp16 (a T4 has no bf16), blocks streamed, "
+                      "the last 18 keep their activations at 512x768 (~14.3 GiB, estimated). torch.compile stays off "
+                      "on a T4 (train.compile='auto'; 'on' to try it: Triton supports sm_75 poorly and the step is "
+                      "bound by arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
+                      "model.prequantized: quantizing FLUX on the fly needs most of Colab's 12.7 GB of RAM", 14.7),
+    "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
+                        "the last 34 keep their activations at 512x768 (~22.6 GiB, estimated; the blog's run: ~9 GB, "
+                        "~41 min for 700 steps)", 23.6),
+    "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
+                        "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
+                        "(9.5x the blog's recipe in the same run)", 80.0),
 }
 TINY = "tiny-cpu"
 

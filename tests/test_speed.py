@@ -138,7 +138,8 @@ def test_fit_budget_moves_one_notch_toward_memory(tiny_assets):
     assert speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=5.0) is None  # under 6 - 0.3: stays
     _, fitted = speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=6.0)  # 0.3 over: two blocks fewer
     assert fitted.keep_activations == 1 and transformer.is_gradient_checkpointing
-    assert speed.fit_budget(transformer, m, TrainConfig(keep_activations=0, memory_budget_gib=6.0), HW, 1613, 9.0) is None
+    frugal = TrainConfig(keep_activations=0, memory_budget_gib=6.0)
+    assert speed.fit_budget(transformer, m, frugal, HW, 1613, 9.0) is None  # nothing left to give back
     with torch.no_grad():
         assert torch.isfinite(loss(transformer))
 
