@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -50,6 +51,7 @@ FLUX_VAE = SimpleNamespace(shift_factor=0.1159, scaling_factor=0.3611, block_out
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
 GiB = 2**30
+_HELD: list = []  # contexts this worker process stays inside
 
 
 def make_inputs(width: int, height: int, tokens: int, seed: int = 0, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -98,12 +100,13 @@ def parse_impl(impl: str) -> dict[str, str]:
     return dict((opt.split("=") + [""])[:2] for opt in impl.split("+")[1:])
 
 
-def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str]):
+def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dict | None = None):
     """fluxnb's own code path, as fluxnb.train runs it: quant.load_transformer, lora.add_lora, speed.prepare.
 
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
-    offload=N (model.offload_blocks), bf16 / fp8 (model.quantization "none" / "fp8"), adamw (plain AdamW)."""
+    offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
+    "fp8"), adamw (plain AdamW). `plan`: the settings fluxnb.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
     from fluxnb.model import lora
@@ -113,16 +116,18 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str]):
 
     hw = Hardware("real", torch.device("cuda"), dtype, cuda_info(), "benchmark")
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
+    plan = plan or {"model": {}, "train": {}}
     model = ModelConfig(model_id=str(ckpt), quantization=quantization, double_quant="dq" in opts,
-                        offload_blocks=int(opts.get("offload", 0)))
+                        **({"offload_blocks": int(opts.get("offload", 0))} | plan["model"]))
     compile_mode = "off" if "nocompile" in opts else "on" if "compile" in opts else "auto"
-    train = TrainConfig(gradient_checkpointing="nockpt" not in opts, compile=compile_mode,
-                        optimizer="adamw" if "adamw" in opts else "adamw8bit")
+    train = TrainConfig(**({"gradient_checkpointing": "nockpt" not in opts, "compile": compile_mode,
+                            "keep_activations": int(opts.get("keep", 0)),
+                            "optimizer": "adamw" if "adamw" in opts else "adamw8bit"} | plan["train"]))
     transformer = load_transformer(model, hw)
     lora.add_lora(transformer, LoRAConfig(), seed=0)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    streamer = speed.prepare(transformer, model, train, hw)
-    return transformer, make_optimizer(params, train), params, streamer
+    speed.prepare(transformer, model, train, hw)
+    return transformer, make_optimizer(params, train), params, (model, train, hw)
 
 
 def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 - built once per process
@@ -144,9 +149,18 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
 
     dtype = DTYPES[dtype_name]
     opts = parse_impl(impl)
+    total = torch.cuda.get_device_properties(0).total_memory
     if "cap" in opts:  # emulate a smaller card: this process may allocate at most `cap` GiB
-        total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GiB / total)
+    plan = None
+    if "budget" in opts:  # fluxnb.budget's plan for this budget at the first case's size (one case per run)
+        from fluxnb.budget import choose
+
+        width, height, tokens, _ = CASES[cases[0]]
+        chosen = choose(float(opts["budget"]), width, height, tokens)
+        print(chosen.table(), flush=True)
+        plan = chosen.settings()
+        opts["batch"] = str(plan["train"]["batch_size"])
     batch_size = int(opts.get("batch", 1))
     if samples % batch_size:
         raise SystemExit(f"--samples {samples} is not a multiple of batch={batch_size}")
@@ -156,14 +170,18 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.speed)
         from fluxnb.train.speed import attention_backends
 
-        attention_backends(SimpleNamespace(device=torch.device("cuda"))).__enter__()
+        # Held for the whole process: a context manager entered as a temporary is closed when it is garbage
+        # collected, which undid the exclusion at once in every run before 2026-12-01 (cuDNN attention ran).
+        quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
+        _HELD.append(attention_backends(SimpleNamespace(device=torch.device("cuda")), quantization))
+        _HELD[-1].__enter__()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if impl == "reference":
         transformer, optimizer, params = reference_setup(ckpt, dtype)
         step_fn = reference_step
     else:
-        transformer, optimizer, params, _streamer = fluxnb_setup(ckpt, dtype, opts)
+        transformer, optimizer, params, configs = fluxnb_setup(ckpt, dtype, opts, plan)
         step_fn = fluxnb_step
     load_s = time.perf_counter() - t0
     accelerator = Accelerator(mixed_precision=dtype_name)
@@ -171,6 +189,9 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     transformer.train()
     torch.cuda.synchronize()
     load_peak = torch.cuda.max_memory_allocated() / GiB
+    if plan is not None:  # the budget from here on (loading straight to CPU RAM is issue 13's: not capped here)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(float(opts["budget"]) * GiB / total)
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     after_load = torch.cuda.memory_allocated() / GiB
     rows = []
@@ -190,17 +211,34 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        adjusted = None
         for i in range(warmup + steps):
+            if i == 1 and plan is not None and adjusted is None:  # the first step measured: fit the budget
+                adjusted = fit_once(transformer, configs, tokens_of(name), None)
             if i == warmup:  # compile and allocator warm-up are over: the peak of the steady state from here
                 torch.cuda.synchronize()
                 warmup_peak = torch.cuda.max_memory_allocated() / GiB
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            one_step()
+            try:
+                one_step()
+                out_of_memory = False
+            except torch.cuda.OutOfMemoryError:
+                if i or plan is None:
+                    raise
+                out_of_memory = True  # handled below, once the failed step's frames (and tensors) are gone
+            if out_of_memory:  # the first step did not fit: one notch down (as if 1 GiB over), then again
+                del losses[:], grad_norms[:]
+                optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                adjusted = fit_once(transformer, configs, tokens_of(name), float(opts["budget"]) + 1)
+                adjusted = {"after_out_of_memory": True, **(adjusted or {})}
+                one_step()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         peak, reserved = torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
-        if profile:
+        if profile or "profile" in opts:
             print_profile(one_step, f"{impl} {name}")
         rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,
                      "s_per_step": statistics.median(times), "s_min": min(times),
@@ -209,10 +247,27 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                      "warmup_peak_gib": warmup_peak,
                      "load_s": load_s, "losses_finite": all(math.isfinite(x) for x in losses),
                      "last_loss": losses[-1], "grad_norms_finite": all(math.isfinite(g) for g in grad_norms),
-                     "grad_norms": [round(g, 5) for g in grad_norms[:5]]})
+                     "grad_norms": [round(g, 5) for g in grad_norms[:5]], "first_losses": losses[:micro_steps],
+                     "plan": plan, "adjusted": adjusted})
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows
+
+
+def tokens_of(case: str) -> int:
+    width, height, tokens, _ = CASES[case]
+    return (width // 16) * (height // 16) + tokens
+
+
+def fit_once(transformer, configs, tokens: int, peak: float | None):
+    """fluxnb.train.speed.fit_budget, as the training loop calls it after the first optimizer step."""
+    from fluxnb.train import speed
+
+    model, train, hw = configs
+    fitted = speed.fit_budget(transformer, model, train, hw, tokens, peak)
+    if fitted is None:
+        return None
+    return {"offload_blocks": fitted[0].offload_blocks, "keep_activations": fitted[1].keep_activations}
 
 
 def print_profile(one_step, title: str) -> None:
@@ -229,6 +284,13 @@ def print_profile(one_step, title: str) -> None:
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # GPU-side events only
     gpu = sum(e.device_time for e in kernels) / 2 / 1e6
     print(f"PROFILE {title}: wall {wall:.3f} s/step (profiled), GPU busy {gpu:.3f} s/step ({100 * gpu / wall:.0f}%)")
+    families: dict[str, float] = {}  # which attention kernels really ran (cuDNN's are meant to be excluded)
+    for e in kernels:
+        name = e.name.lower()
+        family = next((f for f in ("cudnn", "flash", "fmha", "efficient", "gemm", "kdequant", "optimizer", "adam")
+                       if f in name), "other")
+        families[family] = families.get(family, 0.0) + e.device_time / 2 / 1e6
+    print(f"PROFILE families {title}: " + json.dumps({k: round(v, 4) for k, v in sorted(families.items())}))
     print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
 
 
@@ -285,7 +347,11 @@ def main() -> None:
             print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("RESULT ")), flush=True)
             rows += json.loads(result[-1][len("RESULT "):])
             print(f"{impl}/{dtype_name}: done", flush=True)
+            write_report(args, cases, rows, quiet=True)
+    write_report(args, cases, rows)
 
+
+def write_report(args, cases: list[str], rows: list[dict], quiet: bool = False) -> None:
     table = []
     for case in cases:  # list "reference" twice (first and last) to bracket the machine's drift; the mean is used
         refs = [r for r in rows if r["case"] == case and r["impl"] == "reference"]
@@ -308,6 +374,8 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], path.name).write_text(path.read_text())
+    if quiet:
+        return
     print(f"\n{'case':<22}{'impl':<28}{'ref s':>8}{'fluxnb s':>10}{'speedup':>9}{'ref GiB':>9}{'fluxnb GiB':>11}")
     for r in table:
         print(f"{r['name']:<22}{r['impl']:<28}{r['ref_s_per_step']:>8.3f}{r['fluxnb_s_per_step']:>10.3f}"

@@ -166,7 +166,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
-    compile: str = "auto"  # torch.compile each transformer block: "auto" = on CUDA GPUs with Triton (fluxnb.speed)
+    keep_activations: int = 0  # the last blocks (of 57) that keep their activations rather than being checkpointed
+    memory_budget_gib: float = 0.0  # the GPU memory the layout was planned for (fluxnb.budget; 0 = none)
+    compile: str = "auto"  # torch.compile the blocks: "auto" = on CUDA GPUs with Triton, capability >= 8.0
     seed: int = 0
     sample_every: int = 100  # optimizer steps between validation sample grids (0 = never)
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
@@ -185,6 +187,10 @@ class TrainConfig:
         _check_positive("logit_std", self.logit_std)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("compile", self.compile, COMPILE_MODES)
+        keep, gib = self.keep_activations, self.memory_budget_gib
+        _check(isinstance(keep, int) and keep >= 0,
+               f"keep_activations must be an integer >= 0 (0 = every block checkpointed), got {keep!r}.")
+        _check(isinstance(gib, (int, float)) and gib >= 0, f"memory_budget_gib must be a number >= 0, got {gib!r}.")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}.")

@@ -93,7 +93,7 @@ def default_config(hw: Hardware) -> RunConfig:
     if hw.profile != "tiny":
         from . import presets  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
 
-        return presets.apply(RunConfig(profile="real"), presets.pick(hw))
+        return presets.apply(RunConfig(profile="real"), presets.pick(hw), hw)
     from .tiny import ensure_tiny
 
     assets = ensure_tiny()

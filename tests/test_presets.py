@@ -21,32 +21,49 @@ def test_preset_follows_gpu_memory(gpu, gib, expected):
     assert presets.pick(_hw(gpu, gib)) == expected
 
 
+GPUS = {"8-12gb": ("RTX 3060", 12.0), "t4-16gb": ("Tesla T4", 14.7, (7, 5)), "4090-24gb": ("RTX 4090", 23.6),
+        "h100-80gb": ("H100", 79.2, (9, 0))}
+
+
 def test_every_preset_is_a_valid_config_and_recognisable():
-    gpus = {"8-12gb": ("RTX 3060", 12.0), "t4-16gb": ("Tesla T4", 15.6), "4090-24gb": ("RTX 4090", 23.6),
-            "h100-80gb": ("H100", 79.2)}
-    for name, preset in presets.PRESETS.items():
-        cfg = presets.apply(RunConfig(), name)  # validated by RunConfig.replace
-        assert presets.matching(cfg, _hw(*gpus[name])) == name
-        assert cfg.lora == RunConfig().lora  # presets change how the base is held, not the LoRA
+    for name in presets.PRESETS:
+        hw = _hw(*GPUS[name])
+        cfg = presets.apply(RunConfig(), name, hw)  # validated by RunConfig.replace
+        assert presets.matching(cfg, hw) == name
+        assert cfg.lora == RunConfig().lora and cfg.model.quantization == "nf4"  # same LoRA, same NF4 base
+        assert cfg.train.batch_size * cfg.train.gradient_accumulation_steps == 4  # the blog's 4 samples per step
+        assert cfg.train.compile == "auto" and cfg.train.memory_budget_gib == presets.budget_for(name, hw)
     blog = RunConfig()  # the blog's own 4090 run: batch 1 x 4 accumulation, NF4
     fast = presets.apply(blog, "4090-24gb")
-    assert fast.model == blog.model and fast.train.compile == "auto"
     assert (fast.train.batch_size, fast.train.gradient_accumulation_steps) == (4, 1)  # same 4 samples per step
-    assert fast.replace(train={"batch_size": 1, "gradient_accumulation_steps": 4}) == blog
-    assert presets.apply(RunConfig(), "h100-80gb").model.quantization == "nf4"
-    assert presets.apply(RunConfig(), "8-12gb").model.offload_blocks == 57
+    assert fast.replace(train={"batch_size": 1, "gradient_accumulation_steps": 4, "keep_activations": 0,
+                               "optimizer": "adamw8bit", "memory_budget_gib": 0.0},
+                        model={"offload_blocks": 0}) == blog
 
 
-@pytest.mark.parametrize("preset, gpu, size, batch", [
-    ("t4-16gb", ("Tesla T4", 15.6), (512, 768), 4), ("t4-16gb", ("Tesla T4", 15.6), (512, 512), 4),
-    ("t4-16gb", ("Tesla T4", 15.6), (768, 768), 2), ("t4-16gb", ("Tesla T4", 15.6), (1024, 1024), 1),
-    ("8-12gb", ("RTX 3060", 12.0), (1024, 1024), 1), ("4090-24gb", ("RTX 4090", 23.6), (512, 768), 4),
-    ("4090-24gb", ("RTX 4090", 23.6), (1024, 1024), 2), ("h100-80gb", ("H100", 79.2), (1536, 1536), 1)])
-def test_bigger_images_trade_batch_for_accumulation(preset, gpu, size, batch):
-    """Activation memory grows with the image tokens in a batch; each preset caps them (measured levels)."""
-    cfg = presets.apply(RunConfig().replace(data={"width": size[0], "height": size[1]}), preset)
+def test_presets_are_named_budgets_filled_by_the_policy():
+    """Bigger budgets buy speed in the policy's order: batch, then kept activations, then resident blocks."""
+    small, t4, big, h100 = (presets.apply(RunConfig(), n) for n in ("8-12gb", "t4-16gb", "4090-24gb", "h100-80gb"))
+    assert small.model.offload_blocks == t4.model.offload_blocks == big.model.offload_blocks == 57
+    assert small.train.keep_activations < t4.train.keep_activations < big.train.keep_activations < 57
+    assert h100.model.offload_blocks == 0 and not h100.train.gradient_checkpointing  # all resident, no recompute
+    assert {c.train.optimizer for c in (small, t4, big, h100)} == {"adamw"}  # 8-bit state would save 27 MiB
+    assert presets.budget_for("h100-80gb", _hw("L40S", 44.4)) == 44.4  # a 48 GB card plans for its own memory
+
+
+def test_t4_preset_says_compile_stays_off_there():
+    assert "torch.compile stays off on a T4" in presets.PRESETS["t4-16gb"].description
+
+
+@pytest.mark.parametrize("preset, size, batch", [
+    ("t4-16gb", (512, 768), 4), ("t4-16gb", (1024, 1024), 4), ("8-12gb", (1024, 1024), 1),
+    ("8-12gb", (768, 768), 2), ("4090-24gb", (1536, 1536), 2), ("h100-80gb", (1536, 1536), 4)])
+def test_bigger_images_trade_batch_for_accumulation(preset, size, batch):
+    """Activation memory grows with the image tokens in a batch; the policy lowers the batch when it must."""
+    hw = _hw(*GPUS[preset])
+    cfg = presets.apply(RunConfig().replace(data={"width": size[0], "height": size[1]}), preset, hw)
     assert cfg.train.batch_size == batch and batch * cfg.train.gradient_accumulation_steps == 4
-    assert presets.matching(cfg, _hw(*gpu)) == preset
+    assert presets.matching(cfg, hw) == preset
 
 
 def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
@@ -56,7 +73,7 @@ def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
     monkeypatch.delenv("FLUXNB_PROFILE", raising=False)
     run = open_run(tmp_path / "run", verbose=False)
     assert run.hw.dtype == torch.float16 and presets.matching(run.config, run.hw) == "t4-16gb"
-    assert run.config.model.quantization == "nf4" and run.config.train.optimizer == "adamw8bit"
+    assert run.config.model.quantization == "nf4" and run.config.train.memory_budget_gib == 14.7
 
 
 def test_a_config_no_preset_matches_is_custom():
@@ -66,12 +83,13 @@ def test_a_config_no_preset_matches_is_custom():
 def test_form_applies_a_preset_and_edits_the_config():
     import ipywidgets as W
 
-    cfg = presets.apply(RunConfig(), "4090-24gb")
-    form = training_form(cfg, _hw("RTX 4090", 23.6))
-    chooser = form.children[0]
-    assert chooser.value == "4090-24gb"
-    chooser.value = "h100-80gb"
-    assert cfg.model.quantization == "nf4" and cfg.train.optimizer == "adamw"
+    hw = _hw("H100", 79.2)
+    cfg = presets.apply(RunConfig(), "4090-24gb", hw)
+    form = training_form(cfg, hw)
+    chooser, note = form.children[0], form.children[1]
+    assert chooser.value == "4090-24gb" and "activations kept" in note.value  # the plan's table, with reasons
+    chooser.value = "h100-80gb"  # 79.2 GiB: every block resident, none recomputed
+    assert cfg.model.offload_blocks == 0 and cfg.train.keep_activations == 57 and "57 of 57" in note.value
     forms = form.children[2].children
     rank = next(w for w in forms[0].children if isinstance(w, W.IntText) and w.description == "rank")
     rank.value = 8

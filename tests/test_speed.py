@@ -79,3 +79,78 @@ def test_config_checks_the_new_settings():
         ModelConfig(offload_blocks=-1)
     with pytest.raises(ConfigError, match="compile='yes' is not supported; choose one of auto, on, off"):
         TrainConfig(compile="yes")
+
+
+@pytest.mark.parametrize("kept", [1, 2])
+def test_checkpointing_only_some_blocks_gives_the_plain_steps_loss_and_gradients(tiny_assets, kept):
+    """The budget policy's mix: the last `kept` blocks keep their activations, the others are checkpointed."""
+    plain, mixed = model(str(tiny_assets.model)), model(str(tiny_assets.model))
+    train = TrainConfig(compile="off", keep_activations=kept)
+    speed.prepare(mixed, ModelConfig(), train, HW, verbose=False)
+    expected, got = loss(plain), loss(mixed)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    want, have = grads(plain), grads(mixed)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _saved_bytes(transformer) -> int:
+    """Bytes autograd keeps for the backward pass of one loss (checkpointing keeps fewer)."""
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss(transformer)
+    return sum(kept)
+
+
+def test_kept_activations_sit_between_full_checkpointing_and_none(tiny_assets):
+    transformer = model(str(tiny_assets.model))
+    saved = []
+    for train in (TrainConfig(compile="off"), TrainConfig(compile="off", keep_activations=1),
+                  TrainConfig(compile="off", keep_activations=2), TrainConfig(compile="off", keep_activations=3),
+                  TrainConfig(compile="off", gradient_checkpointing=False)):
+        speed.prepare(transformer, ModelConfig(), train, HW, verbose=False)
+        saved.append(_saved_bytes(transformer))
+    assert saved[0] < saved[1] < saved[2] < saved[3] == saved[4]  # 3 = all of the tiny model's blocks
+
+
+def test_compile_auto_is_off_below_capability_8():
+    from unittest import mock
+
+    t4 = Hardware("real", torch.device("cuda"), torch.float16, GPUInfo("Tesla T4", (7, 5), 14.7), "test")
+    a100 = Hardware("real", torch.device("cuda"), torch.bfloat16, GPUInfo("A100", (8, 0), 39.4), "test")
+    with mock.patch.object(speed, "compile_available", lambda hw: True):  # as on a Linux CUDA machine
+        assert not speed.use_compile(TrainConfig(), t4) and speed.use_compile(TrainConfig(compile="on"), t4)
+        assert speed.use_compile(TrainConfig(), a100)
+
+
+def test_fit_budget_moves_one_notch_toward_memory(tiny_assets):
+    transformer = model(str(tiny_assets.model))
+    m, t = ModelConfig(), TrainConfig(compile="off", keep_activations=3, batch_size=4, memory_budget_gib=6.0)
+    speed.prepare(transformer, m, t, HW, verbose=False)
+    assert not transformer.is_gradient_checkpointing  # all 3 of the tiny model's blocks keep their activations
+    assert speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=5.0) is None  # under 6 - 0.3: stays
+    _, fitted = speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=6.0)  # 0.3 over: two blocks fewer
+    assert fitted.keep_activations == 1 and transformer.is_gradient_checkpointing
+    frugal = TrainConfig(keep_activations=0, memory_budget_gib=6.0)
+    assert speed.fit_budget(transformer, m, frugal, HW, 1613, 9.0) is None  # nothing left to give back
+    with torch.no_grad():
+        assert torch.isfinite(loss(transformer))
+
+
+def test_attention_keeps_cudnn_for_nf4_and_excludes_it_for_the_models_it_crashed():
+    import contextlib
+
+    gpu = Hardware("real", torch.device("cuda"), torch.bfloat16, GPUInfo("H100", (9, 0), 79.2), "test")
+    assert isinstance(speed.attention_backends(gpu), contextlib.nullcontext)  # NF4: PyTorch's own choice
+    assert isinstance(speed.attention_backends(HW, "fp8"), contextlib.nullcontext)  # CPU: nothing to choose
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with speed.attention_backends(gpu, "none"):
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -1,17 +1,19 @@
-"""Notebook 03's settings form: a hardware preset chooser above the LoRA, training and resolution fields.
+"""Notebook 03's settings form: a hardware preset chooser, the layout its memory budget chose and why (one
+short table), then the LoRA, training and resolution fields.
 
-The presets themselves (policy) are fluxnb.presets; this is only their form.
+The presets and the budget policy are fluxnb.presets and fluxnb.budget; this is only their form.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import ipywidgets as W
 
 from ..config import LORA_PRESETS, RunConfig
 from ..hardware import Hardware
-from ..presets import PRESETS, TINY, apply_in_place, matching
+from ..presets import PRESETS, TINY, apply_in_place, matching, plan
 from .widgets import config_form
 
 TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
@@ -29,8 +31,12 @@ def training_form(config: RunConfig, hw: Hardware):
 
     def refresh(*_: Any) -> None:
         if chooser.value in PRESETS or chooser.value == TINY:
-            apply_in_place(config, chooser.value)
-        note.value = f"<i>{PRESETS[chooser.value].description if chooser.value in PRESETS else hw.describe()}</i>"
+            apply_in_place(config, chooser.value, hw)
+        if chooser.value in PRESETS:
+            description = html.escape(PRESETS[chooser.value].description)
+            note.value = f"<i>{description}</i>" + plan_table(config, chooser.value, hw)
+        else:
+            note.value = f"<i>{html.escape(hw.describe())}</i>"
         forms.children = [
             config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
                         choices={"targets": (*LORA_PRESETS, *([config.lora.targets]
@@ -43,3 +49,11 @@ def training_form(config: RunConfig, hw: Hardware):
     chooser.observe(refresh, names="value")
     refresh()
     return W.VBox([chooser, note, forms])
+
+
+def plan_table(config: RunConfig, name: str, hw: Hardware) -> str:
+    """The budget policy's choice for this preset, as an HTML table: setting, chosen, why."""
+    chosen = plan(config, name, hw)
+    rows = "".join(f"<tr><td>{a}</td><td><b>{html.escape(b)}</b></td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in chosen.rows())
+    return f"<table><tr><th>budget {chosen.budget_gib:g} GiB</th><th>chosen</th><th>why</th></tr>{rows}</table>"

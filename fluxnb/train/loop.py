@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import memory
+from ..budget import tokens_per_sample
 from ..data import latents
 from ..errors import FluxnbError
 from ..hub_errors import hub_errors
@@ -226,7 +227,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     latent, table, scheduler = load_scales(run)
     sampler = make_sampler(run, scheduler)
 
-    with cpu_threads(hw), speed.attention_backends(hw):
+    with cpu_threads(hw), speed.attention_backends(hw, cfg.model.quantization):
         model = transformer if transformer is not None else prepare_transformer(run)
         accelerator = Accelerator(mixed_precision=MIXED_PRECISION[hw.dtype], cpu=hw.device.type == "cpu",
                                   gradient_accumulation_steps=tc.gradient_accumulation_steps)
@@ -262,6 +263,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
             while state.step < target:
                 loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
                                                  result.checkpoint)
+                if state.step == result.step + 1:  # this call's first step measured the peak: fit the budget once
+                    speed.fit_budget(model, cfg.model, tc, hw, tokens_per_sample(cfg.data.width, cfg.data.height,
+                                                                                 cfg.data.max_sequence_length))
                 result.losses.append(loss)
                 if main:
                     row = {"step": state.step, "loss": loss, "lr": state.lr, "grad_norm": grad_norm,

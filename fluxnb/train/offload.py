@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..budget import pick_blocks  # the policy estimates memory with the same choice of blocks
+
 __all__ = ["BlockStreamer", "stream_blocks", "transformer_blocks"]
 
 
@@ -185,12 +187,6 @@ class BlockStreamer:
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.parts.clear()
-
-
-def pick_blocks(total: int, count: int) -> list[int]:
-    """`count` of `total` block indices, spread evenly, so each transfer has resident blocks' compute to hide in."""
-    count = min(max(count, 0), total)
-    return sorted({round(k * total / count) for k in range(count)}) if count else []
 
 
 def stream_blocks(transformer, count: int) -> BlockStreamer:

@@ -1,0 +1,191 @@
+"""The memory-budget policy: the fastest training layout of NF4 FLUX.1-dev that fits a GPU memory budget.
+
+    plan = choose(14.7, width=512, height=768)     # a T4's memory, as torch reports it
+    plan.settings()   # -> model.offload_blocks, train.batch_size / accumulation / keep_activations / optimizer
+    print(plan.table())                            # what was chosen and why (notebook 03)
+
+Per block of the 57, three choices: its frozen weights resident on the GPU or streamed from CPU RAM
+(fluxnb.train.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
+and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs fitted to the peaks
+measured at 512x768 and 1024x1024 (BENCHMARKS.md): weights are NF4 bytes (0.5 + 4/64 per parameter); a
+checkpointed block keeps its two inputs (6 KiB per token), a block that keeps its activations ~88 KiB per
+token; one block's activations are rebuilt at a time during the backward pass; the rest (LoRA, optimizer,
+embeddings, the output layers, gradients in flight) grows with the tokens of a batch. Speed, as measured: a
+recomputed block costs about a third of its forward pass, a streamed block almost nothing at batch 4 (its copy
+hides behind the compute), a smaller batch a lot. So the policy takes the largest batch that fits with every
+block streamed and checkpointed, then spends what is left on kept activations (the last blocks, whose backward
+runs first), then on resident blocks. The first optimizer step measures the real peak; `adjust` moves one notch
+toward memory if it is over (fluxnb.train.speed.fit_budget).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .config import LORA_PRESETS, LoRAConfig
+
+GiB = 2**30
+SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
+DOUBLE, SINGLE = 19, 38  # FLUX.1-dev's double- and single-stream blocks, in the order they run
+WIDTH = 3072  # FLUX.1-dev's hidden size
+# FLUX.1-dev's Linear layers per block: name -> (in, out) features.
+DOUBLE_LINEARS = {"norm1.linear": (3072, 18432), "norm1_context.linear": (3072, 18432),
+                  **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                          "add_v_proj", "to_out.0", "to_add_out")},
+                  "ff.net.0.proj": (3072, 12288), "ff.net.2": (12288, 3072),
+                  "ff_context.net.0.proj": (3072, 12288), "ff_context.net.2": (12288, 3072)}
+SINGLE_LINEARS = {"norm.linear": (3072, 9216), "proj_mlp": (3072, 12288), "proj_out": (15360, 3072),
+                  **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v")}}
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights
+# Fitted to the measured peaks (BENCHMARKS.md, "Memory-budget policy"), per token = image + text tokens of a batch.
+CHECKPOINTED_GIB_PER_TOKEN = 2 * WIDTH / GiB  # the block's input, bf16
+KEPT_GIB_PER_TOKEN = 8.61e-5  # everything a block's backward needs, kept (~88 KiB per token)
+BASE_GIB, BASE_GIB_PER_TOKEN = 0.17, 3.83e-4  # LoRA + optimizer + everything outside the blocks
+ADAMW8BIT_SAVES = 6  # bytes per LoRA parameter: fp32 Adam moments (8 B) vs 8-bit ones (2 B)
+
+
+def block_gib() -> list[float]:
+    """NF4 weights of each of the 57 blocks, in GiB (a double-stream block is 2.4 times a single-stream one)."""
+    double = sum(i * o for i, o in DOUBLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
+    single = sum(i * o for i, o in SINGLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
+    return [double] * DOUBLE + [single] * SINGLE
+
+
+def pick_blocks(total: int, count: int) -> list[int]:
+    """`count` of `total` block indices, spread evenly, so each transfer has resident blocks' compute to hide in."""
+    count = min(max(count, 0), total)
+    return sorted({round(k * total / count) for k in range(count)}) if count else []
+
+
+def lora_params(lora: LoRAConfig) -> int:
+    """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear."""
+    targets = LORA_PRESETS.get(lora.targets, lora.targets)
+    if isinstance(targets, str) and targets != "all-linear" and lora.targets not in LORA_PRESETS:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+
+    def adapted(name: str) -> bool:
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):  # peft: a regex of the whole module name
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    total = 0
+    for prefix, count, linears in (("transformer_blocks", DOUBLE, DOUBLE_LINEARS),
+                                   ("single_transformer_blocks", SINGLE, SINGLE_LINEARS)):
+        total += count * sum(i + o for n, (i, o) in linears.items() if adapted(f"{prefix}.0.{n}"))
+    return total * lora.rank
+
+
+def margin_gib(budget: float) -> float:
+    """Headroom left under the budget for the allocator's fragmentation (reserved above allocated)."""
+    return max(0.3, 0.03 * budget)
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch: int
+    streamed: int  # blocks whose frozen weights stream from CPU RAM (spread by pick_blocks)
+    kept: int  # the last blocks, which keep their activations instead of being checkpointed
+
+    def peak_gib(self, tokens: int) -> float:
+        """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
+        sizes, bt = block_gib(), self.batch * tokens
+        streamed = set(pick_blocks(len(sizes), self.streamed))
+        weights = sum(s for i, s in enumerate(sizes) if i not in streamed)
+        in_flight = max((sizes[i] for i in streamed), default=0.0)  # the block being copied in
+        checkpointed = len(sizes) - self.kept
+        rebuilt = max(self.kept, 1 if checkpointed else 0)  # kept blocks' backward first, then one rebuilt at a time
+        activations = bt * (checkpointed * CHECKPOINTED_GIB_PER_TOKEN + rebuilt * KEPT_GIB_PER_TOKEN)
+        return BASE_GIB + BASE_GIB_PER_TOKEN * bt + weights + in_flight + activations
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget_gib: float
+    tokens: int  # per sample
+    layout: Layout
+    optimizer: str
+    fits: bool
+    lora_params: int
+
+    @property
+    def estimate_gib(self) -> float:
+        return self.layout.peak_gib(self.tokens)
+
+    def settings(self) -> dict[str, dict]:
+        """The config fields this plan sets: {"model": {...}, "train": {...}}."""
+        lay = self.layout
+        return {"model": {"offload_blocks": lay.streamed},
+                "train": {"batch_size": lay.batch, "gradient_accumulation_steps": SAMPLES_PER_STEP // lay.batch,
+                          "gradient_checkpointing": lay.kept < len(block_gib()), "keep_activations": lay.kept,
+                          "optimizer": self.optimizer, "memory_budget_gib": self.budget_gib}}
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(setting, chosen, why) for notebook 03's table."""
+        lay, n = self.layout, len(block_gib())
+        saved = ADAMW8BIT_SAVES * self.lora_params / GiB
+        fit = (f"estimated peak {self.estimate_gib:.1f} GiB of {self.budget_gib:.1f}" if self.fits else
+               f"estimated peak {self.estimate_gib:.1f} GiB: over the {self.budget_gib:.1f} GiB budget even so")
+        return [
+            ("batch", f"{lay.batch} x {SAMPLES_PER_STEP // lay.batch} accumulation",
+             "the largest batch that fits: one pass over 4 samples costs far less than 4 passes over 1"),
+            ("activations kept", f"{lay.kept} of {n} blocks (the rest recomputed)",
+             "each kept block saves its recompute (~1/3 of its forward pass) for ~88 KiB per token"),
+            ("weights streamed", f"{lay.streamed} of {n} blocks from CPU RAM",
+             "streaming costs little at batch 4 (the copy hides behind compute), so memory goes to activations first"),
+            ("optimizer", self.optimizer,
+             f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
+             + (": not worth its slower step" if self.optimizer == "adamw" else "")),
+            ("memory", fit, f"budget minus {margin_gib(self.budget_gib):.1f} GiB for the allocator's fragmentation"),
+        ]
+
+    def table(self) -> str:
+        rows = [("setting", "chosen", "why"), *self.rows()]
+        width = [max(len(r[i]) for r in rows) for i in range(2)]
+        return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows)
+
+
+def tokens_per_sample(width: int, height: int, text_tokens: int) -> int:
+    return (width // 16) * (height // 16) + text_tokens  # FLUX packs 2x2 latent patches of the VAE's /8 latents
+
+
+def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
+           lora: LoRAConfig | None = None) -> Plan:
+    """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order)."""
+    tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
+    usable = budget_gib - margin_gib(budget_gib)
+    params = lora_params(lora or LoRAConfig())
+    optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
+    for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
+        if Layout(batch, n, 0).peak_gib(tokens) > usable:
+            continue
+        kept = _most(lambda k: Layout(batch, n, k).peak_gib(tokens) <= usable, n)
+        # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
+        # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
+        resident = _most(lambda r: Layout(batch, n - r, kept).peak_gib(tokens) <= usable - margin_gib(budget_gib), n)
+        return Plan(budget_gib, tokens, Layout(batch, n - resident, kept), optimizer, True, params)
+    return Plan(budget_gib, tokens, Layout(1, n, 0), optimizer, False, params)
+
+
+def _most(ok, top: int) -> int:
+    """The largest k in 0..top with ok(k) (ok is monotone: True up to some k, then False)."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def adjust(layout: Layout, peak_gib: float, budget_gib: float, tokens: int) -> Layout | None:
+    """One notch toward memory when a measured peak is over the budget's usable part, else None: fewer kept
+    activations, enough to cover the excess by the estimate's per-block cost, and one more. (Kept activations are
+    always spent before resident blocks, and one kept block is free, so a plan over budget has some to give back;
+    the batch and the streamed blocks stay: changing those means another data loader or a weight reload.)"""
+    excess = peak_gib - (budget_gib - margin_gib(budget_gib))
+    if excess <= 0 or not layout.kept:
+        return None
+    per_kept = layout.batch * tokens * (KEPT_GIB_PER_TOKEN - CHECKPOINTED_GIB_PER_TOKEN)
+    return Layout(layout.batch, layout.streamed, max(0, layout.kept - math.ceil(excess / per_kept) - 1))

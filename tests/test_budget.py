@@ -1,0 +1,57 @@
+"""fluxnb.budget: the memory estimate reproduces the measured peaks it was fitted to, and the policy spends a
+bigger budget in its order (batch, kept activations, resident blocks). No GPU: the numbers are BENCHMARKS.md's."""
+
+import pytest
+
+from fluxnb import budget
+from fluxnb.config import LoRAConfig
+
+SMALL, LARGE = budget.tokens_per_sample(512, 768, 77), budget.tokens_per_sample(1024, 1024, 512)
+
+
+@pytest.mark.parametrize("tokens, layout, measured", [  # (batch, streamed, kept) -> peak GiB, H100/H200 runs
+    (SMALL, (4, 0, 0), 11.48), (SMALL, (4, 57, 0), 5.43), (SMALL, (4, 0, 57), 40.5), (SMALL, (4, 57, 57), 34.4),
+    (SMALL, (4, 57, 1), 5.45), (SMALL, (2, 57, 0), 2.91), (SMALL, (1, 57, 0), 1.63),
+    (LARGE, (1, 0, 0), 10.08), (LARGE, (1, 57, 0), 4.02), (LARGE, (2, 57, 0), 7.68)])
+def test_estimate_matches_the_measured_peaks(tokens, layout, measured):
+    assert budget.Layout(*layout).peak_gib(tokens) == pytest.approx(measured, abs=0.1)
+
+
+def test_block_weights_and_lora_size_are_flux_dev_s():
+    sizes = budget.block_gib()
+    assert len(sizes) == 57 and sum(sizes) == pytest.approx(6.2, abs=0.01)  # NF4 of the 57 blocks' 11.8 B
+    assert budget.lora_params(LoRAConfig()) == 4_669_440  # r4 on to_q/k/v/out.0 (notebook 03's count)
+    assert budget.lora_params(LoRAConfig(targets="to_q")) == 57 * 4 * 6144
+    assert budget.lora_params(LoRAConfig(targets="single-blocks")) > 0
+
+
+def test_a_bigger_budget_buys_speed_in_order():
+    plans = [budget.choose(gib) for gib in (2.0, 6.0, 14.7, 23.6, 80.0)]
+    assert [p.layout.batch for p in plans] == [1, 4, 4, 4, 4]  # 2 GiB: batch 1 x 4 is what fits
+    kept = [p.layout.kept for p in plans]
+    assert kept == sorted(kept) and kept[-1] == 57 and plans[-1].layout.streamed == 0
+    assert all(p.fits and p.estimate_gib <= p.budget_gib - budget.margin_gib(p.budget_gib) for p in plans)
+    assert not budget.choose(1.0).fits  # nothing fits: the most frugal layout, flagged
+    assert budget.choose(8.0, 1024, 1024, 512).layout.batch == 2  # 1024x1024 with 512 text tokens: 2 x 2
+
+
+def test_fused_adamw_unless_8bit_state_saves_a_percent():
+    assert budget.choose(6.0).optimizer == "adamw"  # 27 MiB of 6 GiB
+    big = LoRAConfig(rank=128, targets="all-linear")  # ~1.2 B parameters: 8-bit state saves ~7 GiB
+    assert budget.choose(80.0, lora=big).optimizer == "adamw8bit"
+
+
+def test_adjust_gives_back_kept_activations_to_cover_the_excess():
+    plan = budget.choose(23.6)
+    assert budget.adjust(plan.layout, plan.estimate_gib, 23.6, SMALL) is None
+    lower = budget.adjust(plan.layout, 23.6, 23.6, SMALL)  # 0.7 GiB over the usable part
+    assert lower.kept < plan.layout.kept and lower.peak_gib(SMALL) < 23.6 - budget.margin_gib(23.6)
+    assert budget.adjust(budget.Layout(4, 57, 0), 99.0, 6.0, SMALL) is None  # nothing left to give back
+
+
+def test_plan_table_says_what_and_why():
+    plan = budget.choose(14.7)
+    table = plan.table()
+    assert [r[0] for r in plan.rows()] == ["batch", "activations kept", "weights streamed", "optimizer", "memory"]
+    assert "18 of 57" in table and "why" in table.splitlines()[0]
+    assert plan.settings()["train"]["keep_activations"] == plan.layout.kept
