@@ -112,6 +112,9 @@ def default_config(hw: Hardware) -> RunConfig:
 
 def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, verbose: bool = True) -> Run:
     """Detect hardware, then load `run_dir/config.json`, or create it with this machine's defaults."""
+    from .memory import start_peak_log
+
+    start_peak_log()  # only when FLUXNB_PEAKS_FILE is set (benchmarks/rehearsal.py)
     hw = detect(profile)
     run = RunDir(run_dir if run_dir is not None else default_run_dir(hw.profile))
     if run.config.is_file():
