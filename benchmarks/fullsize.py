@@ -95,10 +95,17 @@ def _save(name: str, model, folder: Path, started: float) -> None:
 def build_model(folder: Path, dims: dict = FULL, *, seed: int = 0, device: str = "cuda",
                 dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the FluxPipeline folder (model_index.json + every component) unless it is complete already."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxnb.tiny import _clip_tokenizer, _t5_tokenizer  # the tiny profile's local tokenizers
+    from fluxnb.tiny import (  # the tiny profile's local tokenizers
+        _clip_tokenizer,
+        _t5_tokenizer,
+    )
 
     if (folder / "model_index.json").is_file():
         return folder

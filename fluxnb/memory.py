@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -118,7 +119,7 @@ def free(*objs: Any) -> float:
 def proc_status(pid: int | str = "self") -> dict[str, float]:
     """VmRSS, VmHWM (peak RSS), RssAnon, RssFile, RssShmem of a process, GiB; {} where /proc is missing."""
     try:
-        lines = open(f"/proc/{pid}/status").read().splitlines()
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return {}
     keys = {"VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"}
@@ -128,7 +129,7 @@ def proc_status(pid: int | str = "self") -> dict[str, float]:
 
 def _written_gib() -> float:
     try:
-        io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
     except OSError:
         return 0.0
     return int(io["write_bytes"]) / GiB
@@ -193,11 +194,11 @@ def available_ram_gib() -> float:
     have = psutil.virtual_memory().available / GiB
     limits = [float(os.environ[HOST_MEMORY_ENV]) - proc_status().get("RssAnon", 0.0)] if os.environ.get(HOST_MEMORY_ENV) else []
     try:
-        group = open("/proc/self/cgroup").read().split("::", 1)[1].strip()  # cgroup v2: "0::/path"
-        root = f"/sys/fs/cgroup{group}"
-        limit = open(f"{root}/memory.max").read().strip()
+        group = Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip()  # cgroup v2: "0::/path"
+        root = Path(f"/sys/fs/cgroup{group}")
+        limit = (root / "memory.max").read_text().strip()
         if limit != "max":
-            stat = dict(line.split() for line in open(f"{root}/memory.stat").read().splitlines())
+            stat = dict(line.split() for line in (root / "memory.stat").read_text().splitlines())
             limits.append((int(limit) - int(stat["anon"])) / GiB)
     except (OSError, IndexError, KeyError, ValueError):
         pass

@@ -85,3 +85,16 @@ def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeyp
     kernel = result["kernel"]
     assert kernel["pid"] > 0 and 0 < kernel["host_RssAnon_gib"] <= kernel["host_VmHWM_gib"] < 11.5
     assert result["ok"] and result["disk_growth_mib"] > 0  # the embeddings it cached
+
+
+def test_dtype_set_in_the_config_takes_effect_on_save(tiny_assets, tmp_path):
+    """The supported way to compute in fp16 (a T4's only choice) on any machine: model.dtype, then run.save();
+    every loader reads run.hw.dtype, and the next notebook's open_run reads it from config.json."""
+    from fluxnb.run import open_run
+
+    run = open_run(tmp_path, profile="tiny", verbose=False)
+    assert run.hw.dtype == torch.float32
+    run.config.model.dtype = "fp16"
+    run.save()
+    assert run.hw.dtype == torch.float16
+    assert open_run(tmp_path, verbose=False).hw.dtype == torch.float16

@@ -35,7 +35,6 @@ from ..model.quant import bnb_config, load_transformer
 from ..run import Run
 from .sampling import load_lora
 
-
 SHARD_GIB = 2.0  # output shard size: the most the streaming fuse holds in host RAM at once
 NF4_BITS = 4.5  # 4-bit codes + one fp32 absmax per 64 weights (fluxnb.model.quant)
 
@@ -216,7 +215,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
         writer = _ShardWriter(tmp)
         for shard in sorted(base.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
                     writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model))
         writer.close()
         if quantize:
