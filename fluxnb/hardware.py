@@ -4,6 +4,10 @@
   H100), fp16 on a T4 / 20-series / V100 (7.x: no bf16 tensor cores).
 - "tiny": the offline tiny FLUX (fluxnb.tiny) on the CPU in fp32. Chosen with FLUXNB_PROFILE=tiny, and
   automatically when there is no CUDA GPU (FLUX.1-dev on 2 CPU cores would take days per step).
+
+A smaller GPU can be emulated on a bigger one: FLUXNB_GPU_MEMORY_GIB=14.7 caps this process's PyTorch allocations
+there (`torch.cuda.set_per_process_memory_fraction`) and makes fluxnb see a GPU of that size (presets, inference
+plan). benchmarks/rehearsal.py runs the notebooks that way inside the T4's, an 8 GB card's and a 4090's limits.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from .config import PROFILES
 from .errors import FluxnbError
 
 PROFILE_ENV = "FLUXNB_PROFILE"
+GPU_MEMORY_ENV = "FLUXNB_GPU_MEMORY_GIB"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -56,6 +61,23 @@ def cuda_info() -> GPUInfo | None:
     return GPUInfo(props.name, (props.major, props.minor), props.total_memory / 2**30)
 
 
+def gpu_limit(gpu: GPUInfo | None) -> GPUInfo | None:
+    """`gpu` as FLUXNB_GPU_MEMORY_GIB caps it (PyTorch's allocator then refuses more: an out-of-memory error like
+    the smaller card's), or unchanged when the variable is unset. Memory outside PyTorch's allocator (the CUDA
+    context, cuBLAS workspaces) is not capped."""
+    raw = os.environ.get(GPU_MEMORY_ENV, "").strip()
+    if gpu is None or not raw:
+        return gpu
+    try:
+        cap = float(raw)
+    except ValueError:
+        raise FluxnbError(f"{GPU_MEMORY_ENV}={raw!r} is not a number of GiB (e.g. 14.7); unset it to use the whole GPU.") from None
+    if not 0 < cap <= gpu.total_gib:
+        raise FluxnbError(f"{GPU_MEMORY_ENV}={raw} must be between 0 and this GPU's {gpu.total_gib:.1f} GiB.")
+    torch.cuda.set_per_process_memory_fraction(cap / gpu.total_gib, 0)
+    return GPUInfo(f"{gpu.name} capped at {cap:g} GiB", gpu.capability, cap)
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
@@ -65,7 +87,7 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
     if requested is not None and requested not in PROFILES:
         raise FluxnbError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
-    gpu = cuda_info()
+    gpu = gpu_limit(cuda_info())
     if requested == "tiny":
         profile_name, reason = "tiny", f"asked for ({PROFILE_ENV}=tiny or profile='tiny')"
     elif gpu is None and requested is None:

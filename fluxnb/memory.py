@@ -4,14 +4,24 @@
         ...
     print(m)                                # table; m.stats is the dict
     free(pipe)                              # really release a model, even if other names still point at it
+
+FLUXNB_PEAKS_FILE=peaks.json makes `start_peak_log` (called by every notebook's open_run) write this process's
+peaks there, refreshed every second and at exit: GPU allocated / reserved, host RSS split into anonymous and
+file-backed pages (/proc/self/status: mmap'd safetensors pages are file-backed and the kernel can drop them,
+anonymous memory it cannot), bytes written to disk. benchmarks/rehearsal.py reads them per notebook.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
+import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -19,6 +29,8 @@ import torch
 from diffusers.training_utils import free_memory
 
 GiB = 2**30
+PEAKS_ENV = "FLUXNB_PEAKS_FILE"
+HOST_MEMORY_ENV = "FLUXNB_HOST_MEMORY_GIB"  # emulate a machine with this much RAM (merge's check reads it)
 
 
 def snapshot() -> dict[str, float]:
@@ -59,6 +71,8 @@ def measure(title: str = "block") -> Iterator[Measurement]:
     """Measure one block: peak GPU memory inside it (peak counters are reset on entry), RSS after, seconds."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+        if _peak_log is not None:
+            _peak_log.sample()  # the process-wide peak, before this block's reset forgets it
         torch.cuda.reset_peak_memory_stats()
     result = Measurement(title)
     start = time.perf_counter()
@@ -119,3 +133,92 @@ def free(*objs: Any) -> Freed:
     free_memory()  # gc.collect() + empty the accelerator's cache
     after = torch.cuda.memory_allocated() if cuda else 0
     return Freed((before - after) / GiB, emptied / GiB, cuda)
+
+
+def proc_status(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS, VmHWM (peak RSS), RssAnon, RssFile, RssShmem of a process, GiB; {} where /proc is missing."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    keys = {"VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"}
+    fields = (line.split(":") for line in lines)
+    return {k: int(v.split()[0]) * 1024 / GiB for k, v in fields if k in keys}  # "123 kB"
+
+
+def _written_gib() -> float:
+    try:
+        io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    except OSError:
+        return 0.0
+    return int(io["write_bytes"]) / GiB
+
+
+class PeakLog(threading.Thread):
+    """Samples /proc/self/status and the CUDA peak counters every `every` seconds and keeps the maxima."""
+
+    def __init__(self, path: str | os.PathLike, every: float = 0.05) -> None:
+        super().__init__(daemon=True, name="fluxnb-peaks")
+        self.path, self.every, self.peaks, self.lock = str(path), every, {}, threading.Lock()
+        self.start_time, self.written_at_start = time.time(), _written_gib()
+
+    def sample(self) -> None:
+        now = {f"host_{k}_gib": v for k, v in proc_status().items()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            now |= {"gpu_allocated_gib": torch.cuda.max_memory_allocated() / GiB,
+                    "gpu_reserved_gib": torch.cuda.max_memory_reserved() / GiB}
+        with self.lock:
+            for k, v in now.items():
+                self.peaks[k] = max(v, self.peaks.get(k, 0.0))
+
+    def write(self) -> None:
+        self.sample()
+        with self.lock:
+            out = {"pid": os.getpid(), "seconds": time.time() - self.start_time,
+                   "disk_written_gib": _written_gib() - self.written_at_start, **self.peaks}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def run(self) -> None:
+        last = 0.0
+        while True:
+            time.sleep(self.every)
+            self.sample()
+            if time.time() - last > 1.0:
+                self.write()
+                last = time.time()
+
+
+_peak_log: PeakLog | None = None
+
+
+def start_peak_log() -> PeakLog | None:
+    """Start logging this process's peaks to $FLUXNB_PEAKS_FILE (once; nothing when it is unset)."""
+    global _peak_log
+    path = os.environ.get(PEAKS_ENV)
+    if not path or _peak_log is not None:
+        return _peak_log
+    _peak_log = PeakLog(path)
+    _peak_log.write()
+    _peak_log.start()
+    atexit.register(_peak_log.write)
+    return _peak_log
+
+
+def available_ram_gib() -> float:
+    """RAM this process can still get: the machine's available memory, less where a cgroup limit (a container, a
+    Colab-like envelope) or FLUXNB_HOST_MEMORY_GIB says less. File-backed pages count as free (they can be dropped)."""
+    have = psutil.virtual_memory().available / GiB
+    limits = [float(os.environ[HOST_MEMORY_ENV]) - proc_status().get("RssAnon", 0.0)] if os.environ.get(HOST_MEMORY_ENV) else []
+    try:
+        group = Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip()  # cgroup v2: "0::/path"
+        root = Path(f"/sys/fs/cgroup{group}")
+        limit = (root / "memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in (root / "memory.stat").read_text().splitlines())
+            limits.append((int(limit) - int(stat["anon"])) / GiB)
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+    return min([have, *limits])

@@ -29,7 +29,7 @@ from pathlib import Path
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 from .config import CONFIG_FILE, RunConfig
-from .hardware import Hardware, detect
+from .hardware import Hardware, detect, dtype_from_name
 
 RUN_DIR_ENV = "FLUXNB_RUN_DIR"
 LORA_FILE = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors": what load_lora_weights(folder) looks for
@@ -74,8 +74,12 @@ class Run:
         return self.dir.root
 
     def save(self) -> Path:
-        """Validate the (maybe widget-edited) config and write it to config.json."""
+        """Validate the (maybe widget-edited) config and write it to config.json. A changed model.dtype (e.g.
+        "fp16", what a T4 computes in) takes effect here, for the rest of this notebook too."""
         self.config = RunConfig.from_dict(self.config.to_dict())
+        wanted = self.config.model.dtype
+        if wanted != "auto" and dtype_from_name(wanted) != self.hw.dtype:
+            self.hw = detect(self.hw.profile, wanted)
         return self.config.save(self.dir.root)
 
 
@@ -91,7 +95,9 @@ def default_run_dir(profile: str) -> Path:
 def default_config(hw: Hardware) -> RunConfig:
     """The blog recipe for a GPU; for the tiny profile, the same recipe pointed at the offline tiny FLUX."""
     if hw.profile != "tiny":
-        from . import presets  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
+        from . import (
+            presets,  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
+        )
 
         return presets.apply(RunConfig(profile="real"), presets.pick(hw), hw)
     from .tiny import ensure_tiny
@@ -112,6 +118,9 @@ def default_config(hw: Hardware) -> RunConfig:
 
 def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, verbose: bool = True) -> Run:
     """Detect hardware, then load `run_dir/config.json`, or create it with this machine's defaults."""
+    from .memory import start_peak_log
+
+    start_peak_log()  # only when FLUXNB_PEAKS_FILE is set (benchmarks/rehearsal.py)
     hw = detect(profile)
     run = RunDir(run_dir if run_dir is not None else default_run_dir(hw.profile))
     if run.config.is_file():

@@ -6,6 +6,7 @@ import json
 from collections import namedtuple
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -224,7 +225,7 @@ def test_merge_fuses_in_full_precision_then_requantizes(run, unfused):
 
 def test_merge_refuses_without_enough_ram_before_loading(run, monkeypatch):
     memory = namedtuple("memory", "available")
-    monkeypatch.setattr(merge.psutil, "virtual_memory", lambda: memory(1024))  # the tiny transformer needs ~0.5 MB
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(1024))  # one shard of the tiny transformer: ~0.5 MB
     monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded anyway"))
     with pytest.raises(FluxnbError, match="merging needs"):
         merge.fuse_to_disk(run, run.dir.lora / LORA)

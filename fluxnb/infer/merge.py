@@ -3,13 +3,17 @@
     W' = W + scale * alpha / r * B @ A        for every adapted Linear, then NF4(W') for inference
 
 The merged model runs without adapter layers (a little faster, nothing extra in memory) and re-quantizes like
-any checkpoint. The order matters: the base is loaded in 16-bit (fp32 on the CPU), NOT in 4-bit, before fusing.
+any checkpoint. The order matters: the base is read in 16-bit (fp32 on the CPU), NOT in 4-bit, before fusing.
 Fusing into NF4 weights (peft's Linear4bit.merge) would compute NF4(dequant(NF4(W)) + dW): dW of a trained
 LoRA is ~1e-3 of W, far below NF4's step (~1/8 of a block's absmax), so most of it rounds away. Fusing in 16-bit
 and quantizing once, NF4(W + dW), keeps it the way any fine-tuned checkpoint is kept.
 
-    merged = fuse_to_disk(run, lora_file)              # RUN/merged/transformer/  (16-bit, diffusers layout)
-    transformer = load_merged(run)                     # NF4 again (BitsAndBytesConfig on CUDA, quant.py on CPU)
+The fuse streams: one tensor at a time is read from the base's safetensors shards (memory-mapped), fused, and
+(on a GPU) quantized to NF4 on the GPU, then appended to the output shard being written. So the host holds one
+output shard (SHARD_GIB) and one tensor, not the 24 GB bf16 transformer: it fits a free Colab's 12.7 GB.
+
+    merged = fuse_to_disk(run, lora_file)              # RUN/merged/transformer/: NF4 on a GPU, 16-bit elsewhere
+    transformer = load_merged(run)                     # NF4 (pre-quantized on disk, or quantized while loading)
 """
 
 from __future__ import annotations
@@ -21,20 +25,34 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import psutil
 import torch
 
 from ..errors import FluxnbError
 from ..files import atomic_write_text
 from ..hub_errors import hub_errors
-from ..memory import GiB
-from ..model.quant import load_transformer
+from ..memory import GiB, available_ram_gib
+from ..model.quant import bnb_config, load_transformer
 from ..run import Run
 from .sampling import load_lora
 
+SHARD_GIB = 2.0  # output shard size: the most the streaming fuse holds in host RAM at once
+NF4_BITS = 4.5  # 4-bit codes + one fp32 absmax per 64 weights (fluxnb.model.quant)
 
-def transformer_gib(run: Run, dtype: torch.dtype) -> float:
-    """Size of the base transformer in `dtype`, from its config alone (an empty model on the meta device)."""
+
+def _base_folder(run: Run) -> Path:
+    """The base transformer's local folder (config.json + safetensors shards); downloads only transformer/."""
+    model = run.config.model
+    local = Path(model.model_id).expanduser()
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+
+        with hub_errors(model.model_id):
+            local = Path(snapshot_download(model.model_id, revision=model.revision, allow_patterns=["transformer/*"]))
+    return local / "transformer"
+
+
+def transformer_gib(run: Run, dtype: torch.dtype | None = None, *, bits: float | None = None) -> float:
+    """Size of the base transformer in `dtype` (or at `bits` per weight), from its config alone (meta device)."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -43,23 +61,37 @@ def transformer_gib(run: Run, dtype: torch.dtype) -> float:
         config = FluxTransformer2DModel.load_config(model.model_id, subfolder="transformer", revision=model.revision)
     with init_empty_weights():
         empty = FluxTransformer2DModel.from_config(config)
-    return sum(p.numel() for p in empty.parameters()) * torch.finfo(dtype).bits / 8 / GiB
+    bits = bits if bits is not None else torch.finfo(dtype).bits
+    return sum(p.numel() for p in empty.parameters()) * bits / 8 / GiB
 
 
-def memory_problem(run: Run) -> str | None:
-    """Why this machine cannot merge (too little free RAM for the unquantized transformer), or None."""
-    need = transformer_gib(run, run.hw.dtype) * 1.1  # + one layer's fused copy at a time and Python's overhead
-    have = psutil.virtual_memory().available / GiB
-    if need <= have:
-        return None
-    return (f"merging needs the base transformer unquantized in system RAM: {need:.1f} GiB, and {have:.1f} GiB are "
-            "free. On a free Colab (12.7 GB) use the LoRA unmerged (it gives the same images), or merge on a machine "
-            "with more RAM and upload the merged model.")
+def quantize_on_disk(run: Run) -> bool:
+    """NF4 output on a CUDA machine (what inference loads there, 6.7 GB instead of 24); 16-bit elsewhere."""
+    return run.hw.device.type == "cuda"
 
 
-def check_memory(run: Run) -> None:
-    """Refuse early, before a 24 GB load kills the Colab VM."""
-    problem = memory_problem(run)
+def memory_problem(run: Run, quantize: bool | None = None) -> str | None:
+    """Why this machine cannot merge (too little RAM for one output shard, or too little disk), or None."""
+    quantize = quantize_on_disk(run) if quantize is None else quantize
+    size = transformer_gib(run, run.hw.dtype, bits=NF4_BITS if quantize else None)
+    need = 2 * min(size, SHARD_GIB) + 0.5  # the shard being filled, its serialized copy, one tensor and Python
+    have = available_ram_gib()
+    if need > have:
+        return (f"merging needs {need:.1f} GiB of free system RAM (it streams the base one tensor at a time), and "
+                f"{have:.1f} GiB are free. Free memory (restart the kernel and run only this section), or use the "
+                "LoRA unmerged: it gives the same images.")
+    out = run.dir.merged
+    out.mkdir(parents=True, exist_ok=True)
+    disk = shutil.disk_usage(out).free / GiB
+    if size * 1.05 > disk:
+        return (f"the merged transformer needs {size:.1f} GiB of disk in {out}, and {disk:.1f} GiB are free: delete "
+                "old checkpoints or runs, or use the LoRA unmerged.")
+    return None
+
+
+def check_memory(run: Run, quantize: bool | None = None) -> None:
+    """Refuse early, before anything is read or written."""
+    problem = memory_problem(run, quantize)
     if problem:
         raise FluxnbError(problem)
 
@@ -90,40 +122,140 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path | None = None) -> Path:
-    """Base (16-bit on GPU machines, fp32 for the tiny profile; on the CPU) + LoRA -> out/transformer/.
+def lora_deltas(lora: str | Path, lora_scale: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{transformer module name: (A (r, k), B (d, r), scale * alpha / r)} from a diffusers/fluxnb LoRA file."""
+    from diffusers import FluxPipeline
 
-    Returns `out` (default RUN/merged), a folder that `load_merged` and diffusers read like any FLUX repo's.
-    """
+    path = Path(lora)
+    state, meta = FluxPipeline.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
+    meta = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
+    if "r" not in meta or meta.get("use_dora") or meta.get("rank_pattern") or meta.get("alpha_pattern"):
+        raise FluxnbError(f"{path} carries no plain LoRA config (rank, alpha) in its metadata: merge it with "
+                          "fuse_into on a machine with RAM for the 16-bit base, or use it unmerged.")
+    scaling = lora_scale * meta["lora_alpha"] / (meta["r"] ** 0.5 if meta.get("use_rslora") else meta["r"])
+    names = {k.removeprefix("transformer.").rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k}
+    return {n: (state[f"transformer.{n}.lora_A.weight"], state[f"transformer.{n}.lora_B.weight"], scaling) for n in names}
+
+
+def _linear_names(config: dict) -> set[str]:
+    """The transformer's nn.Linear modules: the layers diffusers' BitsAndBytesConfig would make NF4."""
+    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
+    with init_empty_weights():
+        empty = FluxTransformer2DModel.from_config(config)
+    return {n for n, m in empty.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _nf4(weight: torch.Tensor, key: str, device: torch.device, double_quant: bool) -> dict[str, torch.Tensor]:
+    """NF4 `weight` in the layout bitsandbytes' Linear4bit saves (packed codes + key.absmax, key.quant_map, ...)."""
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight.to(device), blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    return {key: packed.cpu(), **{f"{key}.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()}}
+
+
+class _ShardWriter:
+    """Tensors in, safetensors shards of ~SHARD_GIB out (diffusers' names and index), so at most one is in RAM."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.pending, self.files, self.index = folder, {}, [], {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending |= {k: v.contiguous() for k, v in tensors.items()}
+        if sum(t.nbytes for t in self.pending.values()) >= SHARD_GIB * GiB:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            name = f"part-{len(self.files):05d}.safetensors"
+            save_file(self.pending, self.folder / name, metadata={"format": "pt"})
+            self.files.append(name)
+            self.index |= {k: name for k in self.pending}
+            self.pending = {}
+
+    def close(self) -> None:
+        """Rename the parts as diffusers names shards (one file: no index) and write the index."""
+        self.flush()
+        stem, n = "diffusion_pytorch_model", len(self.files)
+        final = {f: f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            (self.folder / old).rename(self.folder / new)
+        if n > 1:
+            size = sum((self.folder / f).stat().st_size for f in final.values())
+            index = {"metadata": {"total_size": size}, "weight_map": {k: final[f] for k, f in sorted(self.index.items())}}
+            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path | None = None, *,
+                 quantize: bool | None = None) -> Path:
+    """Base + LoRA -> out/transformer/ (default RUN/merged), streamed tensor by tensor (see the module docstring).
+
+    quantize: NF4 on disk (the default on CUDA: quantized on the GPU as it goes; 6.7 GB for FLUX.1-dev), else
+    the run's 16-bit dtype (fp32 for the tiny profile). Either way a folder `load_merged` and diffusers read.
+    """
+    from safetensors import safe_open
+
     out, model = Path(out or run.dir.merged), run.config.model
+    quantize = quantize_on_disk(run) if quantize is None else quantize
     dtype = run.hw.dtype  # fp16 on a T4, bf16 on newer GPUs, fp32 on the CPU
-    check_memory(run)
-    with hub_errors(model.model_id):  # quantization_config=None on purpose: never 4-bit (see module docstring)
-        transformer = FluxTransformer2DModel.from_pretrained(model.model_id, subfolder="transformer",
-                                                             revision=model.revision, dtype=dtype)
-    fuse_into(transformer, lora, lora_scale)
+    check_memory(run, quantize)
+    base, deltas = _base_folder(run), lora_deltas(lora, lora_scale)
+    config = json.loads((base / "config.json").read_text())
+    linear = _linear_names(config)
+    missing = sorted(set(deltas) - linear)
+    if missing:
+        raise FluxnbError(f"{lora} adapts layers this base does not have as Linear layers (e.g. {missing[0]}).")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".transformer-", dir=out))
     try:  # written next to the target and renamed: a disconnect never leaves half a model behind
-        transformer.save_pretrained(tmp, max_shard_size="5GB")
+        writer = _ShardWriter(tmp)
+        for shard in sorted(base.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
+                    writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model))
+        writer.close()
+        if quantize:
+            config["quantization_config"] = bnb_config(dtype, model.double_quant).to_dict()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(out / "transformer", ignore_errors=True)
         tmp.rename(out / "transformer")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     info = {"base_model": model.model_id, "revision": model.revision, "lora": Path(lora).name,
-            "lora_sha256": _sha256(Path(lora)), "lora_scale": lora_scale, "dtype": str(dtype).removeprefix("torch.")}
+            "lora_sha256": _sha256(Path(lora)), "lora_scale": lora_scale, "dtype": str(dtype).removeprefix("torch."),
+            "quantization": "nf4" if quantize else "none"}
     atomic_write_text(out / "merge.json", json.dumps(info, indent=2) + "\n")
     return out
 
 
+def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quantize: bool, run: Run, model):
+    """One base tensor as the merged checkpoint stores it: + the LoRA delta (in fp32), then NF4 or `dtype`."""
+    module = key.removesuffix(".weight")
+    if module in deltas:
+        a, b, scaling = deltas[module]
+        work = run.hw.device  # the (r, k) x (d, r) product and the add, on the GPU where there is one
+        tensor = tensor.to(work, torch.float32).add_(b.to(work, torch.float32) @ a.to(work, torch.float32), alpha=scaling)
+    if quantize and key.endswith(".weight") and module in linear:
+        return _nf4(tensor.to(dtype), key, run.hw.device, model.double_quant)
+    return {key: tensor.to("cpu", dtype)}
+
+
 def load_merged(run: Run, folder: Path | None = None, *, quantize: bool = True):
-    """The merged transformer, NF4 again by default: the same loader as training (fluxnb.quant), so CUDA goes
-    through diffusers' BitsAndBytesConfig and the CPU through bitsandbytes' own NF4 layers."""
+    """The merged transformer, NF4 by default: the same loader as training (fluxnb.model.quant): a pre-quantized
+    folder as written by fuse_to_disk(quantize=True), else quantized while loading (BitsAndBytesConfig on CUDA,
+    bitsandbytes' own NF4 layers on the CPU)."""
     folder = Path(folder or run.dir.merged)
-    if not (folder / "transformer" / "config.json").is_file():
+    config = folder / "transformer" / "config.json"
+    if not config.is_file():
         raise FluxnbError(f"{folder} holds no merged model: run fuse_to_disk (notebook 04, merge section) first.")
-    cfg = dataclasses.replace(run.config.model, model_id=str(folder), revision=None, prequantized=None,
+    nf4_on_disk = "quantization_config" in json.loads(config.read_text())
+    if nf4_on_disk and not quantize:
+        raise FluxnbError(f"{folder} holds an NF4 merged model; fuse again with quantize=False for a 16-bit one.")
+    cfg = dataclasses.replace(run.config.model, model_id=str(folder), revision=None,
+                              prequantized=str(folder) if nf4_on_disk else None,
                               quantization="nf4" if quantize else "none")
     return load_transformer(cfg, run.hw)

@@ -1,0 +1,229 @@
+"""Rehearse the five notebooks at full size inside a T4's, an 8 GB card's and a 4090's limits (GPU machine).
+
+    python benchmarks/rehearsal.py --root /tmp/rehearsal --out results.json --envelopes t4 8gb 4090
+
+1. benchmarks/fullsize.py builds a random-weight FLUX.1-dev pipeline (FLUX.1-dev's layout and sizes) and a
+   24-image dataset; the NF4 transformer is saved once with fluxnb.model.quant.save_nf4 (what the t4-16gb preset
+   tells a Colab user to do), in its own process.
+2. Per envelope, a run directory is configured as a user would (config.json: the envelope's preset and dtype,
+   model and dataset paths, 30 optimizer steps at 512x768, 2 validation prompts), then each notebook runs in the
+   same headless runner as `python -m fluxnb notebooks --only NN`, in a fresh process per notebook, with
+     FLUXNB_GPU_MEMORY_GIB   the envelope's GPU size (fluxnb.hardware caps PyTorch's allocator to it),
+     FLUXNB_PEAKS_FILE       where the kernel writes its own peaks (fluxnb.memory.start_peak_log),
+     a cgroup v2 memory limit (memory.max, no swap) around the runner and its kernel where /sys/fs/cgroup is
+     writable; else FLUXNB_HOST_MEMORY_GIB and a check of the recorded peak against the limit afterwards.
+3. Results (per envelope and notebook: wall time, GPU peaks, host RssAnon / RssFile peaks, disk written, the
+   training's s/step, what 04 rendered and merged) go to --out after every notebook, so a timeout keeps them.
+
+Only the GPU's memory and the host memory are emulated: the H200's speed is not a T4's (see BENCHMARKS.md for
+the T4 time estimate). On the H200 the compute capability stays 9.0, so the t4 envelope sets train.compile="off",
+what "auto" means on a T4 (compute capability 7.5, which Triton does not support).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+ENVELOPES = {  # DESIGN.md "Envelopes"
+    "t4": dict(gpu_gib=14.7, host_gib=11.5, dtype="fp16", preset="t4-16gb", prequantized=True, compile="off"),
+    "8gb": dict(gpu_gib=7.6, host_gib=14.0, dtype="bf16", preset="8-12gb", prequantized=True),
+    "4090": dict(gpu_gib=23.6, host_gib=28.0, dtype="bf16", preset="4090-24gb", prequantized=False),
+}
+NOTEBOOKS = ["01", "02", "03", "04", "05"]
+PROMPTS = ["a cat sleeping on a blue chair, tnyst style", "a castle on a hill at night, tnyst style"]
+STEPS = 30
+
+
+def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path) -> None:
+    """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4."""
+    from fluxnb import presets
+    from fluxnb.config import RunConfig
+
+    config = presets.apply(RunConfig(profile="real"), env["preset"]).replace(
+        data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": PROMPTS},
+        model={"model_id": str(model), "dtype": env["dtype"], "prequantized": str(nf4) if env["prequantized"] else None},
+        train={"max_train_steps": STEPS, "sample_every": STEPS, "checkpoint_every": STEPS,
+               **({"compile": env["compile"]} if "compile" in env else {})})
+    config.save(run_dir)
+
+
+def make_cgroup(name: str, limit_gib: float) -> tuple[Path | None, str]:
+    """A cgroup v2 group with memory.max = limit and no swap, or (None, why not)."""
+    base = Path("/sys/fs/cgroup")
+    try:
+        controllers = (base / "cgroup.subtree_control").read_text()
+        if "memory" not in controllers:
+            (base / "cgroup.subtree_control").write_text("+memory")
+        group = base / name
+        if group.exists():
+            group.rmdir()
+        group.mkdir()
+        (group / "memory.max").write_text(str(int(limit_gib * 2**30)))
+        if (group / "memory.swap.max").exists():
+            (group / "memory.swap.max").write_text("0")
+        return group, "enforced by cgroup v2 memory.max"
+    except OSError as err:
+        return None, f"no cgroup ({err.__class__.__name__}: {err}); peak RSS recorded and checked after the run"
+
+
+def du_gib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**30
+
+
+def seconds_per_step(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [b["seconds"] - a["seconds"] for a, b in itertools.pairwise(rows)]
+    return {"steps": len(rows), "s_per_step_median": statistics.median(times) if times else None,
+            "s_per_step_last10": statistics.mean(times[-10:]) if times else None,
+            "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None}
+
+
+def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeout: float) -> dict:
+    peaks_file = run_dir / f"peaks-{nb}.json"
+    peaks_file.unlink(missing_ok=True)
+    group, how = make_cgroup(f"fluxnb-{name}-{nb}", env["host_gib"])
+    child_env = {**os.environ, "FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"]), "FLUXNB_PEAKS_FILE": str(peaks_file),
+                 "FLUXNB_RUN_DIR": str(run_dir)}
+    if group is None:
+        child_env["FLUXNB_HOST_MEMORY_GIB"] = str(env["host_gib"])
+    enter = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    disk_before, start = du_gib(run_dir), time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n===== {name} {nb}\n")
+        out.flush()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "fluxnb", "notebooks", "--run-dir", str(run_dir), "--only", nb,
+                                   "--timeout", str(int(timeout))], cwd=ROOT, env=child_env, stdout=out,
+                                  stderr=subprocess.STDOUT, preexec_fn=enter, timeout=timeout, check=False)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    result = {"notebook": nb, "rc": rc, "wall_s": round(time.perf_counter() - start, 1), "host_limit": how,
+              "disk_growth_mib": round((du_gib(run_dir) - disk_before) * 1024, 1)}
+    if peaks_file.is_file():
+        result["kernel"] = {k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in json.loads(peaks_file.read_text()).items()}
+    if group is not None:
+        for key in ("memory.peak", "memory.events"):
+            if (group / key).exists():
+                result[f"cgroup_{key}"] = (group / key).read_text().strip()
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+    k = result.get("kernel", {})
+    result["gpu_ok"] = k.get("gpu_reserved_gib", 0) <= env["gpu_gib"]
+    result["host_anon_ok"] = k.get("host_RssAnon_gib", 0) <= env["host_gib"]
+    result["host_rss_ok"] = k.get("host_VmHWM_gib", 0) <= env["host_gib"]
+    result["ok"] = rc == 0 and result["gpu_ok"] and (group is not None or result["host_anon_ok"])
+    return result
+
+
+def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, deadline: float, log: Path,
+             save) -> dict:
+    """Fill `report` (already in the results, so every save() has it) with envelope report["envelope"]'s run."""
+    name = report["envelope"]
+    env = ENVELOPES[name]
+    run_dir = root / f"run-{name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    configure(run_dir, env, model, dataset, nf4)
+    report.update(env)
+    for nb in NOTEBOOKS:
+        left = deadline - time.time()
+        if left < 30:
+            report["notebooks"].append({"notebook": nb, "rc": "not run: out of device time"})
+            continue
+        result = run_notebook(nb, run_dir, env, name, log, left)
+        if nb == "03" and (run_dir / "metrics.jsonl").is_file():
+            result["training"] = seconds_per_step(run_dir)
+            result["lora_saved"] = (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        if nb == "04":
+            result["base_vs_lora_png"] = (run_dir / "samples" / "base_vs_lora.png").is_file()
+            merged = run_dir / "merged"
+            result["merged"] = json.loads((merged / "merge.json").read_text()) if (merged / "merge.json").is_file() else None
+            if (merged / "transformer").is_dir():
+                result["merged_gib"] = round(du_gib(merged / "transformer"), 3)
+        report["notebooks"].append(result)
+        save()
+        print(f"{name} {nb}: {json.dumps(result)}", flush=True)
+        if result["rc"] != 0:
+            break
+    report["passed"] = all(r.get("ok") for r in report["notebooks"]) and len(report["notebooks"]) == len(NOTEBOOKS)
+    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each: the disk holds one at a time
+    return report
+
+
+def prepare(root: Path, log: Path) -> dict:
+    """Build the pipeline + dataset and the pre-quantized NF4 transformer, each in its own process, timed."""
+    setup = {}
+    start = time.perf_counter()
+    code = f"import fullsize; fullsize.build_pipeline(__import__('pathlib').Path({str(root / 'flux')!r}))"
+    with open(log, "a") as out:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", check=True, stdout=out, stderr=out,
+                       env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    setup["build_s"] = round(time.perf_counter() - start, 1)
+    nf4 = root / "flux-nf4"
+    start = time.perf_counter()
+    code = ("from fluxnb.config import ModelConfig; from fluxnb.hardware import detect; from fluxnb.model import quant; "
+            "import torch, resource; "
+            f"t = quant.load_transformer(ModelConfig(model_id={str(root / 'flux' / 'model')!r}), detect('real')); "
+            f"quant.save_nf4(t, {str(nf4)!r}); "
+            "print('nf4 load+save: gpu peak', torch.cuda.max_memory_allocated() / 2**30, 'GiB, max rss', "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'GiB')")
+    if not (nf4 / "config.json").is_file():
+        with open(log, "a") as out:
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=out, stderr=out)
+    setup["nf4_s"] = round(time.perf_counter() - start, 1)
+    setup["model_gib"] = round(du_gib(root / "flux" / "model"), 2)
+    setup["nf4_gib"] = round(du_gib(nf4), 2)
+    return setup
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/rehearsal"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--envelopes", nargs="+", default=list(ENVELOPES), choices=list(ENVELOPES))
+    parser.add_argument("--budget-s", type=float, default=560, help="stop starting notebooks after this many seconds")
+    args = parser.parse_args()
+    deadline = time.time() + args.budget_s
+    args.root.mkdir(parents=True, exist_ok=True)
+    log = args.log or args.out.with_suffix(".log")
+    import torch
+
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0),
+               "torch": torch.__version__, "command": " ".join(sys.argv), "envelopes": []}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+    results["setup"] = prepare(args.root, log)
+    save()
+    print("setup:", results["setup"], flush=True)
+    for name in args.envelopes:
+        report = {"envelope": name, "notebooks": []}
+        results["envelopes"].append(report)
+        rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
+                 args.root / "flux-nf4", deadline, log, save)
+        save()
+    free = shutil.disk_usage(args.root)
+    results["disk_free_gib_at_end"] = round(free.free / 2**30, 1)
+    save()
+
+
+if __name__ == "__main__":
+    main()

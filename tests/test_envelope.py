@@ -1,0 +1,100 @@
+"""The envelope plumbing of benchmarks/rehearsal.py: a capped GPU as fluxnb sees it, the kernel's own peak log,
+RAM limits that merge's check honours, and one notebook run through the rehearsal's runner on the CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxnb import hardware, memory, presets
+from fluxnb.errors import FluxnbError
+from fluxnb.hardware import GPUInfo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+H200 = GPUInfo("NVIDIA H200", (9, 0), 139.8)
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware, "cuda_info", lambda: H200)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    return calls
+
+
+@pytest.mark.parametrize("cap, preset", [("14.7", "t4-16gb"), ("7.6", "8-12gb"), ("23.6", "4090-24gb")])
+def test_gpu_cap_makes_fluxnb_see_the_smaller_card(h200, monkeypatch, cap, preset):
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, cap)
+    hw = hardware.detect("real")
+    assert hw.gpu.total_gib == float(cap) and presets.pick(hw) == preset
+    assert h200 == [(pytest.approx(float(cap) / H200.total_gib), 0)]  # PyTorch's allocator refuses beyond it
+
+
+def test_fp16_is_a_user_choice_on_a_bf16_gpu(h200, monkeypatch):
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, "14.7")
+    assert hardware.detect("real", "fp16").dtype == torch.float16  # what ModelConfig.dtype="fp16" asks for
+    assert hardware.detect("real").dtype == torch.bfloat16
+
+
+def test_bad_gpu_cap_is_one_clear_error(h200, monkeypatch):
+    for raw in ("lots", "500"):
+        monkeypatch.setenv(hardware.GPU_MEMORY_ENV, raw)
+        with pytest.raises(FluxnbError, match=hardware.GPU_MEMORY_ENV):
+            hardware.detect("real")
+    assert h200 == []
+
+
+def test_no_cap_without_the_variable(h200, monkeypatch):
+    monkeypatch.delenv(hardware.GPU_MEMORY_ENV, raising=False)
+    assert hardware.detect("real").gpu == H200 and h200 == []
+
+
+def test_peak_log_records_anonymous_and_file_backed_peaks(tmp_path):
+    log = memory.PeakLog(tmp_path / "peaks.json")
+    block = bytearray(64 * 2**20)  # 64 MiB of anonymous memory, touched
+    log.write()
+    del block
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    assert peaks["host_RssAnon_gib"] >= 64 / 1024 and peaks["host_VmHWM_gib"] >= peaks["host_RssAnon_gib"]
+    assert "host_RssFile_gib" in peaks and peaks["disk_written_gib"] >= 0
+
+
+def test_host_memory_limit_lowers_available_ram(monkeypatch):
+    monkeypatch.delenv(memory.HOST_MEMORY_ENV, raising=False)
+    unlimited = memory.available_ram_gib()
+    monkeypatch.setenv(memory.HOST_MEMORY_ENV, "1.5")
+    limited = memory.available_ram_gib()
+    assert limited < min(unlimited, 1.5)
+
+
+def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeypatch):
+    """Notebook 01 through the rehearsal's per-notebook runner: the kernel itself writes its peaks."""
+    import rehearsal
+
+    from fluxnb.run import open_run
+
+    open_run(tmp_path / "run", profile="tiny", verbose=False)  # config.json of the tiny profile
+    monkeypatch.setattr(rehearsal, "make_cgroup", lambda name, gib: (None, "no cgroup here"))
+    env = {"gpu_gib": 14.7, "host_gib": 11.5}
+    result = rehearsal.run_notebook("01", tmp_path / "run", env, "t4", tmp_path / "log.txt", timeout=600)
+    assert result["rc"] == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    kernel = result["kernel"]
+    assert kernel["pid"] > 0 and 0 < kernel["host_RssAnon_gib"] <= kernel["host_VmHWM_gib"] < 11.5
+    assert result["ok"] and result["disk_growth_mib"] > 0  # the embeddings it cached
+
+
+def test_dtype_set_in_the_config_takes_effect_on_save(tiny_assets, tmp_path):
+    """The supported way to compute in fp16 (a T4's only choice) on any machine: model.dtype, then run.save();
+    every loader reads run.hw.dtype, and the next notebook's open_run reads it from config.json."""
+    from fluxnb.run import open_run
+
+    run = open_run(tmp_path, profile="tiny", verbose=False)
+    assert run.hw.dtype == torch.float32
+    run.config.model.dtype = "fp16"
+    run.save()
+    assert run.hw.dtype == torch.float16
+    assert open_run(tmp_path, verbose=False).hw.dtype == torch.float16

@@ -1,0 +1,110 @@
+"""The streaming merge: base shards read one tensor at a time, fused with the LoRA, written as NF4 (on a GPU) or
+16-bit, so that merge + requantize fits a free Colab's RAM. On the tiny model, CPU, fp32."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from lora_helpers import make_lora
+
+from fluxnb import memory
+from fluxnb.errors import FluxnbError
+from fluxnb.infer import merge, sampling
+from fluxnb.model.quant import quantize_nf4_
+from fluxnb.run import open_run
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_assets, tmp_path_factory):
+    run = open_run(tmp_path_factory.mktemp("run"), profile="tiny", verbose=False)
+    make_lora(run.config.model.model_id, run.dir.lora, alpha=8.0)  # alpha / r = 2: the scaling must be read
+    return run
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(1, 24, 64, generator=g), "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
+            "img_ids": torch.randn(24, 3, generator=g), "txt_ids": torch.zeros(8, 3), "guidance": torch.tensor([3.5])}
+
+
+@torch.no_grad()
+def _out(transformer) -> torch.Tensor:
+    return transformer(**_inputs(), return_dict=False)[0]
+
+
+def _base(run):
+    return FluxTransformer2DModel.from_pretrained(run.config.model.model_id, subfolder="transformer")
+
+
+@pytest.fixture(scope="module")
+def unfused_lora(run):
+    """Output of the fp32 base with the LoRA unfused (stock diffusers), and the same fused by stock fuse_lora."""
+    transformer = _base(run)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    sampling.load_lora(pipe, run.dir.lora / LORA)
+    with_lora = _out(transformer)
+    return with_lora, merge.fuse_into(_base(run), run.dir.lora / LORA)
+
+
+def test_streamed_nf4_merge_is_nf4_of_the_fused_weights(run, unfused_lora, tmp_path):
+    """NF4 written tensor by tensor == NF4 quantizing of stock diffusers' fused model (same codes, same output
+    to 1e-5); against the unfused LoRA in fp32 it differs only by NF4's rounding (here < 15% of the output's
+    scale: 4-bit weights on a random 32-wide model; the LoRA itself moves the output by far more)."""
+    with_lora, fused = unfused_lora
+    folder = merge.fuse_to_disk(run, run.dir.lora / LORA, out=tmp_path, quantize=True)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    streamed = merge.load_merged(run, tmp_path)
+    reference = quantize_nf4_(copy.deepcopy(fused), torch.float32)  # in place: keep the fixture 16-bit
+    got, want, scale = _out(streamed), _out(reference), with_lora.abs().max()
+    assert (got - want).abs().max() < 1e-5 * scale
+    assert (got - with_lora).abs().max() < 0.15 * scale
+    assert (with_lora - _out(_base(run))).abs().max() > 0.15 * scale
+    assert json.loads((tmp_path / "merge.json").read_text())["quantization"] == "nf4"
+
+
+def test_streamed_merge_writes_shards_holding_one_at_a_time(run, unfused_lora, tmp_path, monkeypatch):
+    """A shard limit far below the model gives many shards and an index that stock from_pretrained reads; the
+    16-bit result equals stock fuse_lora's weights."""
+    _, fused = unfused_lora
+    monkeypatch.setattr(merge, "SHARD_GIB", 50_000 / memory.GiB)  # ~50 kB per shard
+    folder = merge.fuse_to_disk(run, run.dir.lora / LORA, out=tmp_path, quantize=False)
+    shards = sorted((folder / "transformer").glob("*.safetensors"))
+    assert len(shards) > 5 and (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = merge.load_merged(run, tmp_path, quantize=False).state_dict()
+    for key, value in fused.state_dict().items():
+        assert torch.allclose(loaded[key], value, rtol=0, atol=1e-6 * value.abs().max().clamp(min=1)), key
+
+
+def test_merge_refuses_when_the_disk_is_too_small(run, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(merge.shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    with pytest.raises(FluxnbError, match="of disk"):
+        merge.fuse_to_disk(run, run.dir.lora / LORA)
+
+
+def test_merge_honours_the_host_memory_limit(run, monkeypatch):
+    """FLUXNB_HOST_MEMORY_GIB (an emulated small machine) is what the check sees, not the host's free RAM."""
+    monkeypatch.setenv(memory.HOST_MEMORY_ENV, "0.1")
+    assert "merging needs" in merge.memory_problem(run)
+    monkeypatch.setenv(memory.HOST_MEMORY_ENV, "1000")
+    assert merge.memory_problem(run) is None
+
+
+def test_t4_merge_needs_a_shard_not_the_whole_base(run, monkeypatch):
+    """FLUX.1-dev's 11.9 B transformer on a T4 envelope (11.5 GiB of RAM): the old check wanted 24.4 GiB."""
+    monkeypatch.setattr(merge, "transformer_gib", lambda run, dtype=None, bits=None: 11.9e9 * (bits or 16) / 8 / memory.GiB)
+    monkeypatch.setattr(merge, "available_ram_gib", lambda: 11.5 - 2.0)  # the kernel itself holds ~2 GiB
+    assert merge.memory_problem(run, quantize=True) is None
+    monkeypatch.setattr(merge, "available_ram_gib", lambda: 3.0)
+    assert "merging needs 4.5 GiB" in merge.memory_problem(run, quantize=True)
