@@ -59,7 +59,7 @@ def main() -> int:
     checks["all texts encoded"] = stats.encoded == stats.texts > 0
     freed = memory.free(pipe)
     del pipe
-    print(f"freed {freed:.3f} GiB of GPU memory")
+    print(f"freed {freed.gpu_gib:.3f} GiB of GPU memory")
     print(memory.report("after freeing the text encoders"))
     checks["encoders freed (allocated < 0.05 GiB)"] = torch.cuda.memory_allocated() / 2**30 < 0.05
 
