@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Collection
 
 import torch
 
@@ -54,9 +55,10 @@ class TrainingData:
     (seed, e), and batches never mix aspect-ratio buckets (the latents of one batch must share a shape).
     """
 
-    def __init__(self, run: RunDir, batch_size: int, seed: int) -> None:
+    def __init__(self, run: RunDir, batch_size: int, seed: int, only: Collection[str] | None = None) -> None:
         dataset = CachedDataset(run)
-        self.items = [dataset[i] for i in range(len(dataset))]
+        # only: the sample ids to serve (fluxnb.train.validation keeps held-out images out); None = all
+        self.items = [dataset[i] for i in range(len(dataset)) if only is None or dataset.samples[i].id in only]
         self.batch_size, self.seed = batch_size, seed
         self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, item in enumerate(self.items):

@@ -27,7 +27,7 @@ from ..hub_errors import hub_errors
 from ..model import lora
 from ..model.quant import load_transformer
 from ..run import Run
-from . import checkpoint, flow, speed
+from . import checkpoint, flow, speed, validation
 from .batches import TrainingData
 from .monitor import MetricsLog, Progress, ValidationSampler, in_notebook
 from .state import TrainState
@@ -49,6 +49,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, this session
     train_loss_before: float | None = None  # fixed-noise training-set loss (fluxnb.step.evaluate)
     train_loss_after: float | None = None
+    best_checkpoint: Path | None = None  # the lowest validation loss (fluxnb.train.validation)
     interrupted: bool = False
     seconds: float = 0.0
 
@@ -167,8 +168,10 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     live = in_notebook() if live is None else live
     if start is not None:
         _check_same_adapter(run, start)
-    data = TrainingData(run.dir, tc.batch_size, tc.seed)
     latent, table, scheduler = load_scales(run)
+    val = validation.Validation(run, table, latent, MetricsLog(run.dir.metrics).read())
+    print(f"fluxnb: {val.note}")
+    data = TrainingData(run.dir, tc.batch_size, tc.seed, only=val.train_ids)  # never a held-out image
     sampler = make_sampler(run, scheduler)
 
     with cpu_threads(hw), speed.attention_backends(hw):
@@ -186,7 +189,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         print(memory.report(f"memory after loading ({hw.describe()})"))
 
         def save_checkpoint(loss: float) -> Path:
-            return checkpoint.save(run.dir, cfg, state, info={"loss": loss, "lr": state.lr}, keep=tc.keep_checkpoints).path
+            info = {"loss": loss, "lr": state.lr} | ({"val_loss": v} if (v := val.at(state.step)) is not None else {})
+            return checkpoint.save(run.dir, cfg, state, info=info, keep=tc.keep_checkpoints).path
 
         target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
         newest = checkpoint.latest(run.dir)
@@ -223,12 +227,15 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                        "seconds": round(time.perf_counter() - began, 3)}
                 row |= {k: round(v, 3) for k, v in memory.snapshot().items() if k.startswith("gpu_peak")}
                 window = []
+                if val.due(state.step, target):  # held-out loss at fixed noise, beside the training loss
+                    row["val_loss"] = val.loss(wrapped, state.step, accelerator.autocast)
                 metrics.append(row)
                 result.losses.append(row["loss"])
                 progress.update(row)
-                if sampler and tc.sample_every and state.step % tc.sample_every == 0:
+                at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0
+                if sampler and (state.step % tc.sample_every == 0 or at_checkpoint):  # a grid per checkpoint
                     sampler.grid(model, state.step, live)
-                if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                if at_checkpoint:
                     result.checkpoint = save_checkpoint(row["loss"])
         except KeyboardInterrupt:
             result.interrupted = True
@@ -247,5 +254,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         if state.step >= tc.max_train_steps:
             result.lora = lora.save_lora(model, run.dir.lora)
             print(f"fluxnb: LoRA saved to {result.lora}")
+        result.best_checkpoint = getattr(checkpoint.best(run.dir), "path", None)
+        print(validation.summary(run.dir))
         print(memory.report("memory at the end"))
     return result
