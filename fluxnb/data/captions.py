@@ -106,8 +106,8 @@ class Captioner:
 
 @contextlib.contextmanager
 def _one_thread(model):
-    """The tiny captioner is 32 wide: on the CPU, thread hand-offs cost more than its math (measured here: 0.7 s
-    vs 12 s for 8 images on 2 busy cores), as for the tiny FLUX (fluxnb.train.loop.cpu_threads)."""
+    """The tiny captioner is 32 wide: on the CPU, thread hand-offs cost more than its math (many times over on
+    2 busy cores), as for the tiny FLUX (fluxnb.train.loop.cpu_threads). Real models keep every thread."""
     small = model.device.type == "cpu" and model.config.text_config.hidden_size <= 64
     before = torch.get_num_threads()
     if small:

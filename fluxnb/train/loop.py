@@ -169,7 +169,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     if start is not None:
         _check_same_adapter(run, start)
     latent, table, scheduler = load_scales(run)
-    val = validation.Validation(run, table, latent, MetricsLog(run.dir.metrics).read())
+    val = validation.Validation(run, table, latent, MetricsLog(run.dir.metrics).read(), start.step if start else 0)
     print(f"fluxnb: {val.note}")
     data = TrainingData(run.dir, tc.batch_size, tc.seed, only=val.train_ids)  # never a held-out image
     sampler = make_sampler(run, scheduler)

@@ -51,7 +51,7 @@ def holdout(sample_ids: list[str], n: int, seed: int) -> tuple[list[str], list[s
 class Validation:
     """The held-out images and their loss at fixed noise, measured every train.validate_every steps."""
 
-    def __init__(self, run, table, latent, history: list[dict] | None = None) -> None:
+    def __init__(self, run, table, latent, history: list[dict] | None = None, upto: int = 0) -> None:
         tc = run.config.train
         self.tc, self.table, self.latent, self.hw = tc, table, latent, run.hw
         ids = [s.id for s in read_samples(run.dir)]
@@ -64,7 +64,8 @@ class Validation:
             self.note = (f"validation: validation_samples=0, so the validation loss is measured on {len(held)} "
                          "TRAINING images: it shows the LoRA fitting them, not how it does on new ones")
         self.data = TrainingData(run.dir, 1, tc.seed, only=held) if tc.validate_every else None
-        self.history = [(r["step"], r["val_loss"]) for r in history or [] if "val_loss" in r]
+        # (step, loss) measured so far: metrics.jsonl's rows up to the step training resumes from
+        self.history = [(r["step"], r["val_loss"]) for r in history or [] if "val_loss" in r and r["step"] <= upto]
         self._hinted = False
 
     def due(self, step: int, target: int) -> bool:
