@@ -2,6 +2,7 @@
 
     python -m fluxnb tiny --out DIR          build the offline tiny FLUX model + dataset
     python -m fluxnb notebooks               run notebooks 01-05 top to bottom (the whole series)
+    python -m fluxnb caption --run-dir RUN --dataset FOLDER [--all]   notebook 01: caption images (metadata.jsonl)
     python -m fluxnb embed --run-dir RUN --model MODEL --dataset DATASET   notebook 01: check data, cache text embeddings
     python -m fluxnb latents --run-dir RUN   notebook 02: cache VAE latents (model and dataset from RUN/config.json)
     python -m fluxnb train --run-dir RUN [--max-steps N] [--resume | --overwrite]   notebook 03: QLoRA training
@@ -54,6 +55,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     run = _open_step_run(args)
     print(embed_step(run, overwrite=args.overwrite))
     run.save()  # config.json describes the caches it sits next to
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .data.captions import caption_step
+
+    run = _open_step_run(args)
+    if args.captioner:
+        run.config = run.config.replace(data={"captioner": args.captioner})
+    print(caption_step(run, overwrite=args.all or args.overwrite, trigger=args.trigger))
+    run.save()  # the folder captioned is the dataset the next steps read
     return 0
 
 
@@ -160,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="notebook 01: check the dataset, cache CLIP + T5 caption embeddings")
     _step_options(p)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("caption", help="notebook 01: caption the images of a local folder that have no caption")
+    _step_options(p)
+    p.add_argument("--all", action="store_true", help="caption every image, replacing the captions already there")
+    p.add_argument("--trigger", default=None, help="words put before each new caption (default: --instance-prompt)")
+    p.add_argument("--captioner", default=None, help="captioning model (default: Salesforce/blip-image-captioning-large)")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("latents", help="notebook 02: cache VAE latents of every training image")
     _step_options(p)

@@ -72,6 +72,7 @@ class DataConfig:
     bad_images: str = "skip"  # unreadable/corrupt image files: "skip" (listed in the report) or "error" (stop)
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
+    captioner: str = "Salesforce/blip-image-captioning-large"  # writes missing captions (fluxnb.data.captions)
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
@@ -174,6 +175,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     sample_steps: int = 20  # denoising steps for the validation grids
+    validation_samples: int = 2  # images held out of training for the validation loss (0 = a fixed training subset)
+    validate_every: int = 25  # optimizer steps between validation losses (0 = never)
 
     def __post_init__(self) -> None:
         _check_positive("learning_rate", self.learning_rate)
@@ -197,7 +200,7 @@ class TrainConfig:
         _check(self.adam_weight_decay >= 0, f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
         _check_positive("adam_epsilon", self.adam_epsilon)
         _check_positive("max_grad_norm", self.max_grad_norm)
-        for name in ("sample_every", "checkpoint_every"):
+        for name in ("sample_every", "checkpoint_every", "validation_samples", "validate_every"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")
 

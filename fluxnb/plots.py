@@ -37,8 +37,10 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
     return fig
 
 
-def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10, ax: plt.Axes | None = None) -> Figure:
-    """Per-step loss (faint) and its moving average (bold): flow-matching loss is noisy step to step."""
+def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10, ax: plt.Axes | None = None,
+              val_steps: Sequence[int] = (), val_losses: Sequence[float] = ()) -> Figure:
+    """Per-step loss (faint) and its moving average (bold): flow-matching loss is noisy step to step. With
+    val_steps/val_losses: the held-out loss at fixed noise (fluxnb.train.validation), as dots joined by a line."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(7, 3))
     else:
@@ -49,6 +51,8 @@ def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10
         k = max(1, min(smooth, len(losses)))
         averaged = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
         ax.plot(steps, averaged, label=f"mean of last {k}")
+    if len(val_losses):
+        ax.plot(val_steps, val_losses, "o-", color="black", markersize=4, label="validation (held out, fixed noise)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
     ax.legend(loc="upper right")

@@ -101,11 +101,12 @@ def default_config(hw: Hardware) -> RunConfig:
 
         return presets.apply(RunConfig(profile="real"), presets.pick(hw), hw)
     from .tiny import ensure_tiny
+    from .tiny_captioner import ensure_tiny_captioner
 
     assets = ensure_tiny()
     return RunConfig(profile="tiny").replace(
         data={"dataset": str(assets.dataset), "width": 64, "height": 96,
-              "validation_prompts": list(assets.validation_prompts)},
+              "validation_prompts": list(assets.validation_prompts), "captioner": str(ensure_tiny_captioner())},
         model={"model_id": str(assets.model)},
         # The tiny transformer is random and 32 wide: LoRA on its attention alone barely moves the loss, LoRA on
         # every linear layer at rank 16 does within 200 steps (~20 s on 2 cores). The blog's attention-only r4

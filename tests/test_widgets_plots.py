@@ -39,3 +39,31 @@ def test_plots_make_figures():
     assert len(fig.axes) == 6
     fig = loss_plot(list(range(20)), [1.0 / (i + 1) for i in range(20)])
     assert len(fig.axes[0].lines) == 2
+
+
+def test_loss_plot_draws_the_validation_loss_beside_the_training_loss():
+    fig = loss_plot(list(range(1, 21)), [1.0 / i for i in range(1, 21)], val_steps=[5, 10, 15, 20],
+                    val_losses=[0.5, 0.4, 0.42, 0.45])
+    lines = fig.axes[0].lines
+    assert len(lines) == 3 and list(lines[-1].get_xdata()) == [5, 10, 15, 20]
+
+
+def test_caption_table_edits_the_plan_and_writes_only_when_asked(tmp_path):
+    import json
+
+    from fluxnb.data import captions
+    from fluxnb.nb.captions import caption_table
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 60), (200, 0, 0)).save(tmp_path / name)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "mine"}) + "\n")
+    plan = captions.plan_captions(tmp_path, DataConfig(dataset=str(tmp_path)))
+    captions.caption_folder(plan, lambda images: ["a red square"] * len(images), progress=False)
+    table = caption_table(plan)
+    new_row, yours_row = table.children[1:]  # captions just written come first
+    assert "new" in new_row.children[1].value and yours_row.children[2].value == "mine"
+    new_row.children[2].value = "a red square, edited  "
+    assert plan.rows[1]["text"] == "a red square, edited"
+    assert "edited" not in (tmp_path / "metadata.jsonl").read_text()  # nothing written until asked
+    captions.write_metadata(plan)
+    assert json.loads((tmp_path / "metadata.jsonl").read_text().splitlines()[1])["text"] == "a red square, edited"

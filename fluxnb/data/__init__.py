@@ -2,6 +2,7 @@
 
     sources     where rows come from (a Hub dataset, a local folder)      -> Records
     checks      every row opened and judged before any model loads         -> Prepared + DataReport
+    captions    notebook 01: BLIP writes the missing captions of a folder into its metadata.jsonl
     buckets     aspect-ratio buckets and the resize/crop into them
     store       samples.jsonl, content ids, cache meta and fingerprints
     embeddings  notebook 01: CLIP + T5 once per caption (owner of embeddings/)

@@ -55,7 +55,7 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
 
 
-def _metadata_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+def metadata_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     """(("metadata.jsonl line 3", row), ...) and one error per unreadable line."""
     rows, errors = [], []
     try:
@@ -88,7 +88,7 @@ def _missing(path: Path) -> Callable[[], bytes]:
 
 
 def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
-    rows, errors = _metadata_rows(meta)
+    rows, errors = metadata_rows(meta)
     loaded = Loaded(f"local folder {folder} ({meta.name})", [], errors=errors)
     keys = {k for _, row in rows for k in row}
     if rows and cfg.caption_column not in keys and not cfg.instance_prompt:
@@ -104,14 +104,14 @@ def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
         listed.add(path.resolve())
         read = _file_reader(path) if path.is_file() else _missing(path)
         loaded.records.append(Record(name, row.get(cfg.caption_column), read))
-    unlisted = [p for p in _images_in(folder) if p.resolve() not in listed]
+    unlisted = [p for p in images_in(folder) if p.resolve() not in listed]
     if unlisted:
         loaded.notes.append(f"{len(unlisted)} image(s) in the folder are not in {meta.name} and are left out "
                             f"(first: {unlisted[0].relative_to(folder)}).")
     return loaded
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
@@ -126,7 +126,7 @@ def _read_caption(path: Path) -> Any:
 
 
 def _load_pairs(folder: Path) -> Loaded:
-    images = _images_in(folder)
+    images = images_in(folder)
     records = [Record(p.relative_to(folder).as_posix(), _read_caption(p.with_suffix(".txt")), _file_reader(p))
                for p in images]
     return Loaded(f"local folder {folder} (images + .txt captions)", records)

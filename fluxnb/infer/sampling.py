@@ -169,8 +169,10 @@ def encode_prompts(run: Run, prompts: list[str]) -> int:
     return len(todo)
 
 
-def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None) -> list[Image.Image]:
-    """One image per prompt, each from `settings.seed`: the same prompt and seed give the same noise anywhere."""
+def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None, *,
+             output_type: str = "pil") -> list[Image.Image]:
+    """One image per prompt, each from `settings.seed`: the same prompt and seed give the same noise anywhere.
+    output_type="latent": the packed latents instead, (tokens, 64) each (fluxnb.infer.effect measures them)."""
     encoded = None
     if pipe.text_encoder is None:  # prompts come from the run's embedding cache (the T4 route, see plan_pipeline)
         if run is None:
@@ -191,7 +193,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
         out = pipe(**text, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                    width=settings.width, height=settings.height,
                    generator=torch.Generator("cpu").manual_seed(settings.seed),
-                   max_sequence_length=run.config.data.max_sequence_length if run else 512)
+                   max_sequence_length=run.config.data.max_sequence_length if run else 512, output_type=output_type)
         images.append(out.images[0])
     return images
 

@@ -17,7 +17,7 @@ from ..presets import PRESETS, TINY, apply_in_place, matching, plan
 from .widgets import config_form
 
 TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
-                "checkpoint_every"]
+                "checkpoint_every", "validation_samples", "validate_every"]
 
 
 def training_form(config: RunConfig, hw: Hardware):

@@ -8,6 +8,7 @@
     monitor     metrics.jsonl (owner), progress bar, live loss plot, sample grids
     speed       checkpointing, block offload and torch.compile, applied in one place
     offload     frozen block weights streamed from CPU RAM during the step
+    validation  held-out images, their loss at fixed noise, the best checkpoint by it
     loop        `train(run)`: the loop itself, top to bottom
 """
 

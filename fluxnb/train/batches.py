@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +83,11 @@ class TrainingData:
     of `batch_size`; process r takes its `accumulation` of them. Every sample is seen once per epoch.
     """
 
-    def __init__(self, run: RunDir, batch_size: int, seed: int, *, accumulation: int = 1, processes: int = 1) -> None:
+    def __init__(self, run: RunDir, batch_size: int, seed: int, *, accumulation: int = 1, processes: int = 1,
+                 only: Collection[str] | None = None) -> None:
         dataset = CachedDataset(run)
-        self.items = [dataset[i] for i in range(len(dataset))]
+        # only: the sample ids to serve (fluxnb.train.validation keeps held-out images out); None = all
+        self.items = [dataset[i] for i in range(len(dataset)) if only is None or dataset.samples[i].id in only]
         self.batch_size, self.seed, self.accumulation, self.processes = batch_size, seed, accumulation, processes
         self.samples_per_step = batch_size * accumulation * processes
         self.buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)

@@ -66,8 +66,16 @@ def latest(run: RunDir) -> Checkpoint | None:
     return found[-1] if found else None
 
 
+def best(run: RunDir) -> Checkpoint | None:
+    """The complete checkpoint with the lowest validation loss (state.json's val_loss), the earliest on a tie."""
+    scored = [(c.info().get("val_loss"), c.step, c) for c in list_checkpoints(run)]
+    scored = [s for s in scored if isinstance(s[0], (int, float))]
+    return min(scored, key=lambda s: s[:2])[2] if scored else None
+
+
 def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, Any], keep: int) -> Checkpoint:
-    """Write checkpoints/step-{state.step}/ atomically, then delete all but the newest `keep` checkpoints."""
+    """Write checkpoints/step-{state.step}/ atomically, then delete all but the newest `keep` checkpoints and the
+    best one by validation loss (notebook 04 may load it)."""
     step = state.step
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f"step-{step}.tmp"
@@ -85,8 +93,10 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    keep_best = best(run)
     for expired in list_checkpoints(run)[:-keep]:
-        shutil.rmtree(expired.path, ignore_errors=True)
+        if keep_best is None or expired.path != keep_best.path:
+            shutil.rmtree(expired.path, ignore_errors=True)
     return Checkpoint(final, step)
 
 

@@ -28,7 +28,7 @@ from ..hub_errors import hub_errors
 from ..model import lora
 from ..model.quant import load_transformer
 from ..run import Run
-from . import checkpoint, flow, speed
+from . import checkpoint, flow, speed, validation
 from .batches import TrainingData
 from .monitor import MetricsLog, Progress, ValidationSampler, in_notebook
 from .state import TrainState
@@ -50,6 +50,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, this session
     train_loss_before: float | None = None  # fixed-noise training-set loss (fluxnb.step.evaluate)
     train_loss_after: float | None = None
+    best_checkpoint: Path | None = None  # the lowest validation loss (fluxnb.train.validation)
     interrupted: bool = False
     seconds: float = 0.0
     already_trained: bool = False  # the run had reached max_train_steps before this call: nothing was trained
@@ -222,9 +223,11 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     if start is not None:
         _check_same_adapter(run, start)
     processes = PartialState(cpu=hw.device.type == "cpu").num_processes  # > 1 under `accelerate launch`
-    data = TrainingData(run.dir, tc.batch_size, tc.seed, accumulation=tc.gradient_accumulation_steps,
-                        processes=processes)
     latent, table, scheduler = load_scales(run)
+    val = validation.Validation(run, table, latent, MetricsLog(run.dir.metrics).read(), start.step if start else 0)
+    print(f"fluxnb: {val.note}")
+    data = TrainingData(run.dir, tc.batch_size, tc.seed, accumulation=tc.gradient_accumulation_steps,
+                        processes=processes, only=val.train_ids)  # never a held-out image
     sampler = make_sampler(run, scheduler)
 
     with cpu_threads(hw), speed.attention_backends(hw, cfg.model.quantization):
@@ -242,7 +245,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         accelerator.print(memory.report(f"memory after loading ({hw.describe()})"))
 
         def save_checkpoint(loss: float) -> Path:
-            return checkpoint.save(run.dir, cfg, state, info={"loss": loss, "lr": state.lr}, keep=tc.keep_checkpoints).path
+            info = {"loss": loss, "lr": state.lr} | ({"val_loss": v} if (v := val.at(state.step)) is not None else {})
+            return checkpoint.save(run.dir, cfg, state, info=info, keep=tc.keep_checkpoints).path
 
         def on_main(fn, *args):  # the others wait, so that no process runs ahead into the next all-reduce
             out = fn(*args) if main else None
@@ -272,11 +276,15 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                            "epoch": (state.step - 1) // data.steps_per_epoch,
                            "seconds": round(time.perf_counter() - began, 3)}
                     row |= {k: round(v, 3) for k, v in memory.snapshot().items() if k.startswith("gpu_peak")}
+                    if val.due(state.step, target):  # held-out loss at fixed noise, beside the training loss
+                        row["val_loss"] = val.loss(model, state.step, accelerator.autocast)
                     MetricsLog(run.dir.metrics).append(row)
                     progress.update(row)
-                if sampler and tc.sample_every and state.step % tc.sample_every == 0:
+                accelerator.wait_for_everyone()  # the held-out loss is the main process's alone
+                at_checkpoint = tc.checkpoint_every and state.step % tc.checkpoint_every == 0
+                if sampler and (state.step % tc.sample_every == 0 or at_checkpoint):  # a grid per checkpoint
                     on_main(sampler.grid, model, state.step, live)
-                if tc.checkpoint_every and state.step % tc.checkpoint_every == 0:
+                if at_checkpoint:
                     result.checkpoint = on_main(save_checkpoint, loss)
         except KeyboardInterrupt:
             result.interrupted = True
@@ -300,5 +308,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                                     train_loss_after=result.train_loss_after, train_seconds=round(result.seconds, 1))
             result.lora = on_main(lora.save_lora, model, run.dir.lora)
             accelerator.print(f"fluxnb: LoRA saved to {result.lora}")
+        result.best_checkpoint = getattr(checkpoint.best(run.dir), "path", None)
+        accelerator.print(validation.summary(run.dir))
         accelerator.print(memory.report("memory at the end"))
     return result

@@ -70,12 +70,15 @@ class Progress:
         self.run, self.live, self.redraw_seconds = run, live, redraw_seconds
         self.steps = [r["step"] for r in history]
         self.losses = [r["loss"] for r in history]
+        self.val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]  # (step, held-out loss)
         self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
         self._handle, self._last_draw = None, 0.0
 
     def update(self, row: dict[str, Any]) -> None:
         self.steps.append(row["step"])
         self.losses.append(row["loss"])
+        if "val_loss" in row:
+            self.val.append((row["step"], row["val_loss"]))
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
         if self.live and time.monotonic() - self._last_draw > self.redraw_seconds:
@@ -85,7 +88,8 @@ class Progress:
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(7, 3))  # not pyplot's: it must not pop up again at the end of the cell
-        loss_plot(self.steps, self.losses, ax=fig.add_subplot())
+        loss_plot(self.steps, self.losses, ax=fig.add_subplot(), val_steps=[s for s, _ in self.val],
+                  val_losses=[v for _, v in self.val])
         return fig
 
     def _draw(self) -> None:

@@ -1,0 +1,114 @@
+"""Captions written for you (fluxnb.data.captions): the tiny BLIP through the real path, and what is never lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fluxnb import memory
+from fluxnb.config import DataConfig
+from fluxnb.data import captions, embeddings
+from fluxnb.data.sources import load_records
+from fluxnb.errors import FluxnbError
+from fluxnb.hardware import detect
+from fluxnb.run import open_run
+from fluxnb.tiny_captioner import ensure_tiny_captioner, uncaptioned_copy
+
+TRIGGER = "tnyst style"
+
+
+def rows(folder):
+    return {r["file_name"]: r for r in map(json.loads, (folder / "metadata.jsonl").read_text().splitlines())}
+
+
+def fake_captioner(images):
+    return [f"a picture {im.width}x{im.height}" for im in images]
+
+
+@pytest.fixture(scope="module")
+def tiny_captioner():
+    return captions.load_captioner(str(ensure_tiny_captioner()), detect("tiny"))
+
+
+def test_tiny_blip_captions_an_uncaptioned_folder_into_metadata_jsonl(tiny_assets, tiny_captioner, tmp_path):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    cfg = DataConfig(dataset=str(folder))
+    assert all(r.caption is None for r in load_records(cfg).records)  # before: images alone, no caption
+    plan = captions.plan_captions(folder, cfg)
+    assert len(plan.todo) == len(plan.rows) == 16 and plan.kept == 0
+    result = captions.caption_folder(plan, tiny_captioner, trigger=TRIGGER, progress=False)
+    assert result.written == folder / "metadata.jsonl" and len(result.captioned) == 16
+    loaded = load_records(cfg)  # the imagefolder layout fluxnb.data.sources reads
+    assert not loaded.errors and len(loaded.records) == 16
+    assert all(r.caption.startswith(f"{TRIGGER}, ") and len(r.caption) > len(TRIGGER) + 2 for r in loaded.records)
+
+
+def test_user_captions_are_kept_unless_overwrite(tmp_path, tiny_assets):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    names = sorted(p.name for p in folder.glob("*.png"))
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": names[0], "text": "my own words", "rating": 5}) + "\n"
+        + json.dumps({"file_name": names[1], "text": "  "}) + "\n")  # an empty caption gets one; the rest are unlisted
+    cfg = DataConfig(dataset=str(folder))
+    plan = captions.plan_captions(folder, cfg)
+    assert plan.kept == 1 and len(plan.todo) == 15
+    captions.caption_folder(plan, fake_captioner, trigger=TRIGGER, progress=False)
+    after = rows(folder)
+    assert after[names[0]] == {"file_name": names[0], "text": "my own words", "rating": 5}
+    assert after[names[1]]["text"].startswith(TRIGGER) and set(after) == set(names)
+
+    again = captions.plan_captions(folder, cfg)  # captioning twice changes nothing
+    assert not again.todo and captions.caption_folder(again, fake_captioner, progress=False).written is None
+
+    everything = captions.plan_captions(folder, cfg, overwrite=True)
+    captions.caption_folder(everything, fake_captioner, trigger=TRIGGER, progress=False)
+    assert rows(folder)[names[0]]["text"].startswith(f"{TRIGGER}, a picture") and rows(folder)[names[0]]["rating"] == 5
+
+
+def test_txt_captions_beside_the_images_are_copied_in(tmp_path, tiny_assets):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    first = sorted(folder.glob("*.png"))[0]
+    first.with_suffix(".txt").write_text("written by hand\n")
+    plan = captions.plan_captions(folder, DataConfig(dataset=str(folder)))
+    captions.caption_folder(plan, fake_captioner, progress=False)
+    assert rows(folder)[first.name]["text"] == "written by hand" and plan.kept == 1
+
+
+def test_refuses_what_it_cannot_caption_without_loss(tmp_path):
+    with pytest.raises(FluxnbError, match="local folder"):
+        captions.plan_captions("user/some-hub-dataset", DataConfig())
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\nnot json\n')
+    with pytest.raises(FluxnbError, match="none of your captions is lost"):
+        captions.plan_captions(tmp_path, DataConfig(dataset=str(tmp_path)))
+    assert "not json" in (tmp_path / "metadata.jsonl").read_text()
+
+
+def test_warns_when_t5_would_cut_a_caption(tmp_path, tiny_assets):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    run = open_run(tmp_path / "run", profile="tiny", verbose=False)
+    tokenizer = embeddings.load_tokenizer(run.config.model)
+    plan = captions.plan_captions(folder, DataConfig(dataset=str(folder)))
+    long = lambda images: ["a cat " * 40 for _ in images]  # noqa: E731
+    result = captions.caption_folder(plan, long, tokenizer=tokenizer, max_sequence_length=77, progress=False)
+    assert len(result.warnings) == 1 and "longer than max_sequence_length=77" in result.warnings[0]
+    short = captions.caption_folder(captions.plan_captions(folder, DataConfig(dataset=str(folder)), overwrite=True),
+                                    fake_captioner, tokenizer=tokenizer, progress=False)
+    assert not short.warnings
+
+
+def test_cli_captions_and_frees_the_captioner_before_t5(tmp_path, tiny_assets, monkeypatch):
+    from fluxnb.cli import main
+
+    freed = []
+    real_free = memory.free
+    monkeypatch.setattr(memory, "free", lambda *objs: freed.extend(objs) or real_free(*objs))
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    run_dir = tmp_path / "run"
+    assert main(["caption", "--run-dir", str(run_dir), "--profile", "tiny", "--dataset", str(folder),
+                 "--instance-prompt", TRIGGER]) == 0
+    assert len(rows(folder)) == 16 and all(r["text"].startswith(TRIGGER) for r in rows(folder).values())
+    assert len(freed) == 1 and sum(p.numel() for p in freed[0].parameters()) == 0  # emptied in place
+    assert json.loads((run_dir / "config.json").read_text())["data"]["dataset"] == str(folder)
