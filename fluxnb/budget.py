@@ -110,6 +110,7 @@ class Plan:
     optimizer: str
     fits: bool
     lora_params: int
+    host_gib: float | None = None  # CPU RAM the streamed weights were allowed
 
     @property
     def estimate_gib(self) -> float:
@@ -135,7 +136,8 @@ class Plan:
             ("activations kept", f"{lay.kept} of {n} blocks (the rest recomputed)",
              "each kept block saves its recompute (~1/3 of its forward pass) for ~88 KiB per token"),
             ("weights streamed", f"{lay.streamed} of {n} blocks from CPU RAM",
-             "streaming costs little at batch 4 (the copy hides behind compute), so memory goes to activations first"),
+             "streaming costs little at batch 4 (the copy hides behind compute), so memory goes to activations first"
+             + (f"; at most {self.host_gib:g} GiB of CPU RAM for them" if self.host_gib is not None else "")),
             ("optimizer", self.optimizer,
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
@@ -152,22 +154,31 @@ def tokens_per_sample(width: int, height: int, text_tokens: int) -> int:
     return (width // 16) * (height // 16) + text_tokens  # FLUX packs 2x2 latent patches of the VAE's /8 latents
 
 
+def streamed_gib(count: int) -> float:
+    """CPU RAM that streaming `count` blocks takes (their NF4 weights, pinned)."""
+    sizes = block_gib()
+    return sum(sizes[i] for i in pick_blocks(len(sizes), count))
+
+
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
-           lora: LoRAConfig | None = None) -> Plan:
-    """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order)."""
+           lora: LoRAConfig | None = None, host_gib: float | None = None) -> Plan:
+    """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
+    host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident)."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
+    most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
     usable = budget_gib - margin_gib(budget_gib)
     params = lora_params(lora or LoRAConfig())
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
-        if Layout(batch, n, 0).peak_gib(tokens) > usable:
+        if Layout(batch, most, 0).peak_gib(tokens) > usable:
             continue
-        kept = _most(lambda k: Layout(batch, n, k).peak_gib(tokens) <= usable, n)
+        kept = _most(lambda k: Layout(batch, most, k).peak_gib(tokens) <= usable, n)
         # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
         # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
-        resident = _most(lambda r: Layout(batch, n - r, kept).peak_gib(tokens) <= usable - margin_gib(budget_gib), n)
-        return Plan(budget_gib, tokens, Layout(batch, n - resident, kept), optimizer, True, params)
-    return Plan(budget_gib, tokens, Layout(1, n, 0), optimizer, False, params)
+        room = usable - margin_gib(budget_gib)
+        resident = _most(lambda r: Layout(batch, most - r, kept).peak_gib(tokens) <= room, most)
+        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept), optimizer, True, params, host_gib)
+    return Plan(budget_gib, tokens, Layout(1, most, 0), optimizer, False, params, host_gib)
 
 
 def _most(ok, top: int) -> int:

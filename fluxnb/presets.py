@@ -22,6 +22,7 @@ from .hardware import Hardware
 class Preset:
     description: str
     budget_gib: float  # the card's memory; the policy keeps a margin under it (fluxnb.budget.margin_gib)
+    host_gib: float | None = None  # CPU RAM that streamed weights may take (None: no limit; 0: none streamed)
 
 
 SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
@@ -30,11 +31,12 @@ PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
                      "(needs ~7 GB of free RAM), batches of 4: 5.45 GiB, 0.8-1.0 s per 4-sample step in a 6 GiB cap "
                      "on an H200 (4.6x the blog's recipe in the same run)", 6.0),
-    "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB. QLoRA in fp16 (a T4 has no bf16), blocks streamed, "
-                      "the last 18 keep their activations at 512x768 (~14.3 GiB, estimated). torch.compile stays off "
-                      "on a T4 (train.compile='auto'; 'on' to try it: Triton supports sm_75 poorly and the step is "
-                      "bound by arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
-                      "model.prequantized: quantizing FLUX on the fly needs most of Colab's 12.7 GB of RAM", 14.7),
+    "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin ~7 GB "
+                      "of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), the last 6 blocks keep their "
+                      "activations at 512x768 (~14.1 GiB, estimated). torch.compile stays off on a T4 "
+                      "(train.compile='auto'; 'on' to try it: Triton supports sm_75 poorly and the step is bound by "
+                      "arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
+                      "model.prequantized: quantizing FLUX on the fly needs most of Colab's RAM", 14.7, host_gib=0.0),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
                         "the last 34 keep their activations at 512x768 (~22.6 GiB, estimated; the blog's run: ~9 GB, "
                         "~41 min for 700 steps)", 23.6),
@@ -62,7 +64,8 @@ def budget_for(name: str, hw: Hardware | None = None) -> float:
 def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Plan:
     """fluxnb.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
     d = config.data
-    return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora)
+    return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
+                         PRESETS[name].host_gib)
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:

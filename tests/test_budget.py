@@ -55,3 +55,9 @@ def test_plan_table_says_what_and_why():
     assert [r[0] for r in plan.rows()] == ["batch", "activations kept", "weights streamed", "optimizer", "memory"]
     assert "18 of 57" in table and "why" in table.splitlines()[0]
     assert plan.settings()["train"]["keep_activations"] == plan.layout.kept
+
+
+def test_host_ram_limits_what_streams():
+    assert budget.choose(14.7, host_gib=0.0).layout.streamed == 0  # e.g. Colab: every block resident
+    some = budget.choose(6.0, host_gib=3.0)
+    assert 0 < budget.streamed_gib(some.layout.streamed) <= 3.0 and some.layout.batch < 4  # less streams: smaller batch

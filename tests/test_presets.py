@@ -44,7 +44,8 @@ def test_every_preset_is_a_valid_config_and_recognisable():
 def test_presets_are_named_budgets_filled_by_the_policy():
     """Bigger budgets buy speed in the policy's order: batch, then kept activations, then resident blocks."""
     small, t4, big, h100 = (presets.apply(RunConfig(), n) for n in ("8-12gb", "t4-16gb", "4090-24gb", "h100-80gb"))
-    assert small.model.offload_blocks == t4.model.offload_blocks == big.model.offload_blocks == 57
+    assert small.model.offload_blocks == big.model.offload_blocks == 57
+    assert t4.model.offload_blocks == 0  # Colab's 12.7 GB of RAM: nothing streams there
     assert small.train.keep_activations < t4.train.keep_activations < big.train.keep_activations < 57
     assert h100.model.offload_blocks == 0 and not h100.train.gradient_checkpointing  # all resident, no recompute
     assert {c.train.optimizer for c in (small, t4, big, h100)} == {"adamw"}  # 8-bit state would save 27 MiB
@@ -56,7 +57,7 @@ def test_t4_preset_says_compile_stays_off_there():
 
 
 @pytest.mark.parametrize("preset, size, batch", [
-    ("t4-16gb", (512, 768), 4), ("t4-16gb", (1024, 1024), 4), ("8-12gb", (1024, 1024), 1),
+    ("t4-16gb", (512, 768), 4), ("t4-16gb", (1024, 1024), 2), ("8-12gb", (1024, 1024), 1),
     ("8-12gb", (768, 768), 2), ("4090-24gb", (1536, 1536), 2), ("h100-80gb", (1536, 1536), 4)])
 def test_bigger_images_trade_batch_for_accumulation(preset, size, batch):
     """Activation memory grows with the image tokens in a batch; the policy lowers the batch when it must."""
