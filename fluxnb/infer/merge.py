@@ -29,7 +29,7 @@ from ..files import atomic_write_text
 from ..hub_errors import hub_errors
 from ..memory import GiB
 from ..model.quant import load_transformer
-from ..run import Run
+from ..run import Run, writes
 from .sampling import load_lora
 
 
@@ -90,6 +90,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@writes("merge")
 def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path | None = None) -> Path:
     """Base (16-bit on GPU machines, fp32 for the tiny profile; on the CPU) + LoRA -> out/transformer/.
 
