@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,22 +41,38 @@ _DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "w
 
 
 def _open_step_run(args: argparse.Namespace):
-    """open_run(--run-dir), with the options given on the command line applied (saved once the step succeeds)."""
+    """open_run(--run-dir), with the options given on the command line applied (saved once the step succeeds).
+
+    Local paths are made absolute now: the caches' settings name the model, and later steps may run elsewhere."""
     from .run import open_run
 
-    run = open_run(args.run_dir, profile=args.profile)
+    run = open_run(args.run_dir, profile=args.profile, create=False)
     data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
     model = {k: v for k, v in (("model_id", args.model), ("revision", args.revision)) if v is not None}
-    run.config = run.config.replace(data=data, model=model)
+    run.config = run.config.replace(data=data, model=model).with_local_paths_resolved()
     return run
+
+
+@contextlib.contextmanager
+def _first_step(root: Path):
+    """A first `embed` that fails leaves no run directory behind (nor a config.json of defaults that the next
+    step would take for the user's choice); one that has written caches keeps them."""
+    existed = root.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and root.is_dir() and {p.name for p in root.iterdir()} <= {".lock"}:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .data.embeddings import embed_step
 
     run = _open_step_run(args)
-    print(embed_step(run, overwrite=args.overwrite))
-    run.save()  # config.json describes the caches it sits next to
+    with _first_step(run.dir.root), run.dir.writing("embed"):
+        print(embed_step(run, overwrite=args.overwrite))
+        run.save()  # config.json describes the caches it sits next to
     return 0
 
 
@@ -73,8 +91,12 @@ def cmd_latents(args: argparse.Namespace) -> int:
     from .data.latents import latents_step
 
     run = _open_step_run(args)
-    print(latents_step(run, overwrite=args.overwrite))
-    run.save()
+    if not run.dir.config.is_file():
+        raise FluxnbError(f"{run.dir.root} has no config.json: run notebook 01 first (`python -m fluxnb embed "
+                          f"--run-dir {run.dir.root} --dataset ...`), which checks the data and creates it.")
+    with run.dir.writing("latents"):
+        print(latents_step(run, overwrite=args.overwrite))
+        run.save()
     return 0
 
 
@@ -103,8 +125,10 @@ def _existing_run(run_dir: Path | None, needs: str = "trained"):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(_existing_run(args.run_dir, "train"), resume=args.resume, overwrite=args.overwrite,
-                   max_steps=args.max_steps, live=False)
+    run = _existing_run(args.run_dir, "train")
+    again = f"python -m fluxnb train --run-dir {run.dir.root} --resume"
+    result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, live=False,
+                   how_to_resume=again)
     return 130 if result.interrupted else 0
 
 
@@ -113,7 +137,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = _existing_run(args.run_dir)
     lora = args.lora or run.dir.lora_file
-    out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
+    with run.dir.writing("export"):
+        out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
     print(f"{args.format}: {out}")
     if args.format == "comfyui":
         print(check_round_trip(lora, out))
@@ -126,9 +151,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
-    staged = stage(run, settings)
-    print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
-    result = push(run, staged, settings)
+    with run.dir.writing("push"):
+        staged = stage(run, settings)
+        print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
+        result = push(run, staged, settings)
     print(result)
     return 0 if result.uploaded or args.dry_run else 1
 

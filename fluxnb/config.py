@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 class ConfigError(FluxnbError, ValueError):
     """A bad configuration value: the message says which field, what was given, and what is allowed."""
+
+
+def local_path(value: str | None) -> str | None:
+    """`value` as an absolute path if it names an existing file or folder here, else unchanged (a Hub id)."""
+    if not value or not Path(value).expanduser().exists():
+        return value
+    return os.path.abspath(os.path.expanduser(value))  # not resolve(): a symlinked folder stays as named
 
 
 def _check(ok: bool, message: str) -> None:
@@ -234,6 +242,16 @@ class RunConfig:
             _check(not extra, f"config section '{name}' has unknown keys {sorted(extra)}; known: {sorted(known)}.")
             kwargs[name] = part(**values)
         return cls(**kwargs, profile=raw.get("profile", "real"))
+
+    def with_local_paths_resolved(self) -> RunConfig:
+        """A copy whose dataset, model and prequantized folders, when they name a local path, are absolute.
+
+        A relative path means "from here": stored as typed, a later step run from another working directory
+        (the notebooks run in notebooks/) would look for it in the wrong place, then on the Hub. Hub ids (no
+        such local path) stay as typed."""
+        m = self.model
+        return self.replace(data={"dataset": local_path(self.data.dataset)},
+                            model={"model_id": local_path(m.model_id), "prequantized": local_path(m.prequantized)})
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some fields changed, validated: `cfg.replace(train={"max_train_steps": 50})`."""

@@ -2,13 +2,17 @@
 
 Everything fluxnb writes goes through `atomic_path`: write to a temporary file in the same folder, flush it to
 disk, then rename it over the target (a rename is atomic on POSIX and Windows), so a crash or a Colab
-disconnect mid-write never leaves a half-written file behind.
+disconnect mid-write never leaves a half-written file behind. A full disk or an I/O error (ENOSPC, EIO, ...) while
+writing becomes one DiskError naming the folder and the space needed; the temporary file is removed, and the
+files written before are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,30 +20,72 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
+from .errors import FluxnbError
+
 _UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it) ...
 os.umask(_UMASK)  # ... and put it back
 
 
+_DISK_TROUBLE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                 errno.EIO: "an input/output error (a failing disk, or a network drive that dropped)",
+                 errno.EROFS: "the filesystem is read-only", errno.EFBIG: "the file is too large for this filesystem"}
+
+
+class DiskError(FluxnbError):
+    """A write failed because of the disk (full, quota, I/O error): nothing written before it was lost."""
+
+
+_OPEN: list[Path] = []  # the disk_errors blocks open now: the outermost one names the folder
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{max(1, round(n / 2**10))} KiB"
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; when the block succeeds it replaces `path`, else it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+def disk_errors(folder: str | Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a disk-level OSError (full, quota, EIO, read-only) raised in the block into one DiskError. Nested,
+    the outermost block speaks (e.g. checkpoints/ and the checkpoint's size, not one file in step-N.tmp/)."""
+    _OPEN.append(Path(folder))
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
-        os.replace(tmp_path, path)
+        yield
+    except OSError as err:
+        if err.errno not in _DISK_TROUBLE or len(_OPEN) > 1:
+            raise
+        free = None
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(folder).free
+        need = f"it needs about {_size(needed)}, " if needed else ""
+        left = f"{_size(free)} free" if free is not None else "free space unknown"
+        raise DiskError(f"could not write to {folder}: {_DISK_TROUBLE[err.errno]} ({need}{left}). Nothing "
+                        "already written was lost: free some space (or move the run directory, FLUXNB_RUN_DIR, to a "
+                        "bigger disk), then run the same step again; it carries on from what is there.") from err
     finally:
-        tmp_path.unlink(missing_ok=True)
+        _OPEN.pop()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; when the block succeeds it replaces `path`, else it is removed.
+    `needed`: the bytes to be written, if known, for the message when the disk is full."""
+    path = Path(path)
+    with disk_errors(path.parent, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
+            os.replace(tmp_path, path)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=len(data)) as tmp:
         tmp.write_bytes(data)
 
 

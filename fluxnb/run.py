@@ -15,14 +15,20 @@ One folder that every notebook reads and writes, so each can be re-run alone, on
       metrics.jsonl                    one line per optimizer step (fluxnb.train.monitor)
       merged/  export/  hub/           notebook 04's merged model and exports, notebook 05's upload folder
       executed/                        the notebooks as `python -m fluxnb notebooks` ran them
+      .lock                            held by the process writing the run now (fluxnb.lock)
 
 The first `open_run` makes config.json with the defaults for this machine (the blog recipe on a GPU; the offline
 tiny FLUX without one); later notebooks, maybe on a new Colab VM, load the same file and carry on.
+Every step that writes holds the run's lock while it runs (`@writes("train")`), so two notebooks, or a notebook
+and the CLI, never write one run at once; a process re-running its own steps never waits on itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 from .config import CONFIG_FILE, RunConfig
 from .hardware import Hardware, detect, dtype_from_name
+from .lock import hold, holder
 
 RUN_DIR_ENV = "FLUXNB_RUN_DIR"
 LORA_FILE = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors": what load_lora_weights(folder) looks for
@@ -57,6 +64,11 @@ class RunDir:
     export = property(lambda self: self.root / "export")
     hub = property(lambda self: self.root / "hub")
     executed = property(lambda self: self.root / "executed")
+    lock = property(lambda self: self.root / ".lock")
+
+    def writing(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Hold this run's lock while `what` ("train", "embed", ...) writes; RunBusy if another process does."""
+        return hold(self.lock, what)
 
     @property
     def name(self) -> str:
@@ -74,13 +86,25 @@ class Run:
         return self.dir.root
 
     def save(self) -> Path:
-        """Validate the (maybe widget-edited) config and write it to config.json. A changed model.dtype (e.g.
-        "fp16", what a T4 computes in) takes effect here, for the rest of this notebook too."""
-        self.config = RunConfig.from_dict(self.config.to_dict())
+        """Validate the (maybe widget-edited) config, make its local paths absolute, write it to config.json. A
+        changed model.dtype (e.g. "fp16", what a T4 computes in) takes effect here, for the rest of this notebook too."""
+        self.config = RunConfig.from_dict(self.config.to_dict()).with_local_paths_resolved()
         wanted = self.config.model.dtype
         if wanted != "auto" and dtype_from_name(wanted) != self.hw.dtype:
             self.hw = detect(self.hw.profile, wanted)
-        return self.config.save(self.dir.root)
+        with self.dir.writing("save the config"):
+            return self.config.save(self.dir.root)
+
+
+def writes(what: str) -> Callable:
+    """Decorator for a step `fn(run: Run | RunDir, ...)` that writes the run: it holds the run's lock meanwhile."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def step(run, *args, **kwargs):
+            with (run.dir if isinstance(run, Run) else run).writing(what):
+                return fn(run, *args, **kwargs)
+        return step
+    return wrap
 
 
 def default_run_dir(profile: str) -> Path:
@@ -117,8 +141,12 @@ def default_config(hw: Hardware) -> RunConfig:
     )
 
 
-def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, verbose: bool = True) -> Run:
-    """Detect hardware, then load `run_dir/config.json`, or create it with this machine's defaults."""
+def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, verbose: bool = True,
+             create: bool = True) -> Run:
+    """Detect hardware, then load `run_dir/config.json`, or create it with this machine's defaults.
+
+    create=False: a new run's config is only in memory until `run.save()` (the CLI saves it once its step
+    succeeded, so a failed first step leaves no config behind)."""
     from .memory import start_peak_log
 
     start_peak_log()  # only when FLUXNB_PEAKS_FILE is set (benchmarks/rehearsal.py)
@@ -132,8 +160,14 @@ def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, v
             hw = detect(hw.profile, config.model.dtype)
     else:
         config = default_config(hw)
-        config.save(run.root)
+        if create:
+            with run.writing("create the run"):
+                config.save(run.root)
     if verbose:
         print(hw.describe())
         print(f"fluxnb: run directory {run.root}")
+        busy = holder(run.lock)
+        if busy:
+            print(f"note: PID {busy.get('pid')} is writing this run now ({busy.get('step')!r}); steps that write "
+                  "will refuse until it ends (reading is fine).")
     return Run(run, config, hw)

@@ -238,7 +238,7 @@ def test_long_captions_are_counted_in_t5_tokens(tmp_path, tiny_assets):
     p = check(root, tok, max_sequence_length=8)
     warning = next(w for w in p.report.warnings if "max_sequence_length=8" in w)
     n = len(tok(long).input_ids)
-    assert n > 8 and f"1 of 2 caption(s)" in warning and f"longest: {n} tokens" in warning
+    assert n > 8 and "1 of 2 caption(s)" in warning and f"longest: {n} tokens" in warning
     assert not check(root, tok, max_sequence_length=77).report.warnings
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fluxnb"
 FLOORS = [
     ("base", ["errors", "files", "config", "memory", "plots", "hub_errors"]),
-    ("machine and run", ["hardware", "tiny", "tiny_captioner", "budget", "presets", "run"]),
+    ("machine and run", ["hardware", "tiny", "tiny_captioner", "budget", "presets", "run", "lock"]),
     ("pipeline parts", ["data", "model"]),
     ("pipeline steps", ["train", "infer"]),
     ("sharing", ["share"]),

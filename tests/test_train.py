@@ -13,7 +13,7 @@ from train_helpers import make_run
 
 from fluxnb.data.store import read_samples
 from fluxnb.errors import FluxnbError
-from fluxnb.files import load_tensors, save_tensors
+from fluxnb.files import load_tensors, save_tensors, tensors_metadata
 from fluxnb.model import lora
 from fluxnb.train import TrainingDiverged, TrainState, checkpoint, prepare_transformer, train
 from fluxnb.train.batches import TrainingData
@@ -111,9 +111,10 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_saves_no_lora(
     data = TrainingData(run.dir, 1, run.config.train.seed)
     poisoned = data.epoch_order(0)[3][0]  # the 4th micro-batch of the run: optimizer step 4
     sample = read_samples(run.dir)[poisoned]
-    tensors = load_tensors(run.dir.latents / f"{sample.id}.safetensors")
-    save_tensors(run.dir.latents / f"{sample.id}.safetensors", {"mean": tensors["mean"] * float("nan"),
-                                                                "std": tensors["std"]})
+    path = run.dir.latents / f"{sample.id}.safetensors"
+    tensors = load_tensors(path)
+    save_tensors(path, {"mean": tensors["mean"] * float("nan"), "std": tensors["std"]},
+                 metadata=tensors_metadata(path))  # still tagged with the run's settings: only its values are bad
     with pytest.raises(TrainingDiverged, match=r"loss became nan at optimizer step 4.*step-3.*learning_rate"):
         train(run, live=False)
     assert not (run.dir.lora / "pytorch_lora_weights.safetensors").exists()

@@ -1,8 +1,9 @@
 """Test helper: a run directory with caches made straight from the tiny pipeline (no notebooks 01/02 needed).
 
-It writes exactly the run-directory contract of fluxnb.cache: samples.jsonl, embeddings/<caption_id> from
+It writes exactly the run-directory contract of fluxnb.data: samples.jsonl, embeddings/<caption_id> from
 `FluxPipeline.encode_prompt` (captions and validation prompts), latents/<sample_id> = the VAE's posterior mean and
-std. Images keep their own sizes (all multiples of 16 in the tiny dataset), so there are several buckets.
+std, each file tagged with the settings fingerprint of the tiny run's config, and both meta.json files. Images keep
+their own sizes (all multiples of 16 in the tiny dataset), so there are several buckets.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxnb.data.embeddings import embedding_path
-from fluxnb.data.store import Sample, caption_id, sample_id, write_samples
-from fluxnb.files import save_tensors
+from fluxnb.config import RunConfig
+from fluxnb.data import embeddings, latents
+from fluxnb.data.store import Sample, caption_id, fingerprint, sample_id, write_meta, write_samples
 from fluxnb.run import Run, RunDir, open_run
 
 _CACHE: dict[str, Path] = {}
 
 
 @torch.no_grad()
-def _build_caches(model_dir: Path, dataset_dir: Path, prompts: list[str], out: RunDir) -> None:
+def _build_caches(config: RunConfig, out: RunDir) -> None:
     from diffusers import FluxPipeline
 
+    model_dir, dataset_dir = Path(config.model.model_id), Path(config.data.dataset)
+    prompts = config.data.validation_prompts
+    latent_tag, text_tag = fingerprint(latents.settings(config)), fingerprint(embeddings.settings(config))
     pipe = FluxPipeline.from_pretrained(model_dir, transformer=None, dtype=torch.float32)
     rows = [json.loads(line) for line in (dataset_dir / "metadata.jsonl").read_text().splitlines() if line]
     samples = []
@@ -36,12 +40,14 @@ def _build_caches(model_dir: Path, dataset_dir: Path, prompts: list[str], out: R
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W)
         dist = pipe.vae.encode(pixels[None]).latent_dist
         sid = sample_id(raw, row["text"])
-        save_tensors(out.latents / f"{sid}.safetensors", {"mean": dist.mean[0], "std": dist.std[0]})
-        samples.append(Sample(sid, row["text"], caption_id(row["text"]), row["file_name"], image.width, image.height))
+        sample = Sample(sid, row["text"], caption_id(row["text"]), row["file_name"], image.width, image.height)
+        latents.save_latent(out, sample, dist.mean[0], dist.std[0], latent_tag)
+        samples.append(sample)
     for text in {s.caption for s in samples} | set(prompts):
         embeds, pooled, text_ids = pipe.encode_prompt(prompt=text, prompt_2=None, max_sequence_length=77)
-        save_tensors(embedding_path(out, text), {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0],
-                                                 "text_ids": text_ids})
+        embeddings.save_embedding(out, text, embeds[0], pooled[0], text_ids, text_tag)
+    write_meta(out.latents, latents.settings(config))
+    write_meta(out.embeddings, embeddings.settings(config))
     write_samples(out, samples)
 
 
@@ -51,8 +57,7 @@ def make_run(run_dir: Path, tmp_factory, **overrides) -> Run:
     key = str(run.config.model.model_id)
     if key not in _CACHE:  # encode once per session, copy for each test
         cache_root = Path(tmp_factory.mktemp("tiny-caches"))
-        _build_caches(Path(run.config.model.model_id), Path(run.config.data.dataset),
-                      run.config.data.validation_prompts, RunDir(cache_root))
+        _build_caches(run.config, RunDir(cache_root))
         _CACHE[key] = cache_root
     for name in ("embeddings", "latents"):
         shutil.copytree(_CACHE[key] / name, run.dir.root / name, dirs_exist_ok=True)

@@ -14,9 +14,12 @@ latent and the cached caption embedding of one sample are found by the same id i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +33,7 @@ from .sources import Record, load_records
 from .store import Sample, caption_id, sample_id
 
 SHOW = 5  # how many offending rows a message names before "... and N more"
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (~89 MP, ~270 MB as RGB): refused beyond it
 
 
 def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> tqdm:
@@ -54,9 +58,21 @@ def with_instance_prompt(instance_prompt: str, caption: str) -> str:
     return f"{p}, {caption}" if caption else p
 
 
+class TooManyPixels(ValueError):
+    """An image far larger than training could use: refused from its header, before it is decoded."""
+
+
 def open_image(data: bytes) -> tuple[Image.Image, str, bool]:
-    """Decode fully (so truncation shows up now, not mid-training) -> (RGB image, original mode, rotated)."""
-    img = Image.open(io.BytesIO(data))
+    """Decode fully (so truncation shows up now, not mid-training) -> (RGB image, original mode, rotated).
+
+    The size is checked from the header first: a 10000x10000 scan would take GBs of RAM to decode (and PIL would
+    only warn, as DecompressionBombWarning), for a picture that is shrunk to ~0.4 MP anyway."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below, with a clear message
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    if img.width * img.height > MAX_PIXELS:
+        raise TooManyPixels(f"{img.width}x{img.height} pixels ({img.width * img.height / 1e6:.0f} MP, more than "
+                            f"{MAX_PIXELS / 1e6:.0f} MP): downscale it (e.g. to 2048 px on the long side) first")
     img.load()
     turned = img.getexif().get(0x0112, 1) != 1  # phone photos store "rotate me" in EXIF, not in the pixels
     return to_rgb(ImageOps.exif_transpose(img)), img.mode, turned
@@ -70,6 +86,8 @@ def why_unreadable(err: BaseException) -> str:
         return "not an image PIL can read (corrupt, or not an image format): re-export it as PNG/JPEG or delete it"
     if any(w in text.lower() for w in ("truncated", "broken data stream", "end of file")):
         return "truncated (the file ends early, e.g. an interrupted download): re-download it or delete it"
+    if isinstance(err, TooManyPixels):
+        return text
     if isinstance(err, Image.DecompressionBombError):
         return "far too many pixels to open safely: downscale it first"
     return f"cannot be decoded ({type(err).__name__}: {text.splitlines()[0] if text else ''}): re-export or delete it"
@@ -147,8 +165,29 @@ def caption_problem(raw: Any) -> str | None:
     return "empty" if not raw.strip() else None
 
 
+_TOO_LONG = "sequence-length-is-longer-than-the-specified-maximum"  # transformers' once-only warning flag
+
+
+@contextlib.contextmanager
+def quiet_length_warning(*tokenizers: Any) -> Iterator[None]:
+    """Silence transformers' "Token indices sequence length is longer than the specified maximum" warning while
+    captions are tokenized: the data report already names the long captions (and T5 truncates them on purpose).
+    It is the tokenizer's own once-only flag, so no other warning is hidden; restored afterwards."""
+    flags = [(t, t.deprecation_warnings.get(_TOO_LONG)) for t in tokenizers if hasattr(t, "deprecation_warnings")]
+    for t, _ in flags:
+        t.deprecation_warnings[_TOO_LONG] = True
+    try:
+        yield
+    finally:
+        for t, before in flags:
+            t.deprecation_warnings[_TOO_LONG] = before or False
+
+
 def _t5_lengths(tokenizer: Any, captions: list[str]) -> list[int]:
-    return [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]] if captions else []
+    if not captions:
+        return []
+    with quiet_length_warning(tokenizer):
+        return [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]]
 
 
 def prepare(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True) -> Prepared:

@@ -13,6 +13,7 @@ bf16 GPU, ~8 GB on a T4. On the CPU it stays in the run's plain dtype. The encod
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from collections import Counter
@@ -27,9 +28,10 @@ from ..files import load_tensors, save_tensors
 from ..hardware import Hardware
 from ..hub_errors import friendly_load
 from ..memory import free, measure, report
-from ..run import Run, RunDir
-from .checks import Prepared, prepare, progress_bar
-from .store import CacheStats, caption_id, check_meta, fingerprint, is_cached, prune, write_meta, write_samples
+from ..run import Run, RunDir, writes
+from .checks import Prepared, prepare, progress_bar, quiet_length_warning
+from .store import (CacheStats, caption_id, check_meta, fingerprint, is_cached, prune, read_samples, write_meta,
+                    write_samples)
 
 
 def settings(config: RunConfig) -> dict[str, Any]:
@@ -72,6 +74,13 @@ def missing(run: Run, texts: list[str], *, overwrite: bool = False) -> list[str]
         check_meta(run.dir.embeddings, wanted)
     tag = fingerprint(wanted)
     return [t for t in dict.fromkeys(texts) if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
+
+
+def stale(run: Run) -> list[str]:
+    """The captions of samples.jsonl whose embedding is missing or was made with other settings than the config's."""
+    tag = fingerprint(settings(run.config))
+    captions = dict.fromkeys(s.caption for s in read_samples(run.dir))
+    return [c for c in captions if not is_cached(embedding_path(run.dir, c), tag, caption_id(c))]
 
 
 def load_tokenizer(model: ModelConfig) -> Any:
@@ -123,14 +132,30 @@ def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[st
     return missing(run, texts_to_encode(run.config, prepared), overwrite=overwrite)
 
 
+class _NoTruncationEcho(logging.Filter):
+    """diffusers logs the cut-off part of every too-long caption, in full, batch after batch (megabytes for long
+    captions); the data report already names the long captions, once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The following part of your input was truncated")
+
+
 @torch.no_grad()
 def encode(pipe: Any, texts: list[str], max_sequence_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Texts -> prompt_embeds (B, L, D_t5), pooled_prompt_embeds (B, D_clip), text_ids (L, 3), through diffusers'
     FluxPipeline.encode_prompt; refuses NaN/inf."""
-    with warnings.catch_warnings():  # bitsandbytes warns on every int8 matmul of a bf16 input; once is plenty
-        warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
-        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-            prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
+    from diffusers.pipelines.flux import pipeline_flux
+
+    echo = _NoTruncationEcho()
+    pipeline_flux.logger.addFilter(echo)
+    try:
+        with warnings.catch_warnings(), quiet_length_warning(pipe.tokenizer, pipe.tokenizer_2):
+            # bitsandbytes warns on every int8 matmul of a bf16 input; once is plenty
+            warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                prompt=texts, prompt_2=None, device=device, max_sequence_length=max_sequence_length)
+    finally:
+        pipeline_flux.logger.removeFilter(echo)
     bad = [t for t, e, p in zip(texts, prompt_embeds, pooled) if not (e.isfinite().all() and p.isfinite().all())]
     if bad:
         raise FluxnbError(f"the text encoders returned NaN/inf for {len(bad)} caption(s) (first: {bad[0][:60]!r}). "
@@ -156,6 +181,7 @@ def encode_and_save(run: Run, pipe: Any, texts: list[str], *, batch_size: int = 
             bar.update(len(batch))
 
 
+@writes("embed")
 def cache_embeddings(run: Run, pipe: Any, prepared: Prepared, *, overwrite: bool = False, batch_size: int = 8,
                      progress: bool = True) -> CacheStats:
     """Encode what is not cached yet, save one file per text, then write samples.jsonl (the training set)."""

@@ -27,7 +27,7 @@ from ..files import load_tensors, save_tensors
 from ..hardware import Hardware
 from ..hub_errors import friendly_load
 from ..memory import free, measure, report
-from ..run import Run, RunDir
+from ..run import Run, RunDir, writes
 from . import embeddings
 from .checks import Item, Prepared, prepare, progress_bar
 from .store import (
@@ -39,6 +39,7 @@ from .store import (
     is_cached,
     prune,
     read_meta,
+    read_samples,
     write_meta,
     write_samples,
 )
@@ -73,6 +74,13 @@ def cached_size(run: RunDir) -> tuple[int, int] | None:
     """(width, height) the latents were cached at, from latents/meta.json; None before notebook 02."""
     meta = read_meta(run.latents)
     return (meta["width"], meta["height"]) if "width" in meta else None
+
+
+def stale(run: Run) -> list[Sample]:
+    """The samples of samples.jsonl whose latent is missing or was made with other settings than the config's,
+    e.g. by a `latents --overwrite` stopped midway (meta.json already new, half the files still old)."""
+    tag = fingerprint(settings(run.config))
+    return [s for s in read_samples(run.dir) if not is_cached(latent_path(run.dir, s.id), tag, s.id)]
 
 
 def load_vae(model: ModelConfig, hw: Hardware) -> Any:
@@ -129,6 +137,7 @@ def encode_checked(vae: Any, image: Image.Image, source: str) -> tuple[torch.Ten
     return mean, std
 
 
+@writes("latents")
 def cache_latents(run: Run, vae: Any, prepared: Prepared, *, overwrite: bool = False,
                   progress: bool = True) -> CacheStats:
     """Encode what is not cached yet (one file per sample id), then write samples.jsonl (the training set)."""

@@ -32,7 +32,7 @@ from ..files import atomic_write_text
 from ..hub_errors import hub_errors
 from ..memory import GiB, available_ram_gib
 from ..model.quant import bnb_config, load_transformer
-from ..run import Run
+from ..run import Run, writes
 from .sampling import load_lora
 
 SHARD_GIB = 2.0  # output shard size: the most the streaming fuse holds in host RAM at once
@@ -190,6 +190,7 @@ class _ShardWriter:
             (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+@writes("merge")
 def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path | None = None, *,
                  quantize: bool | None = None) -> Path:
     """Base + LoRA -> out/transformer/ (default RUN/merged), streamed tensor by tensor (see the module docstring).

@@ -22,7 +22,7 @@ from ..data.store import read_samples
 from ..errors import FluxnbError
 from ..files import atomic_write_bytes, atomic_write_text
 from ..infer.export import comfyui_name, export_lora
-from ..run import LORA_FILE, Run
+from ..run import LORA_FILE, Run, writes
 from ..train.monitor import MetricsLog
 
 LICENSES = {  # base model -> (license, license_name, license_link): a LoRA inherits its base model's terms
@@ -196,6 +196,7 @@ def _copy(src: Path, dst: Path) -> None:
     atomic_write_bytes(dst, src.read_bytes())
 
 
+@writes("stage for the Hub")
 def stage(run: Run, settings: HubSettings) -> Staged:
     """Rebuild RUN/hub/ (a derived folder) with the card, both LoRA files and the sample images."""
     lora = run.dir.lora_file
@@ -254,6 +255,7 @@ def upload_blocker() -> str | None:
     return None
 
 
+@writes("push")
 def push(run: Run, staged: Staged, settings: HubSettings) -> PushResult:
     """Upload RUN/hub/ to the repo (created private by default), or say why nothing was uploaded. Prints nothing:
     the caller has shown `staged` (the file list) and its card already."""

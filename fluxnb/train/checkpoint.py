@@ -7,7 +7,8 @@ A checkpoint holds everything that decides the rest of the run, so resuming repr
                                        RNG (LoRA dropout), and the optimizer step, which fixes the data order
                                        and every draw of noise, timesteps and latents (fluxnb.train.batches)
     config.json                        the run's config at that moment (to refuse resuming with another LoRA)
-    state.json                         step, loss, lr, written last: a folder without it is incomplete
+    state.json                         step, loss, lr, the training set's fingerprint (to refuse resuming on
+                                       other data), written last: a folder without it is incomplete
 
 Sizes for FLUX.1-dev, rank 4 attention: LoRA 18.7 MB (fp32), 8-bit AdamW state ~9.5 MB (AdamW: 37 MB). The folder
 is built as step-N.tmp and renamed into place, so a Colab disconnect mid-save leaves the previous one intact.
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, disk_errors
 from ..model.lora import load_lora_, save_lora
 from ..run import RunDir
 from .state import TrainState
@@ -73,20 +74,32 @@ def best(run: RunDir) -> Checkpoint | None:
     return min(scored, key=lambda s: s[:2])[2] if scored else None
 
 
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, Any], keep: int) -> Checkpoint:
     """Write checkpoints/step-{state.step}/ atomically, then delete all but the newest `keep` checkpoints and the
-    best one by validation loss (notebook 04 may load it)."""
+    best one by validation loss (notebook 04 may load it).
+
+    Whatever stops it (a full disk, Ctrl-C) removes its step-N.tmp and leaves the earlier checkpoints as they were."""
     step = state.step
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f"step-{step}.tmp"
-    for stale in run.checkpoints.glob("step-*.tmp"):  # left by a disconnect mid-save; never a valid checkpoint
+    for stale in run.checkpoints.glob("step-*.tmp"):  # left by a kill mid-save; never a valid checkpoint
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_lora(state.model, tmp)
-    with atomic_path(tmp / STATE_FILE) as part:
-        torch.save(state.state_dict(), part)
-    config.save(tmp)
-    atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
+    previous = latest(run)
+    try:
+        with disk_errors(run.checkpoints, folder_size(previous.path) if previous else None):
+            tmp.mkdir(parents=True)
+            save_lora(state.model, tmp)
+            with atomic_path(tmp / STATE_FILE) as part:
+                torch.save(state.state_dict(), part)
+            config.save(tmp)
+            atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final.with_name(f"step-{step}.old")
     if final.exists():  # re-saving the same step (e.g. the final one after a resume): swap, then delete
         shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,8 +26,8 @@ from ..errors import FluxnbError
 from ..hub_errors import hub_errors
 from ..model import lora
 from ..model.quant import load_transformer
-from ..run import Run
-from . import checkpoint, flow, speed, validation
+from ..run import Run, writes
+from . import checkpoint, flow, guard, speed, validation
 from .batches import TrainingData
 from .monitor import MetricsLog, Progress, ValidationSampler, in_notebook
 from .state import TrainState
@@ -86,25 +85,6 @@ def prepare_transformer(run: Run):
     return transformer
 
 
-def _start_point(run: Run, resume: bool, overwrite: bool) -> checkpoint.Checkpoint | None:
-    """The checkpoint to resume from (or None), after refusing to silently clobber an earlier run."""
-    previous = checkpoint.latest(run.dir)
-    lora_file = run.dir.lora_file
-    if overwrite:
-        for path in (run.dir.checkpoints, run.dir.lora, run.dir.images):
-            shutil.rmtree(path, ignore_errors=True)
-        run.dir.metrics.unlink(missing_ok=True)
-        return None
-    if resume:
-        return previous
-    if previous is not None or lora_file.is_file():
-        done = f"up to step {previous.step}" if previous else "a finished LoRA"
-        raise FluxnbError(f"{run.dir.root} already holds a training run ({done}): resume it (resume=True / --resume) "
-                          "or start over (overwrite=True / --overwrite, which deletes its checkpoints, samples and "
-                          "LoRA).")
-    return None
-
-
 def _already_trained(run: Run, last: checkpoint.Checkpoint) -> TrainResult:
     """A run that reached max_train_steps and saved its LoRA is left as it is: re-running a notebook series must
     neither retrain it nor look like a failed run. Its numbers come from the last checkpoint."""
@@ -115,27 +95,6 @@ def _already_trained(run: Run, last: checkpoint.Checkpoint) -> TrainResult:
     return TrainResult(last.step, run.dir.lora_file, last.path, train_loss_before=info.get("train_loss_before"),
                        train_loss_after=info.get("train_loss_after"), seconds=info.get("train_seconds", 0.0),
                        already_trained=True)
-
-
-def _check_same_adapter(run: Run, ckpt: checkpoint.Checkpoint) -> None:
-    then = ckpt.config()
-    if then.lora != run.config.lora or then.model.model_id != run.config.model.model_id:
-        raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
-                          f"asks for {run.config.lora} on {run.config.model.model_id}. Put the old values back to "
-                          "resume, or start over with overwrite=True (--overwrite).")
-    changed = sorted(k for k, v in then.train.__dict__.items() if getattr(run.config.train, k) != v)
-    if changed:
-        print(f"fluxnb: resuming with changed training settings {changed}; the optimizer and LR schedule continue "
-              "from the checkpoint's state.")
-
-
-def _check_resolution(run: Run) -> None:
-    """Sample grids are drawn at data.width x height; the latents must have been cached at that size too."""
-    cached, now = latents.cached_size(run.dir), (run.config.data.width, run.config.data.height)
-    if cached is not None and cached != now:
-        raise FluxnbError(f"the latents in {run.dir.latents} were cached at {cached[0]}x{cached[1]}, but the config "
-                          f"now says {now[0]}x{now[1]}: put the resolution back, or re-run notebook 02 "
-                          "(python -m fluxnb latents --overwrite) at the new size.")
 
 
 def _diverged(what: str, step: int, last: Path | None, hw) -> TrainingDiverged:
@@ -201,24 +160,27 @@ def optimizer_step(accelerator, wrapped, state: TrainState, data: TrainingData, 
     return (total[0] / total[1]).item(), grad_norm
 
 
+@writes("train")  # the run's lock, for the whole call (fluxnb.lock)
+@guard.watching_interrupts  # a Ctrl-C is never lost, not even one swallowed by a __del__
 def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = False, max_steps: int | None = None,
-          stop_after: int | None = None, live: bool | None = None) -> TrainResult:
+          stop_after: int | None = None, live: bool | None = None,
+          how_to_resume: str = guard.RESUME_IN_PYTHON) -> TrainResult:
     """Train (or continue training) the LoRA of `run`; see the module docstring.
 
     transformer: an already prepared model (`prepare_transformer`), else it is built here. max_steps: a new
     total for train.max_train_steps, saved to config.json. stop_after: pause after this optimizer step (a
     checkpoint is written; the LR schedule still aims at max_train_steps). live: redraw plots in a notebook.
+    how_to_resume: what a stopped run tells the user to type (the CLI's own command line).
     """
     from accelerate import Accelerator, PartialState
 
-    _check_resolution(run)
-    start = _start_point(run, resume, overwrite)
+    # Everything that can fail is checked before --overwrite deletes anything (fluxnb.train.guard).
     if max_steps is not None:
-        run.config = run.config.replace(train={"max_train_steps": max_steps})
-        run.save()
+        run.config = run.config.replace(train={"max_train_steps": max_steps})  # validated here, saved below
+    guard.check_inputs(run)
+    start = guard.start_point(run, resume, overwrite)
+    guard.check_resumable(run, start)
     cfg, hw, tc = run.config, run.hw, run.config.train
-    if start is not None:
-        _check_same_adapter(run, start)
     if start is not None and start.step >= tc.max_train_steps and run.dir.lora_file.is_file():
         return _already_trained(run, start)
     live = in_notebook() if live is None else live
@@ -228,6 +190,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     print(f"fluxnb: {val.note}")
     data = TrainingData(run.dir, tc.batch_size, tc.seed, accumulation=tc.gradient_accumulation_steps,
                         processes=processes, only=val.train_ids)  # never a held-out image
+    trained_on = guard.data_fingerprint(run)  # recorded in every checkpoint: resume refuses other data
     sampler = make_sampler(run, scheduler)
 
     with cpu_threads(hw), speed.attention_backends(hw, cfg.model.quantization):
@@ -235,9 +198,19 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         accelerator = Accelerator(mixed_precision=MIXED_PRECISION[hw.dtype], cpu=hw.device.type == "cpu",
                                   gradient_accumulation_steps=tc.gradient_accumulation_steps)
         main = accelerator.is_main_process  # the one process that writes: metrics, grids, checkpoints, the LoRA
+
+        def on_main(fn, *args):  # the others wait, so that no process runs ahead into the next all-reduce
+            out = fn(*args) if main else None
+            accelerator.wait_for_everyone()
+            return out
+
         wrapped = accelerator.prepare(model)  # autocast around the forward; DistributedDataParallel on several GPUs
         speed.prepare(model, cfg.model, tc, hw, verbose=main)  # checkpointing, block offload, compiled blocks
         state = TrainState.create(model, tc, accelerator)
+        if overwrite:
+            on_main(guard.clear_previous, run)  # last, once the data, the model and the LoRA all loaded
+        if max_steps is not None:
+            on_main(run.save)
         if start is not None:
             checkpoint.restore(start, state)
             accelerator.print(f"fluxnb: resuming from {start.path} (step {state.step} of {tc.max_train_steps})")
@@ -245,13 +218,10 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         accelerator.print(memory.report(f"memory after loading ({hw.describe()})"))
 
         def save_checkpoint(loss: float) -> Path:
-            info = {"loss": loss, "lr": state.lr} | ({"val_loss": v} if (v := val.at(state.step)) is not None else {})
+            info = {"loss": loss, "lr": state.lr, **trained_on}
+            if (v := val.at(state.step)) is not None:
+                info["val_loss"] = v
             return checkpoint.save(run.dir, cfg, state, info=info, keep=tc.keep_checkpoints).path
-
-        def on_main(fn, *args):  # the others wait, so that no process runs ahead into the next all-reduce
-            out = fn(*args) if main else None
-            accelerator.wait_for_everyone()
-            return out
 
         target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
         newest = checkpoint.latest(run.dir)
@@ -265,6 +235,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         wrapped.train()
         try:
             while state.step < target:
+                guard.check_interrupted()
                 loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
                                                  result.checkpoint)
                 if state.step == result.step + 1:  # this call's first step measured the peak: fit the budget once
@@ -288,8 +259,10 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                     result.checkpoint = on_main(save_checkpoint, loss)
         except KeyboardInterrupt:
             result.interrupted = True
-            print(f"\nfluxnb: interrupted at step {state.step}; run again with resume=True to continue from "
-                  f"{result.checkpoint or 'the start (no checkpoint yet)'}.")
+            newest = checkpoint.latest(run.dir)  # from disk: Ctrl-C may land in save() after its rename
+            result.checkpoint = newest.path if newest else None
+            where = f"from {newest.path} (step {newest.step})" if newest else "from step 0 (no checkpoint yet)"
+            print(f"\nfluxnb: interrupted at step {state.step}; to continue {where}: {how_to_resume}")
         finally:
             if progress is not None:
                 progress.close()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..data.embeddings import load_prompts
-from ..files import atomic_path
+from ..files import atomic_path, disk_errors
 from ..plots import image_grid, loss_plot, save_figure
 from ..run import RunDir
 
@@ -55,7 +55,7 @@ class MetricsLog:
         return rows
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with disk_errors(self.path.parent), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
 
@@ -109,12 +109,18 @@ class Progress:
         self._last_draw = time.monotonic()
 
     def close(self) -> Path | None:
+        """Close the bar, save loss.png. The plot is cosmetic: failing to draw or write it (a full disk) only
+        warns, so it can never stop the run before its LoRA is saved."""
         self.bar.close()
         if len(self.steps) < 2:
             return None
-        if self.live:
-            self._draw()
-        return save_figure(self._figure(), self.run.images / "loss.png")
+        try:
+            if self.live:
+                self._draw()
+            return save_figure(self._figure(), self.run.images / "loss.png")
+        except Exception as err:  # noqa: BLE001 - anything: metrics.jsonl holds the same numbers
+            print(f"warning: the loss plot was not saved ({err}); metrics.jsonl has every step's loss.")
+            return None
 
 
 class ValidationSampler:

@@ -1,0 +1,163 @@
+"""Never lose a run: what `train` checks before it touches anything, and how it stops.
+
+    guard.check_inputs(run)                          # caches complete and made with today's settings
+    start = guard.start_point(run, resume, overwrite)   # refuses to clobber an earlier run; deletes nothing
+    guard.check_resumable(run, start)                # same LoRA, same model, same training set
+    ...                                              # everything else that can fail: model, LoRA targets
+    guard.clear_previous(run)                        # --overwrite: last, saying what it removes
+    guard.check_interrupted()                        # in the loop: a Ctrl-C that a __del__ swallowed
+
+A checkpoint records the fingerprint of the training set it was trained on (`data_fingerprint`): the ordered
+sample ids (image bytes + caption), caption ids and the caches' settings. Resuming on anything else would not
+continue that run, so it is refused. `@watching_interrupts` keeps a Ctrl-C from being lost (see Interrupts).
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+
+from ..data import embeddings, latents
+from ..data.store import fingerprint, read_samples
+from ..errors import FluxnbError
+from ..run import Run
+from . import checkpoint
+
+RESUME_IN_PYTHON = "train(run, resume=True)"
+
+
+def check_inputs(run: Run) -> None:
+    """The caches training reads are complete and were made with the config's settings, file by file."""
+    cached, now = latents.cached_size(run.dir), (run.config.data.width, run.config.data.height)
+    if cached is not None and cached != now:
+        raise FluxnbError(f"the latents in {run.dir.latents} were cached at {cached[0]}x{cached[1]}, but the config "
+                          f"now says {now[0]}x{now[1]}: put the resolution back, or re-run notebook 02 "
+                          "(python -m fluxnb latents --overwrite) at the new size.")
+    samples = read_samples(run.dir)
+    bad = latents.stale(run)  # meta.json alone is not enough: a stopped `latents --overwrite` leaves a mix
+    if bad:
+        raise FluxnbError(f"{len(bad)} of {len(samples)} samples have no latent made with this run's settings "
+                          f"(first: {bad[0].source}): notebook 02 did not finish (e.g. a `latents --overwrite` was "
+                          "stopped), or the image settings changed since. Run notebook 02 (`python -m fluxnb latents "
+                          f"--run-dir {run.dir.root}`) again to finish it; training never mixes them.")
+    texts = embeddings.stale(run)
+    if texts:
+        raise FluxnbError(f"{len(texts)} caption(s) have no embedding made with this run's settings (first: "
+                          f"{texts[0][:60]!r}): re-run notebook 01 (`python -m fluxnb embed --run-dir "
+                          f"{run.dir.root}`), then notebook 02.")
+
+
+def data_fingerprint(run: Run) -> dict[str, object]:
+    """What a checkpoint was trained on: {"data": hash of the ordered (sample id, caption id) pairs and the caches'
+    settings, "samples": how many}. Editing a caption, adding or removing an image, or re-caching changes it."""
+    rows = [(s.id, s.caption_id) for s in read_samples(run.dir)]
+    settings = {"samples": rows, "latents": latents.settings(run.config), "embeddings": embeddings.settings(run.config)}
+    return {"data": fingerprint(settings), "samples": len(rows)}
+
+
+def start_point(run: Run, resume: bool, overwrite: bool) -> checkpoint.Checkpoint | None:
+    """The checkpoint to resume from (or None), after refusing to silently clobber an earlier run. Deletes nothing."""
+    previous, finished = checkpoint.latest(run.dir), run.dir.lora_file.is_file()
+    if overwrite:
+        return None
+    if resume and previous is None and finished:
+        raise FluxnbError(f"{run.dir.root} holds a finished LoRA but no checkpoint to resume from: training again "
+                          "would start at step 0 and replace it. Start over on purpose (overwrite=True / "
+                          "--overwrite), or train in another run directory.")
+    if resume:
+        if previous is None:  # nothing to resume (e.g. stopped before the first checkpoint): say it, start over
+            print(f"fluxnb: no checkpoint in {run.dir.checkpoints} to resume from: training starts at step 0.")
+        return previous
+    if previous is not None or finished:
+        done = f"up to step {previous.step}" if previous else "a finished LoRA"
+        raise FluxnbError(f"{run.dir.root} already holds a training run ({done}): resume it (resume=True / --resume) "
+                          "or start over (overwrite=True / --overwrite, which deletes its checkpoints, samples and "
+                          "LoRA).")
+    return None
+
+
+def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None) -> None:
+    """Resuming continues the very run of `ckpt`: same adapter, same base model, same training set."""
+    if ckpt is None:
+        return
+    then = ckpt.config()
+    if then.lora != run.config.lora or then.model.model_id != run.config.model.model_id:
+        raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
+                          f"asks for {run.config.lora} on {run.config.model.model_id}. Put the old values back to "
+                          "resume, or start over with overwrite=True (--overwrite).")
+    recorded, now = ckpt.info().get("data"), data_fingerprint(run)
+    if recorded is not None and recorded != now["data"]:  # checkpoints from before fluxnb recorded it: unchecked
+        raise FluxnbError(f"{ckpt.path} was trained on another training set ({ckpt.info().get('samples', '?')} "
+                          f"samples) than the one cached now ({now['samples']} samples): a caption was edited, an "
+                          "image added or removed, or the caches were rebuilt since. Resuming would not continue that "
+                          "run: start over with overwrite=True (--overwrite), or train in a new run directory.")
+    changed = sorted(k for k, v in then.train.__dict__.items() if getattr(run.config.train, k) != v)
+    if changed:
+        print(f"fluxnb: resuming with changed training settings {changed}; the optimizer and LR schedule continue "
+              "from the checkpoint's state.")
+
+
+def clear_previous(run: Run) -> None:
+    """--overwrite, once every check passed: say what goes, then delete the earlier run's checkpoints, LoRA,
+    sample images and metrics."""
+    steps = [c.path.name for c in checkpoint.list_checkpoints(run.dir)]
+    images = [p for p in run.dir.images.rglob("*") if p.is_file()] if run.dir.images.is_dir() else []
+    parts = ([f"{len(steps)} checkpoint(s) ({', '.join(steps)})"] if steps else []) + (
+        ["its LoRA"] if run.dir.lora_file.is_file() else []) + (
+        [f"{len(images)} file(s) in {run.dir.images.name}/"] if images else []) + (
+        [run.dir.metrics.name] if run.dir.metrics.is_file() else [])
+    if parts:
+        print(f"fluxnb: overwrite: removing the earlier run's {', '.join(parts)} from {run.dir.root}.")
+    for path in (run.dir.checkpoints, run.dir.lora, run.dir.images):
+        shutil.rmtree(path, ignore_errors=True)
+    run.dir.metrics.unlink(missing_ok=True)
+
+
+class Interrupts:
+    """Ctrl-C while training: raised as usual, and remembered. A SIGINT that lands inside some object's __del__
+    (the regex module's Group.__del__ while a tokenizer or torch.compile cleans up) is printed as "Exception
+    ignored in ... Group.__del__ ... KeyboardInterrupt" and lost, and training would run on to the end; so the
+    loop calls `check_interrupted()` at every step, which raises it again."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def handler(self, signum, frame) -> None:
+        self.hit = True
+        if frame is not None and frame.f_code.co_name == "__del__":
+            return  # raising here would be swallowed; the next check() raises it
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
+_WATCHING: list[Interrupts] = []  # the active watch (innermost last)
+
+
+def watching_interrupts(fn: Callable) -> Callable:
+    """Decorator: SIGINT goes to an Interrupts for the whole call (main thread, default handler only)."""
+    @functools.wraps(fn)
+    def watched(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread() or (
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return fn(*args, **kwargs)  # someone else handles Ctrl-C here, or it cannot be replaced off the main thread
+        watch = Interrupts()
+        _WATCHING.append(watch)
+        signal.signal(signal.SIGINT, watch.handler)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _WATCHING.remove(watch)
+    return watched
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived (and was perhaps swallowed) since the watch began."""
+    if _WATCHING:
+        _WATCHING[-1].check()

@@ -1,0 +1,352 @@
+"""Never lose a run (issue 11): check before deleting, one writer per run directory, caches checked file by file,
+a full disk as one message, resume only on the same data, Ctrl-C never lost. Tiny profile, CPU, a few steps each."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import make_run
+
+from fluxnb import data
+from fluxnb.cli import main
+from fluxnb.config import ConfigError
+from fluxnb.data import latents
+from fluxnb.data.store import read_samples, write_samples
+from fluxnb.errors import FluxnbError
+from fluxnb.files import DiskError
+from fluxnb.lock import RunBusy, hold
+from fluxnb.run import open_run
+from fluxnb.train import checkpoint, guard, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW = {"max_train_steps": 2, "sample_every": 0, "checkpoint_every": 1, "keep_checkpoints": 2}
+HOLD_LOCK = "import sys, time; from fluxnb.lock import hold\nwith hold(sys.argv[1], 'train'):\n print('held', flush=True); time.sleep(60)"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _holder_process(lock: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _finished(run) -> dict[str, bytes]:
+    """What a finished training run left: checkpoints, LoRA, samples, metrics (path -> bytes)."""
+    folders = (run.dir.checkpoints, run.dir.lora, run.dir.images)
+    files = [p for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file()] + [run.dir.metrics]
+    return {p.relative_to(run.dir.root).as_posix(): p.read_bytes() for p in files}
+
+
+# 1. --overwrite checks everything first
+def test_overwrite_checks_everything_before_deleting_and_says_what_it_removes(tmp_path, tmp_path_factory, capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    good, before = run.config, _finished(run)
+    assert run.dir.lora_file.is_file() and "checkpoints/step-2/state.json" in before
+    with pytest.raises(ConfigError, match="max_train_steps"):
+        train(run, overwrite=True, max_steps=0, live=False)
+    broken = make_run(tmp_path / "run", tmp_path_factory, lora={"targets": "no_such_layer"})  # fails at model load
+    with pytest.raises(FluxnbError, match="match no layer"):
+        train(broken, overwrite=True, live=False)
+    moved = make_run(tmp_path / "run", tmp_path_factory, model={"model_id": str(tmp_path / "gone")})
+    with pytest.raises(FluxnbError):
+        train(moved, overwrite=True, live=False)
+    assert _finished(run) == before, "a failed --overwrite deleted the finished run"
+    capsys.readouterr()
+    run.config = good
+    run.save()
+    train(run, overwrite=True, live=False)
+    assert "removing the earlier run's 2 checkpoint(s) (step-1, step-2), its LoRA" in capsys.readouterr().out
+
+
+# 2. one writer per run directory
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken(tmp_path, tmp_path_factory,
+                                                                                          capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    proc = _holder_process(run.dir.lock)
+    try:
+        with pytest.raises(RunBusy, match=rf"PID {proc.pid} .*train.*kill {proc.pid}"):
+            train(run, live=False)
+        with pytest.raises(RunBusy):
+            run.save()  # a notebook's form saved while the CLI trains
+        capsys.readouterr()
+        assert main(["train", "--run-dir", str(run.dir.root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"PID {proc.pid}" in err and len(err.splitlines()) == 1
+        assert not run.dir.checkpoints.exists() and not run.dir.metrics.exists()  # nothing was touched
+    finally:
+        proc.kill()
+        proc.wait()
+    with hold(run.dir.lock, "test"), hold(run.dir.lock, "nested"):  # re-entrant within one process
+        run.save()
+    assert f"locked by PID {proc.pid}" in capsys.readouterr().out  # the killed holder's lock, detected and taken
+    with hold(run.dir.lock, "again"):
+        pass
+    assert "locked by" not in capsys.readouterr().out  # released cleanly: nothing stale the second time
+
+
+# 3. a stopped `latents --overwrite` leaves a mix: training refuses it
+def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_path, tmp_path_factory, monkeypatch):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    run.config = run.config.replace(data={"width": 32, "height": 48})
+    run.save()
+    prepared = data.prepare(run.config.data, progress=False)
+    vae = latents.load_vae(run.config.model, run.hw)
+    saved, real = [], latents.save_latent
+
+    def killed_after_three(*args, **kwargs):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (or a kill) midway through the re-encoding
+        saved.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(latents, "save_latent", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        latents.cache_latents(run, vae, prepared, overwrite=True, progress=False)
+    assert latents.cached_size(run.dir) == (32, 48)  # meta.json already says the new size
+    with pytest.raises(FluxnbError, match=r"13 of 16 samples have no latent made with this run's settings.*latents"):
+        train(run, live=False)
+    monkeypatch.setattr(latents, "save_latent", real)
+    latents.cache_latents(run, vae, prepared, progress=False)  # running notebook 02 again finishes the job
+    guard.check_inputs(run)
+
+
+# 4. a full disk: one message, no temp files, nothing lost
+def _failing_after(n: int, real):
+    calls = []
+
+    def write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    return write
+
+
+def _temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_a_full_disk_while_training_is_one_message_and_resume_continues(tmp_path, tmp_path_factory, monkeypatch):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 3})
+    monkeypatch.setattr(checkpoint.torch, "save", _failing_after(1, torch.save))  # step-2's training_state.pt
+    with pytest.raises(DiskError, match=r"could not write to .*checkpoints: the disk is full \(it needs about "
+                                        r"[\d,.]+ [KM]iB, .* free\)\. Nothing already written was lost"):
+        train(run, live=False)
+    monkeypatch.undo()
+    assert not _temp_files(run.dir.root)
+    assert [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1]
+    assert train(run, resume=True, live=False).lora is not None
+
+
+def test_a_loss_plot_that_cannot_be_written_never_stops_the_lora_being_saved(tmp_path, tmp_path_factory, monkeypatch,
+                                                                             capsys):
+    from fluxnb.train import monitor
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(monitor, "save_figure", full)
+    result = train(make_run(tmp_path / "run", tmp_path_factory, train=FEW), live=False)
+    assert result.lora is not None and result.lora.is_file()
+    assert "warning: the loss plot was not saved" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("step", ["embed", "latents"])
+def test_a_full_disk_while_caching_is_one_line_and_keeps_what_was_written(step, tmp_path, monkeypatch, capsys):
+    args = ["--run-dir", str(tmp_path / "run")]
+    if step == "latents":
+        assert main(["embed", *args]) == 0
+    folder = tmp_path / "run" / ("embeddings" if step == "embed" else "latents")
+    monkeypatch.setattr(Path, "write_bytes", _failing_after(3, Path.write_bytes))
+    capsys.readouterr()
+    assert main([step, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: could not write to {folder}: the disk is full (it needs about"), err
+    assert "Nothing already written was lost" in err and len(err.splitlines()) == 1
+    # meta.json and two files were written before the disk filled up
+    assert not _temp_files(tmp_path / "run") and len(list(folder.glob("*.safetensors"))) == 2
+    monkeypatch.undo()
+    assert main([step, *args]) == 0
+    assert "2 reused from the cache" in capsys.readouterr().out
+
+
+# 5. relative paths are stored absolute
+def test_relative_model_and_dataset_paths_work_from_another_working_directory(tmp_path, tiny_assets, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymodel").symlink_to(tiny_assets.model)
+    (tmp_path / "mydata").symlink_to(tiny_assets.dataset)
+    assert main(["embed", "--run-dir", "run", "--model", "mymodel", "--dataset", "mydata"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["model"]["model_id"], saved["data"]["dataset"]) == (str(tmp_path / "mymodel"), str(tmp_path / "mydata"))
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # where the notebooks run
+    assert main(["latents", "--run-dir", "../run"]) == 0
+    run = open_run(tmp_path / "run", verbose=False)
+    assert run.config.replace(data={"dataset": "user/name"}).with_local_paths_resolved().data.dataset == "user/name"
+
+
+# 6. resume only on the data the checkpoint was trained on
+def test_resume_on_a_changed_training_set_is_refused(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, stop_after=1, live=False)
+    write_samples(run.dir, read_samples(run.dir)[1:])  # an image removed (and notebook 01 re-run)
+    with pytest.raises(FluxnbError, match=r"another training set \(16 samples\) than the one cached now \(15 "
+                                          r"samples\).*--overwrite.*new run directory"):
+        train(run, resume=True, live=False)
+
+
+# 7. Ctrl-C
+def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_path, tmp_path_factory, monkeypatch):
+    from fluxnb.train import loop
+
+    class Finalized:
+        def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):
+                pass
+
+    real = loop.load_scales
+
+    def load_scales(run):
+        Finalized()
+        return real(run)
+
+    monkeypatch.setattr(loop, "load_scales", load_scales)
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    result = train(run, live=False)
+    assert result.interrupted and result.step == 0 and not run.dir.lora_file.exists()
+
+
+def test_cli_ctrl_c_names_the_checkpoint_written_last_and_says_resume(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4})
+    real = checkpoint.save
+
+    def save(*args, **kwargs):
+        saved = real(*args, **kwargs)
+        if saved.step == 2:
+            raise KeyboardInterrupt  # after step-2 is in place, before save() returns (e.g. while pruning)
+        return saved
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    assert main(["train", "--run-dir", str(run.dir.root)]) == 130
+    out = capsys.readouterr().out
+    assert f"from {run.dir.checkpoints / 'step-2'} (step 2)" in out, out
+    assert f"python -m fluxnb train --run-dir {run.dir.root} --resume" in out and "resume=True" not in out
+
+
+def test_cli_resume_without_a_checkpoint_says_it_starts_over_or_refuses_to_replace_a_lora(tmp_path, tmp_path_factory,
+                                                                                         capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 1})
+    assert main(["train", "--run-dir", str(run.dir.root), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    for ckpt in checkpoint.list_checkpoints(run.dir):
+        ckpt.path.rename(ckpt.path.with_name("deleted"))  # checkpoints cleaned up to save space
+    assert main(["train", "--run-dir", str(run.dir.root), "--resume"]) == 2
+    assert "holds a finished LoRA but no checkpoint" in capsys.readouterr().err
+
+
+# 8. a failed first step, long captions, huge images
+def test_a_failed_first_embed_leaves_no_config_behind(tmp_path, capsys):
+    root = tmp_path / "run"
+    assert main(["embed", "--run-dir", str(root), "--dataset", str(tmp_path / "no-such-folder")]) == 2
+    assert not (root / "config.json").exists()
+    assert main(["latents", "--run-dir", str(root)]) == 2
+    assert "has no config.json: run notebook 01 first" in capsys.readouterr().err
+
+
+def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_lora(tmp_path, tmp_path_factory):
+    settings = dict(train={"max_train_steps": 4, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 2,
+                           "sample_every": 0, "lr_scheduler": "cosine"}, lora={"rank": 4, "alpha": 4.0})
+    whole = make_run(tmp_path / "whole", tmp_path_factory, **settings)
+    train(whole, live=False)
+    killed = make_run(tmp_path / "killed", tmp_path_factory, **settings)
+    marker = tmp_path / "saving"
+    script = ("import sys, time, torch\nfrom pathlib import Path\nfrom fluxnb.run import open_run\n"
+              "from fluxnb.train import checkpoint, train\nreal = torch.save\n"
+              "def slow(obj, f, *a, **k):\n    real(obj, f, *a, **k)\n"
+              "    if 'step-3.tmp' in str(Path(f).parent):\n        Path(sys.argv[2]).touch(); time.sleep(120)\n"
+              "checkpoint.torch.save = slow\ntrain(open_run(sys.argv[1], verbose=False), resume=False, live=False)\n")
+    log = tmp_path / "subprocess.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(killed.dir.root), str(marker)], env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), f"the training subprocess never reached step 3's checkpoint: {log.read_text()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)  # mid-write: step-3.tmp/ is half made, the run's lock is still held
+    proc.wait()
+    assert (killed.dir.checkpoints / "step-3.tmp").is_dir() and checkpoint.latest(killed.dir).step == 2
+    train(killed, resume=True, live=False)
+    assert not _temp_files(killed.dir.root)
+    a, b = load_file(whole.dir.lora_file), load_file(killed.dir.lora_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed LoRA differs"
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A 1-bit greyscale PNG of width x height whose pixel data is all zeros (a few kB on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    packer = zlib.compressobj()
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_is_one_line_of_the_report_and_is_never_decoded(tmp_path, tiny_assets, recwarn):
+    import shutil
+
+    from fluxnb.config import DataConfig
+
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_assets.dataset, folder)
+    _png_header_only(folder / "scan.png", 10_000, 10_000)
+    with (folder / "metadata.jsonl").open("a") as f:
+        f.write(json.dumps({"file_name": "scan.png", "text": "a huge scan"}) + "\n")
+    report = data.prepare(DataConfig(dataset=str(folder), width=64, height=96), progress=False).report
+    assert [s for s in report.skipped if s.startswith("scan.png: 10000x10000 pixels (100 MP")], str(report)
+    assert not [w for w in recwarn if "DecompressionBomb" in w.category.__name__]
+
+
+def test_very_long_captions_do_not_flood_the_log(tmp_path, tiny_assets, monkeypatch):
+    import logging
+    import shutil
+
+    from fluxnb.config import DataConfig
+    from fluxnb.data import embeddings
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    for name in ("transformers", "diffusers"):
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [handler])
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_assets.dataset, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    words = " ".join(f"word{i}" for i in range(5000))  # a 5000-word caption on every image
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r | {"text": f"{r['text']} {words}"}) + "\n" for r in rows))
+    run = open_run(tmp_path / "run", verbose=False)
+    prepared = data.prepare(DataConfig(dataset=str(folder)), embeddings.load_tokenizer(run.config.model), progress=False)
+    assert "longer than max_sequence_length=77" in str(prepared.report)  # said once, in the report
+    pipe = embeddings.load_text_encoders(run.config.model, run.hw)
+    embeddings.encode(pipe, prepared.captions[:4], 77, run.hw.device)
+    said = [r.getMessage() for r in records]
+    assert not [m for m in said if "truncated" in m or "Token indices" in m], [m[:200] for m in said]
