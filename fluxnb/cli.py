@@ -82,8 +82,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     run = _open_step_run(args)
     if args.captioner:
         run.config = run.config.replace(data={"captioner": args.captioner})
-    print(caption_step(run, overwrite=args.all or args.overwrite, trigger=args.trigger))
-    run.save()  # the folder captioned is the dataset the next steps read
+    with _first_step(run.dir.root), run.dir.writing("caption"):
+        print(caption_step(run, overwrite=args.all or args.overwrite, trigger=args.trigger))
+        run.save()  # the folder captioned is the dataset the next steps read
     return 0
 
 
