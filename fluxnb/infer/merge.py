@@ -81,8 +81,7 @@ def memory_problem(run: Run, quantize: bool | None = None) -> str | None:
                 f"{have:.1f} GiB are free. Free memory (restart the kernel and run only this section), or use the "
                 "LoRA unmerged: it gives the same images.")
     out = run.dir.merged
-    out.mkdir(parents=True, exist_ok=True)
-    disk = shutil.disk_usage(out).free / GiB
+    disk = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free / GiB  # nothing made yet
     if size * 1.05 > disk:
         return (f"the merged transformer needs {size:.1f} GiB of disk in {out}, and {disk:.1f} GiB are free: delete "
                 "old checkpoints or runs, or use the LoRA unmerged.")
