@@ -98,6 +98,19 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
     assert "locked by" not in capsys.readouterr().out  # released cleanly: nothing stale the second time
 
 
+def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
+    from fluxnb import lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")  # some network mounts
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_flock)
+    for _ in range(2):
+        with hold(tmp_path / "run" / ".lock", "train"):
+            pass
+    assert capsys.readouterr().out.count("filesystem without file locks") == 1
+
+
 # 3. a stopped `latents --overwrite` leaves a mix: training refuses it
 def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_path, tmp_path_factory, monkeypatch):
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
