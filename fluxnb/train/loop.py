@@ -185,11 +185,11 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         run.config = run.config.replace(train={"max_train_steps": max_steps})
         run.save()
     cfg, hw, tc = run.config, run.hw, run.config.train
-    if start is not None and start.step >= tc.max_train_steps and run.dir.lora_file.is_file():
-        return _already_trained(run, start)
-    live = in_notebook() if live is None else live
     if start is not None:
         _check_same_adapter(run, start)
+        if start.step >= tc.max_train_steps and run.dir.lora_file.is_file():
+            return _already_trained(run, start)
+    live = in_notebook() if live is None else live
     data = TrainingData(run.dir, tc.batch_size, tc.seed)
     latent, table, scheduler = load_scales(run)
     sampler = make_sampler(run, scheduler)
