@@ -59,7 +59,10 @@ def test_cpu_nf4_swaps_every_linear_for_a_trainable_4bit_layer(tiny_model):
     with torch.no_grad():
         a, b = plain(**_inputs())[0], nf4(**_inputs())[0]
     rel = ((a - b).norm() / a.norm()).item()
-    assert 0 < rel < 0.2  # 4-bit weights: close to the original, not equal to it
+    # 4-bit weights: close to the original, not equal to it. (0.32 since the tiny model's pooled-text projection
+    # was scaled 16x, fluxnb.tiny.POOLED_TEXT_GAIN: its rounding now moves every block's modulation; below 0.2
+    # before.)
+    assert 0 < rel < 0.4
 
     lora.add_lora(nf4, LoRAConfig(), seed=0)
     nf4.train()
