@@ -56,8 +56,8 @@ def unfused_lora(run):
 
 def test_streamed_nf4_merge_is_nf4_of_the_fused_weights(run, unfused_lora, tmp_path):
     """NF4 written tensor by tensor == NF4 quantizing of stock diffusers' fused model (same codes, same output
-    to 1e-5); against the unfused LoRA in fp32 it differs only by NF4's rounding (here < 15% of the output's
-    scale: 4-bit weights on a random 32-wide model; the LoRA itself moves the output by far more)."""
+    to 1e-5); against the unfused LoRA in fp32 it differs only by NF4's rounding, which stays below what the LoRA
+    itself changes (4-bit weights on a random 32-wide model whose pooled-text path is amplified, fluxnb.tiny)."""
     with_lora, fused = unfused_lora
     folder = merge.fuse_to_disk(run, run.dir.lora / LORA, out=tmp_path, quantize=True)
     config = json.loads((folder / "transformer" / "config.json").read_text())
@@ -66,8 +66,9 @@ def test_streamed_nf4_merge_is_nf4_of_the_fused_weights(run, unfused_lora, tmp_p
     reference = quantize_nf4_(copy.deepcopy(fused), torch.float32)  # in place: keep the fixture 16-bit
     got, want, scale = _out(streamed), _out(reference), with_lora.abs().max()
     assert (got - want).abs().max() < 1e-5 * scale
-    assert (got - with_lora).abs().max() < 0.15 * scale
-    assert (with_lora - _out(_base(run))).abs().max() > 0.15 * scale
+    rounding, lora_effect = (got - with_lora).abs().mean(), (with_lora - _out(_base(run))).abs().mean()
+    print(f"NF4 rounding {rounding:.4f}, LoRA effect {lora_effect:.4f} (mean |difference| of the outputs)")
+    assert rounding < 0.5 * lora_effect
     assert json.loads((tmp_path / "merge.json").read_text())["quantization"] == "nf4"
 
 

@@ -23,7 +23,10 @@ from train_helpers import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"max_train_steps": 5, "sample_every": 0, "checkpoint_every": 0, "optimizer": "adamw"}
-TOLERANCE = 1e-5  # max |difference| / max |weight| of the LoRA after 5 steps (measured: 1.8e-6 for 2 processes)
+# max |difference| / max |weight| of the LoRA after 5 AdamW steps: float summation order only (measured 1.8e-6 on
+# the first tiny model, 3.5e-5 on tiny v2, whose amplified pooled-text path makes some gradients tiny, where Adam's
+# m / sqrt(v) magnifies rounding); another seed differs by far more than 100x this (asserted below).
+TOLERANCE = 1e-4
 
 
 def lora_of(run) -> dict[str, torch.Tensor]:

@@ -64,7 +64,8 @@ def test_fp8_swaps_the_big_linears_and_trains(tiny_assets):
     assert any(n.endswith("to_q.base_layer") for n in swapped)  # peft's LoRA wraps the float8 layer
     got, expected = loss(fp8), loss(plain)
     got.backward()
-    assert torch.isfinite(got) and abs(got.item() - expected.item()) < 0.01 * expected.item()
+    # emulated float8 vs bf16: 1% was the bound on tiny v1; v2 amplifies the pooled-text path (fluxnb.tiny): 2%
+    assert torch.isfinite(got) and abs(got.item() - expected.item()) < 0.02 * expected.item()
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads(fp8).values())
 
 
