@@ -38,8 +38,9 @@ PRESETS: dict[str, Preset] = {
                       "arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
                       "model.prequantized: quantizing FLUX on the fly needs most of Colab's RAM", 14.7, host_gib=0.0),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
-                        "the last 34 keep their activations at 512x768 (~22.6 GiB, estimated; the blog's run: ~9 GB, "
-                        "~41 min for 700 steps)", 23.6),
+                        "the last 34 keep their activations at 512x768: 21.4 GiB, 0.69 s per 4-sample step in a 23.6 GiB "
+                        "cap on an H200 (4.0x the blog's recipe in the same run; the blog's 4090 run: ~9 GB, ~41 min "
+                        "for 700 steps)", 23.6),
     "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
                         "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
                         "(9.5x the blog's recipe in the same run)", 80.0),
