@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -113,3 +113,19 @@ def tensors_metadata(path: Path) -> dict[str, str] | None:
             return dict(f.metadata() or {})
     except Exception:  # missing, truncated, not safetensors: all mean "compute it again"
         return None
+
+
+def build_into(root: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> None:
+    """`build(folder)` in a temporary folder beside `root`, then rename it into place, so that concurrent callers
+    never see half a build; if another process won the race (its build is identical), theirs stays."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if not is_current(root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

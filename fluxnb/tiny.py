@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import string
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .files import build_into
 
 # Bump whenever the output of build_tiny changes, so ensure_tiny rebuilds stale caches.
 TINY_VERSION = 2  # 2: the pooled-text projection carries the prompt (POOLED_TEXT_GAIN)
@@ -338,16 +339,5 @@ def ensure_tiny(root: str | Path | None = None) -> TinyAssets:
         return _assets(root)
     if root.exists():  # outdated or partial: rebuild in place; build_tiny only replaces its own files
         return build_tiny(root)
-    # Build next to the target and rename into place, so concurrent callers never see half a build.
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        build_tiny(tmp)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process won the race; its build is identical
-            if not _is_current(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_into(root, build_tiny, _is_current)
     return _assets(root)

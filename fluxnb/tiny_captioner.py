@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from .files import build_into
 
 TINY_CAPTIONER_VERSION = 1
 STAMP_NAME = "tiny_captioner_stamp.json"
@@ -91,18 +92,8 @@ def ensure_tiny_captioner(root: str | Path | None = None) -> Path:
     root = Path(root).expanduser().resolve()
     if _is_current(root):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        build_tiny_captioner(tmp)
-        shutil.rmtree(root, ignore_errors=True)
-        try:
-            tmp.rename(root)
-        except OSError:  # another process won the race; its build is identical
-            if not _is_current(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)  # outdated or partial
+    build_into(root, build_tiny_captioner, _is_current)
     return root
 
 
