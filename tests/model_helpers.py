@@ -1,6 +1,7 @@
 """Test helper: the tiny transformer with a LoRA that matters, one loss on fixed random inputs, its gradients.
 
-Shared by the tests of fluxnb.offload and fluxnb.speed, which compare a changed step against the plain one.
+Shared by the tests of fluxnb.offload and fluxnb.speed, which compare a changed step against the plain one, and
+(`denoise`) by the merge tests, which compare one denoising call of a fused model with the unfused one.
 """
 
 import torch
@@ -35,3 +36,14 @@ def loss(transformer, seed=0):
 
 def grads(transformer):
     return {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def denoise(transformer, timestep: float) -> torch.Tensor:
+    """One denoising call of the tiny transformer on fixed inputs (6 x 4 latent patches, 8 text tokens)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {"hidden_states": torch.randn(1, 24, 64, generator=g),
+              "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
+              "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([timestep]),
+              "img_ids": torch.randn(24, 3, generator=g), "txt_ids": torch.zeros(8, 3), "guidance": torch.tensor([3.5])}
+    return transformer(**inputs, return_dict=False)[0]

@@ -16,6 +16,7 @@ from fluxnb.errors import FluxnbError
 from fluxnb.infer import merge, sampling
 from fluxnb.model.quant import quantize_nf4_
 from fluxnb.run import open_run
+from model_helpers import denoise
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -27,16 +28,8 @@ def run(tiny_assets, tmp_path_factory):
     return run
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return {"hidden_states": torch.randn(1, 24, 64, generator=g), "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
-            "img_ids": torch.randn(24, 3, generator=g), "txt_ids": torch.zeros(8, 3), "guidance": torch.tensor([3.5])}
-
-
-@torch.no_grad()
 def _out(transformer) -> torch.Tensor:
-    return transformer(**_inputs(), return_dict=False)[0]
+    return denoise(transformer, timestep=0.5)
 
 
 def _base(run):

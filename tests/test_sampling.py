@@ -22,6 +22,7 @@ from fluxnb.files import save_tensors
 from fluxnb.hardware import GPUInfo, Hardware
 from fluxnb.infer import merge, sampling
 from fluxnb.run import Run, RunDir, open_run
+from model_helpers import denoise
 
 LORA = "pytorch_lora_weights.safetensors"
 
@@ -153,17 +154,8 @@ def test_plan_fits_each_gpu(tmp_path):
     assert plans["3060 Ti"] == (True, True, False)
 
 
-def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    """One denoising call's inputs for the tiny transformer: 6 x 4 latent patches, 8 text tokens."""
-    g = torch.Generator().manual_seed(seed)
-    return {"hidden_states": torch.randn(1, 24, 64, generator=g), "encoder_hidden_states": torch.randn(1, 8, 32, generator=g),
-            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.6]),
-            "img_ids": torch.randn(24, 3, generator=g), "txt_ids": torch.zeros(8, 3), "guidance": torch.tensor([3.5])}
-
-
-@torch.no_grad()
 def _out(transformer) -> torch.Tensor:
-    return transformer(**_inputs(), return_dict=False)[0]
+    return denoise(transformer, timestep=0.6)
 
 
 @pytest.fixture(scope="module")

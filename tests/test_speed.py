@@ -16,6 +16,17 @@ from fluxnb.model import quant
 from fluxnb.train import speed
 
 
+def assert_same_step(plain, changed, seed: int = 0) -> None:
+    """The changed model's loss within 1e-6 and LoRA gradients within 1e-5 (relative) of the plain model's."""
+    expected, got = loss(plain, seed), loss(changed, seed)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    want, have = grads(plain), grads(changed)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_compiled_blocks_give_the_plain_steps_loss_and_gradients(tiny_assets):
     from torch._dynamo.utils import counters
 
@@ -24,13 +35,7 @@ def test_compiled_blocks_give_the_plain_steps_loss_and_gradients(tiny_assets):
     assert speed._is_compiled(fast) and not speed._is_compiled(plain)
     counters.clear()
     for seed in range(2):
-        expected, got = loss(plain, seed), loss(fast, seed)
-        expected.backward()
-        got.backward()
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-        want, have = grads(plain), grads(fast)
-        for name in want:
-            torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert_same_step(plain, fast, seed)
         plain.zero_grad(), fast.zero_grad()
     # The compiled graphs really ran (a failed compile would fall back to eager and prove nothing).
     assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"]
@@ -88,13 +93,7 @@ def test_checkpointing_only_some_blocks_gives_the_plain_steps_loss_and_gradients
     plain, mixed = model(str(tiny_assets.model)), model(str(tiny_assets.model))
     train = TrainConfig(compile="off", keep_activations=kept)
     speed.prepare(mixed, ModelConfig(), train, HW, verbose=False)
-    expected, got = loss(plain), loss(mixed)
-    expected.backward()
-    got.backward()
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    want, have = grads(plain), grads(mixed)
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_same_step(plain, mixed)
 
 
 def _saved_bytes(transformer) -> int:
