@@ -18,6 +18,10 @@ Schedule (blocks run 0..56 forward, 56..0 backward): on entering block i, the ne
 direction of travel is prefetched; a block's weights are released once its forward (or, in training, its
 backward) is done. So at most two offloaded blocks are on the GPU at once. PCIe time per step: the offloaded
 bytes x 2 (forward, backward); the benchmark measures how much of it the compute hides.
+
+CPU RAM: the copies are packed into pinned chunks of one power-of-two size (`HostArena`), since PyTorch's pinned
+allocator rounds every allocation up to a power of two: pinning each storage on its own took 9.7 GiB for the
+6.2 GiB of FLUX.1-dev's NF4 blocks (measured in the 8 GB card rehearsal, BENCHMARKS.md; the arena: 6.25).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from ..budget import pick_blocks  # the policy estimates memory with the same choice of blocks
 
-__all__ = ["BlockStreamer", "stream_blocks", "transformer_blocks"]
+__all__ = ["BlockStreamer", "HostArena", "stream_blocks", "transformer_blocks"]
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -60,20 +64,59 @@ def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
+def _storages(tensors: list[torch.Tensor]) -> list[torch.UntypedStorage]:
+    """The distinct storages behind `tensors`, each resizable (so it can be emptied and refilled in place)."""
+    for t in tensors:  # e.g. memory-mapped from a safetensors file: give it a storage of its own
+        if not t.untyped_storage().resizable():
+            t.data = t.data.clone()
+    return list({t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}.values())
+
+
+class HostArena:
+    """CPU RAM for the copies: chunks of one power-of-two size (pinned for a CUDA model), filled first-fit.
+
+    PyTorch's pinned allocator rounds each allocation up to the next power of two, so a chunk of exactly such a
+    size is pinned without waste; what is lost is the tail of a chunk that the next storage does not fit
+    (a few percent with FLUX's storages of at most 28 MB in 256 MiB chunks)."""
+
+    ALIGN = 512  # bytes: each copy starts where the copy engine reads at full speed
+    CHUNK = 2**28
+
+    def __init__(self, total: int, pin: bool) -> None:
+        self.chunk = min(self.CHUNK, 1 << max(total - 1, 1).bit_length())  # a tiny model gets a small chunk
+        self.pin, self.chunks, self.used = pin, [], []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """`nbytes` of CPU RAM, as a uint8 view of a chunk (a chunk of its own when larger than the chunk size)."""
+        if nbytes > self.chunk:
+            self.chunks.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin))
+            self.used.append(nbytes)
+            return self.chunks[-1]
+        for k, used in enumerate(self.used):
+            if used + nbytes <= self.chunk:
+                break
+        else:
+            self.chunks.append(torch.empty(self.chunk, dtype=torch.uint8, pin_memory=self.pin))
+            self.used.append(0)
+            k = len(self.chunks) - 1
+        start = self.used[k]
+        self.used[k] = min(self.chunk, -(-(start + nbytes) // self.ALIGN) * self.ALIGN)
+        return self.chunks[k][start:start + nbytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() for c in self.chunks)
+
+
 class _Offloaded:
     """One block's frozen storages on the device (emptied while offloaded) and their CPU copies.
 
     Whole storages move, not tensors: a tensor may be a view of a larger buffer, and every view must come back."""
 
-    def __init__(self, tensors: list[torch.Tensor], pin: bool) -> None:
-        for t in tensors:  # e.g. memory-mapped from a safetensors file: give it a storage of its own
-            if not t.untyped_storage().resizable():
-                t.data = t.data.clone()
-        unique = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors}
-        self.storages = list(unique.values())
-        self.nbytes = [s.nbytes() for s in self.storages]
-        self.copies = [torch.empty(n, dtype=torch.uint8, pin_memory=pin).copy_(_bytes(s))
-                       for s, n in zip(self.storages, self.nbytes)]
+    def __init__(self, storages: list[torch.UntypedStorage], arena: HostArena) -> None:
+        self.storages = storages
+        self.nbytes = [s.nbytes() for s in storages]
+        self.copies = [arena.take(n).copy_(_bytes(s)) for s, n in zip(storages, self.nbytes)]
         self.loaded = True
         self.ready: torch.cuda.Event | None = None  # set when a copy was queued on the side stream
 
@@ -110,7 +153,9 @@ class BlockStreamer:
         self.blocks = blocks
         device = next(t.device for b in blocks for t in _frozen_tensors(b))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.parts = {i: _Offloaded(_frozen_tensors(blocks[i]), pin=device.type == "cuda") for i in offloaded}
+        storages = {i: _storages(_frozen_tensors(blocks[i])) for i in offloaded}
+        self.arena = HostArena(sum(s.nbytes() for ss in storages.values() for s in ss), pin=device.type == "cuda")
+        self.parts = {i: _Offloaded(ss, self.arena) for i, ss in storages.items()}
         self.order = sorted(self.parts)
         self.offloaded_bytes = sum(sum(p.nbytes) for p in self.parts.values())
         self._handles = []
@@ -187,6 +232,7 @@ class BlockStreamer:
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.parts.clear()
+        self.arena = None  # the CPU copies go with it
 
 
 def stream_blocks(transformer, count: int) -> BlockStreamer:
