@@ -1,6 +1,7 @@
 """Rehearse the five notebooks at full size inside a T4's, an 8 GB card's and a 4090's limits (GPU machine).
 
     python benchmarks/rehearsal.py --root /tmp/rehearsal --out results.json --envelopes t4 8gb 4090
+    python benchmarks/rehearsal.py ... --envelopes 8gb 4090 --parallel     # both at once on one big GPU
 
 1. benchmarks/fullsize.py builds a random-weight FLUX.1-dev pipeline (FLUX.1-dev's layout and sizes) and a
    24-image dataset; the NF4 transformer is saved once with fluxnb.model.quant.save_nf4 (what the t4-16gb preset
@@ -30,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +80,12 @@ def make_cgroup(name: str, limit_gib: float) -> tuple[Path | None, str]:
         return None, f"no cgroup ({err.__class__.__name__}: {err}); peak RSS recorded and checked after the run"
 
 
+def in_group(command: list[str], group: Path) -> list[str]:
+    """`command`, started inside cgroup `group` (with all its children): a shell writes its own PID into the
+    group, then execs the command. Not preexec_fn, which is unsafe in a process with threads (--parallel)."""
+    return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$0" "$@"', *command]
+
+
 def du_gib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**30
 
@@ -98,15 +106,17 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
                  "FLUXNB_RUN_DIR": str(run_dir)}
     if group is None:
         child_env["FLUXNB_HOST_MEMORY_GIB"] = str(env["host_gib"])
-    enter = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    command = [sys.executable, "-m", "fluxnb", "notebooks", "--run-dir", str(run_dir), "--only", nb,
+               "--timeout", str(int(timeout))]
+    if group is not None:
+        command = in_group(command, group)
     disk_before, start = du_gib(run_dir), time.perf_counter()
     with open(log, "a") as out:
         out.write(f"\n===== {name} {nb}\n")
         out.flush()
         try:
-            proc = subprocess.run([sys.executable, "-m", "fluxnb", "notebooks", "--run-dir", str(run_dir), "--only", nb,
-                                   "--timeout", str(int(timeout))], cwd=ROOT, env=child_env, stdout=out,
-                                  stderr=subprocess.STDOUT, preexec_fn=enter, timeout=timeout, check=False)
+            proc = subprocess.run(command, cwd=ROOT, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout, check=False)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -199,6 +209,9 @@ def main() -> None:
     parser.add_argument("--log", type=Path, default=None)
     parser.add_argument("--envelopes", nargs="+", default=list(ENVELOPES), choices=list(ENVELOPES))
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting notebooks after this many seconds")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the envelopes at the same time on the one GPU (each capped, its own cgroup and log): "
+                             "memory as alone, wall times longer")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     args.root.mkdir(parents=True, exist_ok=True)
@@ -208,18 +221,33 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0),
                "torch": torch.__version__, "command": " ".join(sys.argv), "envelopes": []}
 
+    lock = threading.Lock()
+
     def save() -> None:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        with lock:
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
 
     results["setup"] = prepare(args.root, log)
+    results["parallel"] = args.parallel
     save()
     print("setup:", results["setup"], flush=True)
+    threads = []
     for name in args.envelopes:
         report = {"envelope": name, "notebooks": []}
         results["envelopes"].append(report)
-        rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
-                 args.root / "flux-nf4", deadline, log, save)
+        own_log = log.with_name(f"{log.stem}-{name}{log.suffix}") if args.parallel else log
+        run = (lambda report=report, own_log=own_log:
+               rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
+                        args.root / "flux-nf4", deadline, own_log, save))
+        if args.parallel:
+            threads.append(threading.Thread(target=run, name=name))
+            threads[-1].start()
+        else:
+            run()
         save()
+    for thread in threads:
+        thread.join()
+    save()
     free = shutil.disk_usage(args.root)
     results["disk_free_gib_at_end"] = round(free.free / 2**30, 1)
     save()

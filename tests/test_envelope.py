@@ -87,6 +87,19 @@ def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeyp
     assert result["ok"] and result["disk_growth_mib"] > 0  # the embeddings it cached
 
 
+def test_a_rehearsal_command_starts_inside_its_cgroup(tmp_path):
+    """The runner's own PID (the one it execs into) is what lands in the group's cgroup.procs."""
+    import subprocess
+    import sys
+
+    import rehearsal
+
+    (tmp_path / "cgroup.procs").write_text("")
+    command = rehearsal.in_group([sys.executable, "-c", "import os; print(os.getpid())"], tmp_path)
+    pid = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+    assert pid and (tmp_path / "cgroup.procs").read_text().strip() == pid
+
+
 def test_dtype_set_in_the_config_takes_effect_on_save(tiny_assets, tmp_path):
     """The supported way to compute in fp16 (a T4's only choice) on any machine: model.dtype, then run.save();
     every loader reads run.hw.dtype, and the next notebook's open_run reads it from config.json."""
