@@ -106,7 +106,8 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
-    "fp8"), adamw (plain AdamW). `plan`: the settings fluxnb.budget chose (impl option budget=GiB), which win."""
+    "fp8"), adamw (plain AdamW), cap=GiB, expand / noexpand (PyTorch's expandable_segments on / off: worker_env),
+    profile. `plan`: the settings fluxnb.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
     from fluxnb.model import lora
@@ -146,6 +147,8 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
            profile: bool = False, samples: int = 1) -> list[dict]:
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fluxnb.memory import proc_status
 
     dtype = DTYPES[dtype_name]
     opts = parse_impl(impl)
@@ -219,6 +222,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                 torch.cuda.synchronize()
                 warmup_peak = torch.cuda.max_memory_allocated() / GiB
                 torch.cuda.reset_peak_memory_stats()
+                counts_before = allocator_counts()
             start = time.perf_counter()
             try:
                 one_step()
@@ -238,6 +242,8 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         peak, reserved = torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
+        counts = {k: v - counts_before[k] for k, v in allocator_counts().items()}  # over the timed steps
+        streamer = getattr(transformer, "_fluxnb_streamer", None)  # its pinned CPU copies (fluxnb.train.offload)
         if profile or "profile" in opts:
             print_profile(one_step, f"{impl} {name}")
         rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,
@@ -248,10 +254,21 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                      "load_s": load_s, "losses_finite": all(math.isfinite(x) for x in losses),
                      "last_loss": losses[-1], "grad_norms_finite": all(math.isfinite(g) for g in grad_norms),
                      "grad_norms": [round(g, 5) for g in grad_norms[:5]], "first_losses": losses[:micro_steps],
-                     "plan": plan, "adjusted": adjusted})
+                     "plan": plan, "adjusted": adjusted,
+                     "allocator_per_step": {k: v / steps for k, v in counts.items()},
+                     "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                     "host_gib": {k: round(v, 3) for k, v in proc_status().items()},
+                     "pinned_arena_gib": streamer.arena.nbytes / GiB if streamer else None})
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows
+
+
+def allocator_counts() -> dict[str, int]:
+    """PyTorch allocator events: retries (a request failed, every cached block was freed, and it tried again:
+    what a budget at its edge costs) and the cudaMalloc / cudaFree calls behind them."""
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
 
 
 def tokens_of(case: str) -> int:
@@ -282,12 +299,15 @@ def print_profile(one_step, title: str) -> None:
     wall = (time.perf_counter() - start) / 2
     events = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # GPU-side events only
-    gpu = sum(e.device_time for e in kernels) / 2 / 1e6
-    print(f"PROFILE {title}: wall {wall:.3f} s/step (profiled), GPU busy {gpu:.3f} s/step ({100 * gpu / wall:.0f}%)")
+    copies = [e for e in kernels if "memcpy" in e.name.lower()]  # block streaming's, on a side stream: overlapped
+    gpu = sum(e.device_time for e in kernels if "memcpy" not in e.name.lower()) / 2 / 1e6
+    print(f"PROFILE {title}: wall {wall:.3f} s/step (profiled), GPU busy {gpu:.3f} s/step ({100 * gpu / wall:.0f}%) "
+          f"computing, {sum(e.device_time for e in copies) / 2 / 1e6:.3f} s/step copying")
     families: dict[str, float] = {}  # which attention kernels really ran (cuDNN's are meant to be excluded)
     for e in kernels:
         name = e.name.lower()
-        family = next((f for f in ("cudnn", "flash", "fmha", "efficient", "gemm", "kdequant", "optimizer", "adam")
+        family = next((f for f in ("memcpy", "cudnn", "flash", "fmha", "efficient", "gemm", "kdequant", "optimizer",
+                                   "adam")
                        if f in name), "other")
         families[family] = families.get(family, 0.0) + e.device_time / 2 / 1e6
     print(f"PROFILE families {title}: " + json.dumps({k: round(v, 4) for k, v in sorted(families.items())}))
@@ -339,7 +359,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", impl, dtype_name, "--cases", ",".join(mine), "--ckpt",
                    str(args.ckpt), "--warmup", str(args.warmup), "--steps", str(args.steps),
                    "--samples", str(args.samples)] + ["--profile"] * args.profile
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(impl))
             result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not result:
                 print(f"{impl}/{dtype_name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -349,6 +369,16 @@ def main() -> None:
             print(f"{impl}/{dtype_name}: done", flush=True)
             write_report(args, cases, rows, quiet=True)
     write_report(args, cases, rows)
+
+
+def worker_env(impl: str) -> dict[str, str]:
+    """The worker's environment: impl options expand / noexpand set PyTorch's expandable_segments (read when CUDA
+    starts, so it has to be in the environment of the process)."""
+    opts = parse_impl(impl)
+    env = dict(os.environ)
+    if "expand" in opts or "noexpand" in opts:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = f"expandable_segments:{'True' if 'expand' in opts else 'False'}"
+    return env
 
 
 def write_report(args, cases: list[str], rows: list[dict], quiet: bool = False) -> None:
