@@ -60,8 +60,9 @@ def lora_effect(base: list, styled: list, prompts: list[str]) -> Effect:
 
 
 def channel_stats(latents: list[torch.Tensor]) -> torch.Tensor:
-    """(32,): each channel's mean, then its standard deviation, over every position of every latent (16, h, w)."""
-    flat = torch.cat([z.float().flatten(1) for z in latents], dim=1)  # (16, sum of h * w)
+    """(32,): each channel's mean, then its standard deviation, over every position of every latent (16, h, w).
+    On the CPU, whichever device the latents come from: generated ones are on the GPU, cached ones are not."""
+    flat = torch.cat([z.detach().to("cpu", torch.float32).flatten(1) for z in latents], dim=1)  # (16, sum of h * w)
     return torch.cat([flat.mean(1), flat.std(1)])
 
 
