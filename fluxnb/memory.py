@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -131,8 +133,23 @@ def free(*objs: Any) -> Freed:
                 emptied += tensor.data.nbytes  # tied weights count once: the second visit sees an empty tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device="cpu")
     free_memory()  # gc.collect() + empty the accelerator's cache
+    trim_host_memory()
     after = torch.cuda.memory_allocated() if cuda else 0
     return Freed((before - after) / GiB, emptied / GiB, cuda)
+
+
+def trim_host_memory() -> None:
+    """Hand freed CPU RAM back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    glibc keeps freed blocks below its mmap threshold (which rises up to 32 MiB after the first large free: most
+    weight tensors) inside the process, where they still count against a Colab VM's RAM or a cgroup's limit. So a
+    model freed, or moved to the GPU, leaves its RAM behind until this runs."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim this way
+        pass
 
 
 def proc_status(pid: int | str = "self") -> dict[str, float]:

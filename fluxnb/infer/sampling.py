@@ -28,6 +28,7 @@ from ..data import embeddings
 from ..errors import FluxnbError
 from ..files import atomic_path, atomic_write_text
 from ..hub_errors import hub_errors
+from .. import memory
 from ..memory import GiB, free
 from ..model.quant import load_transformer
 from ..plots import image_grid, save_figure
@@ -195,6 +196,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
                    generator=torch.Generator("cpu").manual_seed(settings.seed),
                    max_sequence_length=run.config.data.max_sequence_length if run else 512, output_type=output_type)
         images.append(out.images[0])
+    memory.trim_host_memory()  # CPU offload moved weights to the GPU and back: the RAM of the old copies
     return images
 
 
