@@ -5,7 +5,7 @@
                                                                #   (DIR from benchmarks/fullsize.py --out DIR)
 
 On the CPU the tiny profile covers the logic; what only a GPU runs is: the NF4 transformer through diffusers'
-BitsAndBytesConfig inside a FluxPipeline, pipe.to("cuda") / enable_model_cpu_offload with it, T5 in 8-bit for
+BitsAndBytesConfig inside a FluxPipeline, resident and with its blocks streamed (fluxnb.train.offload), T5 in 8-bit for
 prompts (the T4 route), and the merged model reloaded with BitsAndBytesConfig.
 """
 
@@ -36,7 +36,7 @@ def tiny_on_cuda(root: Path) -> None:
     lora = make_lora(run.config.model.model_id, run.dir.lora)
     settings = dataclasses.replace(sampling.default_settings(run), steps=4)
     prompts = run.config.data.validation_prompts[:2]
-    for plan in (sampling.Plan(True, False, True, "NF4 + encoders"), sampling.Plan(True, True, False, "NF4, offload, no encoders")):
+    for plan in (sampling.Plan(True, False, True, "NF4 + encoders"), sampling.Plan(True, True, False, "NF4, blocks streamed, no encoders")):
         torch.cuda.reset_peak_memory_stats()
         pipe = sampling.load_pipeline(run, plan)
         sampling.load_lora(pipe, lora)

@@ -129,10 +129,16 @@ def free(*objs: Any) -> Freed:
     emptied = 0
     for obj in objs:
         for module in _modules(obj):
+            streamer = getattr(module, "_fluxnb_streamer", None)  # fluxnb.train.offload: its pinned CPU copies
+            if streamer is not None:
+                streamer.close()
+                module._fluxnb_streamer = None
             for tensor in [*module.parameters(), *module.buffers()]:
                 emptied += tensor.data.nbytes  # tied weights count once: the second visit sees an empty tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device="cpu")
     free_memory()  # gc.collect() + empty the accelerator's cache
+    if cuda and hasattr(torch._C, "_host_emptyCache"):  # pinned CPU RAM PyTorch keeps for reuse (streamed blocks')
+        torch._C._host_emptyCache()
     trim_host_memory()
     after = torch.cuda.memory_allocated() if cuda else 0
     return Freed((before - after) / GiB, emptied / GiB, cuda)

@@ -221,3 +221,28 @@ def test_merge_refuses_without_enough_ram_before_loading(run, monkeypatch):
     monkeypatch.setattr(FluxTransformer2DModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded anyway"))
     with pytest.raises(FluxnbError, match="merging needs"):
         merge.fuse_to_disk(run, run.dir.lora / LORA)
+
+
+def test_small_gpu_plan_streams_the_blocks_and_gives_the_same_images(run, settings):
+    """The < 12 GiB plan (an 8 GB card): the NF4 transformer's blocks stream from CPU RAM while the pipeline
+    runs. The resident NF4 pipeline's images exactly, with the LoRA loaded after streaming started; memory.free
+    drops the CPU copies too (the streamer's hooks and arena go, not only the parameters)."""
+    from fluxnb import memory
+
+    prompts = run.config.data.validation_prompts[:2]
+    resident = sampling.load_pipeline(run, sampling.Plan(True, False, False, "test"))
+    resident.set_progress_bar_config(disable=True)
+    sampling.load_lora(resident, run.dir.lora / LORA)
+    want = pixels(sampling.generate(resident, prompts, settings, run))
+    memory.free(resident)
+    small = sampling.load_pipeline(run, sampling.Plan(True, True, False, "test"))
+    small.set_progress_bar_config(disable=True)
+    streamer = small.transformer._fluxnb_streamer
+    assert streamer is not None and len(streamer.parts) == len(small.transformer.transformer_blocks) + len(
+        small.transformer.single_transformer_blocks)
+    sampling.load_lora(small, run.dir.lora / LORA)
+    assert np.array_equal(pixels(sampling.generate(small, prompts, settings, run)), want)
+    assert all(not part.loaded for part in streamer.parts.values())  # released behind itself
+    memory.free(small)
+    assert small.transformer is None or getattr(small.transformer, "_fluxnb_streamer", None) is None
+    assert streamer.arena is None and not streamer.parts and not streamer._handles

@@ -29,6 +29,7 @@ from ..errors import FluxnbError
 from ..files import atomic_path, atomic_write_text
 from ..hub_errors import hub_errors
 from .. import memory
+from ..train.offload import stream_blocks, transformer_blocks
 from ..memory import GiB, free
 from ..model.quant import load_transformer
 from ..plots import image_grid, save_figure
@@ -72,7 +73,7 @@ def default_settings(run: Run) -> SampleSettings:
 @dataclass(frozen=True)
 class Plan:
     quantize: bool  # NF4 transformer (6.7 GB) instead of 16-bit (23.8 GB)
-    offload: bool  # enable_model_cpu_offload: one component on the GPU at a time
+    offload: bool  # the transformer's blocks stream from CPU RAM (fluxnb.train.offload), two on the GPU at a time
     text_encoders: bool  # keep T5 + CLIP (9.7 GB in 16-bit) in the pipeline; else prompts come pre-encoded
     reason: str
 
@@ -92,9 +93,9 @@ def plan_pipeline(run: Run) -> Plan:
         return Plan(False, False, True, f"{gpu.total_gib:.0f} GiB GPU: everything in {run.hw.dtype_name}, resident")
     if gpu.total_gib >= 22:
         return Plan(True, False, True, f"{gpu.total_gib:.0f} GiB GPU: NF4 transformer, text encoders resident")
-    offload = gpu.total_gib < 12  # below that even NF4 + VAE + activations at 512x768 get tight: swap them
+    offload = gpu.total_gib < 12  # below that even NF4 + VAE + activations at 512x768 get tight: stream the blocks
     return Plan(True, offload, False, f"{gpu.total_gib:.0f} GiB GPU: NF4 transformer; prompts encoded separately"
-                + (", CPU offload" if offload else ""))
+                + (", its blocks streamed from CPU RAM" if offload else ""))
 
 
 def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
@@ -109,10 +110,12 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
     with hub_errors(model.model_id):
         pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
                                             dtype=run.hw.dtype, **skip)
-    if plan.offload:
-        pipe.enable_model_cpu_offload()
-    else:
-        pipe.to(run.hw.device)
+    if plan.offload and getattr(transformer, "_fluxnb_streamer", None) is None:
+        # Training's block streaming, not diffusers' enable_model_cpu_offload, which moves the whole transformer
+        # to the GPU and back on every call: with it the 8 GB card rehearsal's notebook 04 held 12.9 GiB of
+        # anonymous RAM and was killed at its 14 GiB limit. Here the CPU copies are made once, in pinned RAM.
+        transformer._fluxnb_streamer = stream_blocks(transformer, len(transformer_blocks(transformer)))
+    pipe.to(run.hw.device)
     pipe.set_progress_bar_config(leave=False)
     return pipe
 
@@ -187,7 +190,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
     images = []
     for i, prompt in enumerate(tqdm(prompts, desc=f"{len(prompts)} images, {settings.steps} steps each", unit="image",
                                     disable=not many)):
-        device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also under CPU offload
+        device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also with streamed blocks
         text = {"prompt": prompt} if encoded is None else {
             "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)
             "pooled_prompt_embeds": encoded[i]["pooled_prompt_embeds"][None].to(device, run.hw.dtype)}  # (1, D_clip)
@@ -196,7 +199,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
                    generator=torch.Generator("cpu").manual_seed(settings.seed),
                    max_sequence_length=run.config.data.max_sequence_length if run else 512, output_type=output_type)
         images.append(out.images[0])
-    memory.trim_host_memory()  # CPU offload moved weights to the GPU and back: the RAM of the old copies
+    memory.trim_host_memory()  # RAM freed while generating (e.g. decoded images' buffers) goes back
     return images
 
 

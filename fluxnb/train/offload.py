@@ -235,6 +235,18 @@ class BlockStreamer:
         self.arena = None  # the CPU copies go with it
 
 
+    def close(self) -> None:
+        """Drop the hooks and the CPU copies without putting anything back: for a model that is being freed
+        (fluxnb.memory.free calls it), whose streamed weights would otherwise stay in pinned RAM."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.stream is not None:  # copies still in flight read from the arena
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self.parts.clear()
+        self.arena = None
+
+
 def stream_blocks(transformer, count: int) -> BlockStreamer:
     """Offload `count` of the transformer's blocks (all of them when count >= their number; 57 in FLUX.1-dev)."""
     blocks = transformer_blocks(transformer)
