@@ -24,16 +24,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import memory
 from ..data import embeddings
 from ..errors import FluxnbError
 from ..files import atomic_path, atomic_write_text
 from ..hub_errors import hub_errors
-from .. import memory
-from ..train.offload import stream_blocks, transformer_blocks
 from ..memory import GiB, free
 from ..model.quant import load_transformer
 from ..plots import image_grid, save_figure
 from ..run import Run
+from ..train.offload import stream_blocks, transformer_blocks
 
 ADAPTER = "lora"
 

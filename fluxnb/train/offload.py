@@ -225,15 +225,9 @@ class BlockStreamer:
 
     def remove(self) -> None:
         """Put every weight back on the GPU for good and remove the hooks."""
-        for h in self._handles:
-            h.remove()
         for part in self.parts.values():
             part.restore()
-        if self.stream is not None:
-            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
-        self.parts.clear()
-        self.arena = None  # the CPU copies go with it
-
+        self.close()
 
     def close(self) -> None:
         """Drop the hooks and the CPU copies without putting anything back: for a model that is being freed
