@@ -99,3 +99,24 @@ def test_readme_says_how_to_open_the_notebooks_in_jupyterlab():
     readme = (REPO / "README.md").read_text()
     assert 'pip install -e ".[jupyter]"' in readme and "jupyter lab notebooks/" in readme
     assert all(pin in readme for pin in ("diffusers | ==0.42.1", "bitsandbytes | ==0.50.2", "datasets | ==5.2.0"))
+
+
+def test_a_kernel_that_dies_gets_one_line_naming_its_cell(tmp_path, monkeypatch, capsys):
+    """A notebook whose kernel is killed (as the OOM killer does at a RAM limit): no DeadKernelError traceback, but
+    which cell was running, the likely cause, and the executed part kept."""
+    import nbformat
+
+    from fluxnb.nb import runner
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"), nbformat.v4.new_code_cell("y = 2")])
+    path = tmp_path / "notebooks" / "09_dies.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    monkeypatch.setattr(runner, "notebook_paths", lambda only=None: [path])
+    assert runner.run_notebooks(tmp_path / "run", timeout=120) == 1
+    out = capsys.readouterr().out
+    assert "09_dies.ipynb: the kernel died while running code cell 2 (`import os, signal`)" in out
+    assert "ran out of RAM" in out and "Traceback" not in out
+    executed = nbformat.read(tmp_path / "run" / "executed" / path.name, as_version=4)
+    assert executed.cells[0].execution_count == 1 and executed.cells[2].execution_count is None

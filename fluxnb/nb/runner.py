@@ -48,7 +48,7 @@ def _client_parts():
     try:
         import nbformat
         from nbclient import NotebookClient
-        from nbclient.exceptions import CellExecutionError
+        from nbclient.exceptions import CellExecutionError, DeadKernelError
         from traitlets.config import Config
     except ModuleNotFoundError as err:
         raise FluxnbError(f"running the notebooks headless needs {err.name}, which requirements.txt leaves out: "
@@ -58,14 +58,25 @@ def _client_parts():
         config.KernelManager.transport = "ipc"
         # An absolute socket path: the kernels start in notebooks/, where a relative one would not be found.
         config.KernelManager.ip = str(Path(tempfile.mkdtemp(prefix="fluxnb-kernel-")) / "kernel")
-    return nbformat, NotebookClient, CellExecutionError, config
+    return nbformat, NotebookClient, (CellExecutionError, DeadKernelError), config
+
+
+def _running_cell(nb) -> str:
+    """' while running cell N (`its first line`)' for the code cell that started and never finished, or ''."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for number, cell in enumerate(code, 1):
+        timing = cell.get("metadata", {}).get("execution")  # nbclient adds it when it sends the cell
+        if timing is not None and "shell.execute_reply" not in timing:
+            first = next((line for line in cell.source.splitlines() if line.strip()), "")
+            return f" while running code cell {number} (`{first.strip()[:80]}`)"
+    return ""
 
 
 def run_notebooks(run_dir: Path | None = None, *, only: list[str] | None = None, timeout: int = 3600) -> int:
     from ..hardware import detect
     from ..run import RUN_DIR_ENV, default_run_dir
 
-    nbformat, NotebookClient, CellExecutionError, config = _client_parts()
+    nbformat, NotebookClient, (CellExecutionError, DeadKernelError), config = _client_parts()
     paths = notebook_paths(only)
     if not paths:
         print(f"no notebooks found in {NOTEBOOK_DIR}")
@@ -86,6 +97,12 @@ def run_notebooks(run_dir: Path | None = None, *, only: list[str] | None = None,
             except CellExecutionError as err:
                 nbformat.write(nb, out_dir / path.name)
                 print(f"{path.name} failed; the executed copy with the error is {out_dir / path.name}\n{err}")
+                return 1
+            except DeadKernelError:
+                nbformat.write(nb, out_dir / path.name)
+                print(f"{path.name}: the kernel died{_running_cell(nb)}. Most often the system ran out of RAM (the "
+                      "OS, a container's or Colab's limit killed it): see README, Troubleshooting. What ran before is "
+                      f"in {out_dir / path.name}; the run directory keeps everything earlier steps saved.")
                 return 1
             nbformat.write(nb, out_dir / path.name)
             print(f"  done in {time.perf_counter() - start:.0f} s -> {out_dir / path.name}", flush=True)
