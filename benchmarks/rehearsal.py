@@ -135,6 +135,8 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
             rc = "timeout"
     result = {"notebook": nb, "rc": rc, "wall_s": round(time.perf_counter() - start, 1), "host_limit": how,
               "disk_growth_mib": round((du_gib(run_dir) - disk_before) * 1024, 1)}
+    for executed in (run_dir / "executed").glob(f"{nb}_*.ipynb"):  # beside the log: what the reader would see
+        shutil.copy(executed, log.parent / f"{name}-{executed.name}")
     if peaks_file.is_file():
         result["kernel"] = {k: round(v, 3) if isinstance(v, float) else v
                             for k, v in json.loads(peaks_file.read_text()).items()}
@@ -194,7 +196,7 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         if result["rc"] != 0:
             break
     report["passed"] = all(r.get("ok") for r in report["notebooks"]) and len(report["notebooks"]) == len(notebooks)
-    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each: the disk holds one at a time
+    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each: keep the disk for the next envelope
     return report
 
 

@@ -85,6 +85,7 @@ def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeyp
     kernel = result["kernel"]
     assert kernel["pid"] > 0 and 0 < kernel["host_RssAnon_gib"] <= kernel["host_VmHWM_gib"] < 11.5
     assert result["ok"] and result["disk_growth_mib"] > 0  # the embeddings it cached
+    assert (tmp_path / "t4-01_embeddings.ipynb").is_file()  # the executed copy, beside the log (it comes back)
 
 
 def test_a_rehearsal_command_starts_inside_its_cgroup(tmp_path):
