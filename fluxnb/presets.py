@@ -29,11 +29,11 @@ SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
 _QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
-                     "(needs ~7 GB of free RAM), batches of 4: 5.45 GiB, 0.8-1.0 s per 4-sample step in a 6 GiB cap "
-                     "on an H200 (4.6x the blog's recipe in the same run)", 6.0),
-    "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin ~7 GB "
-                      "of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), the last 6 blocks keep their "
-                      "activations at 512x768 (~14.1 GiB, estimated). torch.compile stays off on a T4 "
+                     "(6.3 GiB of pinned RAM, measured), batches of 4: 5.45 GiB, 0.8-1.0 s per 4-sample step in a "
+                     "6 GiB cap on an H200 (4.6x the blog's recipe in the same run)", 6.0),
+    "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
+                      "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), the last 6 blocks "
+                      "keep their activations at 512x768 (~14.1 GiB, estimated). torch.compile stays off on a T4 "
                       "(train.compile='auto'; 'on' to try it: Triton supports sm_75 poorly and the step is bound by "
                       "arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
                       "model.prequantized: quantizing FLUX on the fly needs most of Colab's RAM", 14.7, host_gib=0.0),
