@@ -63,15 +63,18 @@ def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, s
     config.save(run_dir)
 
 
-def prepare_by_cli(run_dir: Path, log: Path) -> None:
+def prepare_by_cli(run_dir: Path, env: dict, log: Path, deadline: float) -> None:
     """The inputs of notebooks 04-05 made by the CLI (notebooks 01-03's headless mirror) instead of the notebooks:
-    only for --start-at 04, a machine where 01-03 already ran and were recorded, to save device time."""
+    only for --start-at 04, a machine where 01-03 already ran and were recorded, to save device time. The GPU is
+    capped as the envelope's; host memory is not limited here (not a measurement)."""
+    child_env = {**os.environ, "FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"])}
     with open(log, "a") as out:
         for step in ("embed", "latents", "train"):
             out.write(f"\n===== cli {step}\n")
             out.flush()
             subprocess.run([sys.executable, "-m", "fluxnb", step, "--run-dir", str(run_dir)], cwd=ROOT, check=True,
-                           stdout=out, stderr=subprocess.STDOUT)
+                           env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                           timeout=max(deadline - time.time(), 1))
 
 
 def make_cgroup(name: str, limit_gib: float) -> tuple[Path | None, str]:
@@ -96,7 +99,7 @@ def make_cgroup(name: str, limit_gib: float) -> tuple[Path | None, str]:
 def in_group(command: list[str], group: Path) -> list[str]:
     """`command`, started inside cgroup `group` (with all its children): a shell writes its own PID into the
     group, then execs the command. Not preexec_fn, which is unsafe in a process with threads (--parallel)."""
-    return ["sh", "-c", f'echo $$ > "{group}/cgroup.procs" && exec "$0" "$@"', *command]
+    return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"), *command]
 
 
 def du_gib(path: Path) -> float:
@@ -123,7 +126,7 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
                "--timeout", str(int(timeout))]
     if group is not None:
         command = in_group(command, group)
-    disk_before, start = du_gib(run_dir), time.perf_counter()
+    disk_before, start, started_at = du_gib(run_dir), time.perf_counter(), time.time()
     with open(log, "a") as out:
         out.write(f"\n===== {name} {nb}\n")
         out.flush()
@@ -136,7 +139,8 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
     result = {"notebook": nb, "rc": rc, "wall_s": round(time.perf_counter() - start, 1), "host_limit": how,
               "disk_growth_mib": round((du_gib(run_dir) - disk_before) * 1024, 1)}
     for executed in (run_dir / "executed").glob(f"{nb}_*.ipynb"):  # beside the log: what the reader would see
-        shutil.copy(executed, log.parent / f"{name}-{executed.name}")
+        if executed.stat().st_mtime >= started_at:  # written by this run, not left from an earlier one
+            shutil.copy(executed, log.parent / f"{name}-{executed.name}")
     if peaks_file.is_file():
         result["kernel"] = {k: round(v, 3) if isinstance(v, float) else v
                             for k, v in json.loads(peaks_file.read_text()).items()}
@@ -158,27 +162,28 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
 
 def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, deadline: float, log: Path,
              save, start_at: str = "01") -> dict:
-    """Fill `report` (already in the results, so every save() has it) with envelope report["envelope"]'s run.
+    """Fill `report` (already in the results) with envelope report["envelope"]'s run. Every change to it goes
+    through save(change), which makes it under the results' lock (--parallel: other threads serialise them).
     start_at "04": notebooks 04-05 only, on inputs the CLI made with PREP_STEPS of training (prepare_by_cli)."""
     name = report["envelope"]
     env = ENVELOPES[name]
     run_dir = root / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    report.update(env)
+    save(lambda: report.update(env))
     notebooks = [nb for nb in NOTEBOOKS if nb >= start_at]
     if start_at > "01":
         configure(run_dir, env, model, dataset, nf4, steps=PREP_STEPS, compile_="off")
         start = time.perf_counter()
-        prepare_by_cli(run_dir, log)
-        report["prepared_by_cli"] = {"steps": PREP_STEPS, "compile": "off",
-                                     "seconds": round(time.perf_counter() - start, 1)}
+        prepare_by_cli(run_dir, env, log, deadline)
+        prepared = {"steps": PREP_STEPS, "compile": "off", "seconds": round(time.perf_counter() - start, 1)}
+        save(lambda: report.update(prepared_by_cli=prepared))
     else:
         configure(run_dir, env, model, dataset, nf4)
     for nb in notebooks:
         left = deadline - time.time()
         if left < 30:
-            report["notebooks"].append({"notebook": nb, "rc": "not run: out of device time"})
+            save(lambda nb=nb: report["notebooks"].append({"notebook": nb, "rc": "not run: out of device time"}))
             continue
         result = run_notebook(nb, run_dir, env, name, log, left)
         if nb == "03" and (run_dir / "metrics.jsonl").is_file():
@@ -190,13 +195,13 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
             result["merged"] = json.loads((merged / "merge.json").read_text()) if (merged / "merge.json").is_file() else None
             if (merged / "transformer").is_dir():
                 result["merged_gib"] = round(du_gib(merged / "transformer"), 3)
-        report["notebooks"].append(result)
-        save()
+        save(lambda result=result: report["notebooks"].append(result))
         print(f"{name} {nb}: {json.dumps(result)}", flush=True)
         if result["rc"] != 0:
             break
-    report["passed"] = all(r.get("ok") for r in report["notebooks"]) and len(report["notebooks"]) == len(notebooks)
-    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each: keep the disk for the next envelope
+    passed = all(r.get("ok") for r in report["notebooks"]) and len(report["notebooks"]) == len(notebooks)
+    save(lambda: report.update(passed=passed))
+    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each (one per envelope running at once)
     return report
 
 
@@ -237,7 +242,8 @@ def main() -> None:
                         help="04: run notebooks 04-05 only, their inputs made by the CLI (when 01-03 are recorded)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the envelopes at the same time on the one GPU (each capped, its own cgroup and log): "
-                             "memory as alone, wall times longer")
+                             "the same caps and limits, longer wall times; cgroup peaks can differ, as cached file "
+                             "pages count in the group that read them first")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     args.root.mkdir(parents=True, exist_ok=True)
@@ -249,34 +255,38 @@ def main() -> None:
 
     lock = threading.Lock()
 
-    def save() -> None:
+    def save(change=None) -> None:
+        """Apply `change` to the results (if any) and write them, both under the lock."""
         with lock:
+            if change is not None:
+                change()
             args.out.write_text(json.dumps(results, indent=1) + "\n")
 
-    results["setup"] = prepare(args.root, log)
-    results["parallel"] = args.parallel
-    save()
+    setup = prepare(args.root, log)
+    save(lambda: results.update(setup=setup, parallel=args.parallel))
     print("setup:", results["setup"], flush=True)
     threads = []
     for name in args.envelopes:
         report = {"envelope": name, "notebooks": []}
-        results["envelopes"].append(report)
+        save(lambda report=report: results["envelopes"].append(report))
         own_log = log.with_name(f"{log.stem}-{name}{log.suffix}") if args.parallel else log
-        run = (lambda report=report, own_log=own_log:
-               rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
-                        args.root / "flux-nf4", deadline, own_log, save, args.start_at))
+
+        def run(report=report, own_log=own_log) -> None:
+            try:
+                rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
+                         args.root / "flux-nf4", deadline, own_log, save, args.start_at)
+            except Exception as err:  # recorded, so one envelope's failure neither vanishes nor stops the others
+                save(lambda: report.update(passed=False, error=f"{type(err).__name__}: {err}"))
+
         if args.parallel:
             threads.append(threading.Thread(target=run, name=name))
             threads[-1].start()
         else:
             run()
-        save()
     for thread in threads:
         thread.join()
-    save()
-    free = shutil.disk_usage(args.root)
-    results["disk_free_gib_at_end"] = round(free.free / 2**30, 1)
-    save()
+    free = shutil.disk_usage(args.root).free
+    save(lambda: results.update(disk_free_gib_at_end=round(free / 2**30, 1)))
 
 
 if __name__ == "__main__":

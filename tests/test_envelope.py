@@ -4,6 +4,7 @@ RAM limits that merge's check honours, and one notebook run through the rehearsa
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,9 +91,6 @@ def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeyp
 
 def test_a_rehearsal_command_starts_inside_its_cgroup(tmp_path):
     """The runner's own PID (the one it execs into) is what lands in the group's cgroup.procs."""
-    import subprocess
-    import sys
-
     import rehearsal
 
     (tmp_path / "cgroup.procs").write_text("")
