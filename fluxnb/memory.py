@@ -112,7 +112,7 @@ class Freed:
     def __str__(self) -> str:
         if self.cuda:
             return f"freed {self.gpu_gib:.2f} GiB of GPU memory ({self.weights_gib:.2f} GiB of weights emptied)"
-        # Without a GPU the weights lived in RAM; the process's RSS may not shrink at once (the allocator keeps pages).
+        # Without a GPU the weights lived in RAM, which trim_host_memory handed back (with glibc).
         size = f"{self.weights_gib:.2f} GiB" if self.weights_gib >= 0.01 else f"{self.weights_gib * 1024:.1f} MiB"
         return f"emptied {size} of weights in CPU RAM (no GPU here, so no GPU memory to free)"
 
@@ -137,8 +137,12 @@ def free(*objs: Any) -> Freed:
                 emptied += tensor.data.nbytes  # tied weights count once: the second visit sees an empty tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device="cpu")
     free_memory()  # gc.collect() + empty the accelerator's cache
-    if cuda and hasattr(torch._C, "_host_emptyCache"):  # pinned CPU RAM PyTorch keeps for reuse (streamed blocks')
-        torch._C._host_emptyCache()
+    if cuda:  # pinned CPU RAM PyTorch keeps for reuse (streamed blocks'); a block is kept while a copy may use it
+        torch.cuda.synchronize()
+        empty_host = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+            torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()
     trim_host_memory()
     after = torch.cuda.memory_allocated() if cuda else 0
     return Freed((before - after) / GiB, emptied / GiB, cuda)

@@ -47,10 +47,10 @@ def test_free_hands_the_weights_ram_back_to_the_system():
     del big  # freed mmap'd memory: glibc raises its threshold, and the next 20 MB blocks come from its heap
     before = memory.proc_status()["RssAnon"]
     model = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(20 * 2**20 // 4)) for _ in range(40)])  # 800 MB
-    pinned = torch.ones(20 * 2**20 // 4)  # allocated last: the heap's top stays in use, no automatic trim
+    heap_top = torch.ones(20 * 2**20 // 4)  # allocated last: the heap's top stays in use, no automatic trim
     grown = memory.proc_status()["RssAnon"] - before
     assert grown > 0.7  # GiB
     memory.free(model)
     left = memory.proc_status()["RssAnon"] - before
     assert left < 0.2 * grown, f"{left:.2f} of {grown:.2f} GiB still resident after memory.free"
-    del pinned
+    del heap_top

@@ -71,6 +71,7 @@ def test_host_arena_packs_flux_blocks_into_little_more_than_their_bytes():
     views = [arena.take(n) for n in sizes]
     assert [v.numel() for v in views] == sizes
     assert arena.nbytes <= 1.05 * sum(sizes)
+    assert len(arena.chunks) == 25 and {c.numel() for c in arena.chunks} == {2**28}  # what PyTorch pins unrounded
     assert sum(1 << (n - 1).bit_length() for n in sizes) > 1.5 * sum(sizes)  # what per-storage pinning cost
     spans = sorted((v.data_ptr(), v.data_ptr() + v.numel()) for v in views)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two copies overlap
@@ -85,3 +86,8 @@ def test_host_arena_gives_a_tiny_model_a_small_chunk_and_a_big_storage_its_own()
     assert len(arena.chunks) == 1 and b.data_ptr() - a.data_ptr() == 1024
     big = arena.take(5000)
     assert big.numel() == 5000 and len(arena.chunks) == 2
+    third = arena.take(3000)  # no room left in the first chunk (2048 of 4096 used): a new one
+    assert len(arena.chunks) == 3 and third.numel() == 3000
+    gap = arena.take(1500)  # first fit: back into the first chunk's free tail
+    assert gap.data_ptr() == a.data_ptr() + 2048 and len(arena.chunks) == 3
+    assert arena.take(0).numel() == 0 and len(arena.chunks) == 3

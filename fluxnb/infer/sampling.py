@@ -24,12 +24,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import memory
 from ..data import embeddings
 from ..errors import FluxnbError
 from ..files import atomic_path, atomic_write_text
 from ..hub_errors import hub_errors
-from ..memory import GiB, free
+from ..memory import GiB, free, trim_host_memory
 from ..model.quant import load_transformer
 from ..plots import image_grid, save_figure
 from ..run import Run
@@ -110,12 +109,13 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
     with hub_errors(model.model_id):
         pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
                                             dtype=run.hw.dtype, **skip)
+    pipe.to(run.hw.device)
     if plan.offload and getattr(transformer, "_fluxnb_streamer", None) is None:
         # Training's block streaming, not diffusers' enable_model_cpu_offload, which moves the whole transformer
         # to the GPU and back on every call: with it the 8 GB card rehearsal's notebook 04 held 12.9 GiB of
         # anonymous RAM and was killed at its 14 GiB limit. Here the CPU copies are made once, in pinned RAM.
         transformer._fluxnb_streamer = stream_blocks(transformer, len(transformer_blocks(transformer)))
-    pipe.to(run.hw.device)
+    trim_host_memory()  # what loading staged in CPU RAM
     pipe.set_progress_bar_config(leave=False)
     return pipe
 
@@ -199,7 +199,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
                    generator=torch.Generator("cpu").manual_seed(settings.seed),
                    max_sequence_length=run.config.data.max_sequence_length if run else 512, output_type=output_type)
         images.append(out.images[0])
-    memory.trim_host_memory()  # RAM freed while generating (e.g. decoded images' buffers) goes back
+    trim_host_memory()  # RAM freed while generating (e.g. decoded images' buffers) goes back
     return images
 
 

@@ -77,17 +77,20 @@ class HostArena:
 
     PyTorch's pinned allocator rounds each allocation up to the next power of two, so a chunk of exactly such a
     size is pinned without waste; what is lost is the tail of a chunk that the next storage does not fit
-    (a few percent with FLUX's storages of at most 28 MB in 256 MiB chunks)."""
+    (a few percent with FLUX's storages of at most 28 MB in 256 MiB chunks). A storage larger than a chunk gets
+    an allocation of its own, rounded up as before (none in FLUX)."""
 
     ALIGN = 512  # bytes: each copy starts where the copy engine reads at full speed
     CHUNK = 2**28
 
     def __init__(self, total: int, pin: bool) -> None:
-        self.chunk = min(self.CHUNK, 1 << max(total - 1, 1).bit_length())  # a tiny model gets a small chunk
+        self.chunk = min(self.CHUNK, max(self.ALIGN, 1 << max(total - 1, 1).bit_length()))  # tiny model: small
         self.pin, self.chunks, self.used = pin, [], []
 
     def take(self, nbytes: int) -> torch.Tensor:
         """`nbytes` of CPU RAM, as a uint8 view of a chunk (a chunk of its own when larger than the chunk size)."""
+        if not nbytes:
+            return torch.empty(0, dtype=torch.uint8)
         if nbytes > self.chunk:
             self.chunks.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin))
             self.used.append(nbytes)
@@ -235,7 +238,7 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self.stream is not None:  # copies still in flight read from the arena
+        if self.stream is not None:  # work queued after this waits for the side stream's copies into GPU storages
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.parts.clear()
         self.arena = None
