@@ -214,7 +214,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        adjusted = None
+        adjusted, counts_before = None, allocator_counts()
         for i in range(warmup + steps):
             if i == 1 and plan is not None and adjusted is None:  # the first step measured: fit the budget
                 adjusted = fit_once(transformer, configs, tokens_of(name), None)
@@ -255,10 +255,10 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                      "last_loss": losses[-1], "grad_norms_finite": all(math.isfinite(g) for g in grad_norms),
                      "grad_norms": [round(g, 5) for g in grad_norms[:5]], "first_losses": losses[:micro_steps],
                      "plan": plan, "adjusted": adjusted,
-                     "allocator_per_step": {k: v / steps for k, v in counts.items()},
+                     "allocator_per_step": {k: v / max(steps, 1) for k, v in counts.items()},
                      "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                      "host_gib": {k: round(v, 3) for k, v in proc_status().items()},
-                     "pinned_arena_gib": streamer.arena.nbytes / GiB if streamer else None})
+                     "pinned_arena_gib": round(streamer.arena.nbytes / GiB, 3) if streamer else None})
         print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     return rows
