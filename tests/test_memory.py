@@ -41,8 +41,8 @@ def test_free_says_what_it_gave_back_on_this_machine():
 def test_free_hands_the_weights_ram_back_to_the_system():
     """A model of 20 MB tensors (the size of FLUX's NF4 weights) freed: its RAM leaves the process. glibc keeps
     freed blocks below its mmap threshold (raised up to 32 MiB by the first large free) inside the process, where
-    a cgroup's or a Colab VM's limit still counts them: in the 8 GB card rehearsal, notebook 04 was killed at its
-    14 GiB limit after freeing one pipeline and loading the next."""
+    a cgroup's or a Colab VM's limit still counts them (in the 8 GB card rehearsal, notebook 04, which moved its
+    transformer between GPU and RAM, was killed at its 14 GiB limit)."""
     big = torch.ones(30 * 2**20 // 4)
     del big  # freed mmap'd memory: glibc raises its threshold, and the next 20 MB blocks come from its heap
     before = memory.proc_status()["RssAnon"]

@@ -62,7 +62,7 @@ def _client_parts():
 
 
 def _running_cell(nb) -> str:
-    """' while running cell N (`its first line`)' for the code cell that started and never finished, or ''."""
+    """' while running code cell N (`its first line`)' for the cell that started and never finished, or ''."""
     code = [c for c in nb.cells if c.cell_type == "code"]
     for number, cell in enumerate(code, 1):
         timing = cell.get("metadata", {}).get("execution")  # nbclient adds it when it sends the cell
