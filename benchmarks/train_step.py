@@ -149,6 +149,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from fluxnb.memory import proc_status
+    from fluxnb.train.offload import streamer_of
 
     dtype = DTYPES[dtype_name]
     opts = parse_impl(impl)
@@ -243,7 +244,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                 times.append(time.perf_counter() - start)
         peak, reserved = torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
         counts = {k: v - counts_before[k] for k, v in allocator_counts().items()}  # over the timed steps
-        streamer = getattr(transformer, "_fluxnb_streamer", None)  # its pinned CPU copies (fluxnb.train.offload)
+        streamer = streamer_of(transformer)  # its pinned CPU copies (fluxnb.train.offload)
         if profile or "profile" in opts:
             print_profile(one_step, f"{impl} {name}")
         rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,

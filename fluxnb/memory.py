@@ -129,10 +129,9 @@ def free(*objs: Any) -> Freed:
     emptied = 0
     for obj in objs:
         for module in _modules(obj):
-            streamer = getattr(module, "_fluxnb_streamer", None)  # fluxnb.train.offload: its pinned CPU copies
+            streamer = getattr(module, "_fluxnb_streamer", None)  # fluxnb.train.offload.ATTRIBUTE: pinned copies
             if streamer is not None:
-                streamer.close()
-                module._fluxnb_streamer = None
+                streamer.close()  # detaches itself
             for tensor in [*module.parameters(), *module.buffers()]:
                 emptied += tensor.data.nbytes  # tied weights count once: the second visit sees an empty tensor
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device="cpu")

@@ -228,6 +228,7 @@ def test_small_gpu_plan_streams_the_blocks_and_gives_the_same_images(run, settin
     runs. The resident NF4 pipeline's images exactly, with the LoRA loaded after streaming started; memory.free
     drops the CPU copies too (the streamer's hooks and arena go, not only the parameters)."""
     from fluxnb import memory
+    from fluxnb.train.offload import streamer_of
 
     prompts = run.config.data.validation_prompts[:2]
     resident = sampling.load_pipeline(run, sampling.Plan(True, False, False, "test"))
@@ -237,12 +238,12 @@ def test_small_gpu_plan_streams_the_blocks_and_gives_the_same_images(run, settin
     memory.free(resident)
     small = sampling.load_pipeline(run, sampling.Plan(True, True, False, "test"))
     small.set_progress_bar_config(disable=True)
-    streamer = small.transformer._fluxnb_streamer
+    streamer = streamer_of(small.transformer)
     assert streamer is not None and len(streamer.parts) == len(small.transformer.transformer_blocks) + len(
         small.transformer.single_transformer_blocks)
     sampling.load_lora(small, run.dir.lora / LORA)
     assert np.array_equal(pixels(sampling.generate(small, prompts, settings, run)), want)
     assert all(not part.loaded for part in streamer.parts.values())  # released behind itself
     memory.free(small)
-    assert small.transformer is None or getattr(small.transformer, "_fluxnb_streamer", None) is None
+    assert small.transformer is None or streamer_of(small.transformer) is None
     assert streamer.arena is None and not streamer.parts and not streamer._handles

@@ -13,7 +13,7 @@ from fluxnb.config import ConfigError, ModelConfig, TrainConfig
 from fluxnb.errors import FluxnbError
 from fluxnb.hardware import GPUInfo, Hardware
 from fluxnb.model import quant
-from fluxnb.train import speed
+from fluxnb.train import offload, speed
 
 
 def assert_same_step(plain, changed, seed: int = 0) -> None:
@@ -50,6 +50,7 @@ def test_prepare_twice_keeps_one_streamer_and_follows_a_changed_count(tiny_asset
     again = speed.prepare(transformer, ModelConfig(offload_blocks=99), train, HW, verbose=False)
     assert again is not first and len(again.parts) == 3  # the tiny model has 3 blocks
     assert speed.prepare(transformer, ModelConfig(), train, HW, verbose=False) is None
+    assert offload.streamer_of(transformer) is None  # the removed streamer detached itself
     with torch.no_grad():
         assert torch.isfinite(loss(transformer))
 

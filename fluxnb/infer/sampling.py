@@ -32,7 +32,7 @@ from ..memory import GiB, free, trim_host_memory
 from ..model.quant import load_transformer
 from ..plots import image_grid, save_figure
 from ..run import Run
-from ..train.offload import stream_blocks, transformer_blocks
+from ..train.offload import stream_blocks, streamer_of, transformer_blocks
 
 ADAPTER = "lora"
 
@@ -110,11 +110,11 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
         pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
                                             dtype=run.hw.dtype, **skip)
     pipe.to(run.hw.device)
-    if plan.offload and getattr(transformer, "_fluxnb_streamer", None) is None:
+    if plan.offload and streamer_of(transformer) is None:
         # Training's block streaming, not diffusers' enable_model_cpu_offload, which moves the whole transformer
         # to the GPU and back on every call: with it the 8 GB card rehearsal's notebook 04 held 12.9 GiB of
         # anonymous RAM and was killed at its 14 GiB limit. Here the CPU copies are made once, in pinned RAM.
-        transformer._fluxnb_streamer = stream_blocks(transformer, len(transformer_blocks(transformer)))
+        stream_blocks(transformer, len(transformer_blocks(transformer)))
     trim_host_memory()  # what loading staged in CPU RAM
     pipe.set_progress_bar_config(leave=False)
     return pipe

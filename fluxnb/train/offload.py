@@ -30,7 +30,8 @@ import torch
 
 from ..budget import pick_blocks  # the policy estimates memory with the same choice of blocks
 
-__all__ = ["BlockStreamer", "HostArena", "stream_blocks", "transformer_blocks"]
+__all__ = ["BlockStreamer", "HostArena", "stream_blocks", "streamer_of", "transformer_blocks"]
+ATTRIBUTE = "_fluxnb_streamer"  # where a model keeps its streamer (fluxnb.memory.free looks for it by name)
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -152,8 +153,8 @@ class _Offloaded:
 class BlockStreamer:
     """Keeps the frozen weights of `offloaded` blocks off the GPU except while they run; see the module docstring."""
 
-    def __init__(self, blocks: list[torch.nn.Module], offloaded: list[int]) -> None:
-        self.blocks = blocks
+    def __init__(self, blocks: list[torch.nn.Module], offloaded: list[int], owner=None) -> None:
+        self.blocks, self._owner = blocks, owner  # owner: the model it is attached to (stream_blocks)
         device = next(t.device for b in blocks for t in _frozen_tensors(b))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         storages = {i: _storages(_frozen_tensors(blocks[i])) for i in offloaded}
@@ -242,9 +243,19 @@ class BlockStreamer:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
         self.parts.clear()
         self.arena = None
+        if streamer_of(self._owner) is self:
+            setattr(self._owner, ATTRIBUTE, None)
+
+
+def streamer_of(transformer) -> BlockStreamer | None:
+    """The streamer stream_blocks attached to `transformer`, or None."""
+    return getattr(transformer, ATTRIBUTE, None)
 
 
 def stream_blocks(transformer, count: int) -> BlockStreamer:
-    """Offload `count` of the transformer's blocks (all of them when count >= their number; 57 in FLUX.1-dev)."""
+    """Offload `count` of the transformer's blocks (all of them when count >= their number; 57 in FLUX.1-dev),
+    attached to it (streamer_of) until its remove() or close()."""
     blocks = transformer_blocks(transformer)
-    return BlockStreamer(blocks, pick_blocks(len(blocks), count))
+    streamer = BlockStreamer(blocks, pick_blocks(len(blocks), count), owner=transformer)
+    setattr(transformer, ATTRIBUTE, streamer)
+    return streamer

@@ -24,7 +24,7 @@ import torch
 
 from .. import budget
 from ..config import ModelConfig, TrainConfig
-from .offload import BlockStreamer, stream_blocks, transformer_blocks
+from .offload import BlockStreamer, stream_blocks, streamer_of, transformer_blocks
 
 
 def compile_available(hw) -> bool:
@@ -53,13 +53,12 @@ def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose:
         transformer.enable_gradient_checkpointing(_checkpoint_all_but(blocks[len(blocks) - kept:]))
     elif transformer.is_gradient_checkpointing:
         transformer.disable_gradient_checkpointing()
-    streamer: BlockStreamer | None = getattr(transformer, "_fluxnb_streamer", None)
+    streamer = streamer_of(transformer)
     if streamer is not None and len(streamer.parts) != min(model.offload_blocks, len(streamer.blocks)):
         streamer.remove()
         streamer = None
     if streamer is None and model.offload_blocks:
         streamer = stream_blocks(transformer, model.offload_blocks)
-    transformer._fluxnb_streamer = streamer
     compiled = use_compile(train, hw)
     if compiled and not _is_compiled(transformer):
         # Static shapes: one graph per image size (bucket), no dynamic-shape code generation (an inductor
