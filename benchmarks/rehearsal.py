@@ -276,7 +276,8 @@ def main() -> None:
                 rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
                          args.root / "flux-nf4", deadline, own_log, save, args.start_at)
             except Exception as err:  # recorded, so one envelope's failure neither vanishes nor stops the others
-                save(lambda: report.update(passed=False, error=f"{type(err).__name__}: {err}"))
+                error = f"{type(err).__name__}: {err}"
+                save(lambda: report.update(passed=False, error=error))
 
         if args.parallel:
             threads.append(threading.Thread(target=run, name=name))
