@@ -106,7 +106,8 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
-    "fp8"), adamw (plain AdamW), cap=GiB, expand / noexpand (PyTorch's expandable_segments on / off: worker_env),
+    "fp8"), adamw (plain AdamW), cap=GiB, expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
+    without either, fluxnb's default: on, fluxnb.hardware.use_expandable_segments),
     profile. `plan`: the settings fluxnb.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
@@ -148,11 +149,15 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from fluxnb.hardware import use_expandable_segments
     from fluxnb.memory import proc_status
     from fluxnb.train.offload import streamer_of
 
     dtype = DTYPES[dtype_name]
     opts = parse_impl(impl)
+    # fluxnb.hardware.detect's allocator default (expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set, as
+    # impl options expand / noexpand do); the reference recipe keeps PyTorch's default.
+    expandable = impl != "reference" and use_expandable_segments()
     total = torch.cuda.get_device_properties(0).total_memory
     if "cap" in opts:  # emulate a smaller card: this process may allocate at most `cap` GiB
         torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GiB / total)
@@ -258,6 +263,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                      "plan": plan, "adjusted": adjusted,
                      "allocator_per_step": {k: v / max(steps, 1) for k, v in counts.items()},
                      "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                     "expandable_segments_by_fluxnb": expandable,
                      "host_gib": {k: round(v, 3) for k, v in proc_status().items()},
                      "pinned_arena_gib": round(streamer.arena.nbytes / GiB, 3) if streamer else None})
         print(json.dumps(rows[-1]), flush=True)

@@ -8,11 +8,17 @@
 A smaller GPU can be emulated on a bigger one: FLUXNB_GPU_MEMORY_GIB=14.7 caps this process's PyTorch allocations
 there (`torch.cuda.set_per_process_memory_fraction`) and makes fluxnb see a GPU of that size (presets, inference
 plan). benchmarks/rehearsal.py runs the notebooks that way inside the T4's, an 8 GB card's and a 4090's limits.
+
+On a CUDA GPU, PyTorch's allocator is switched to expandable segments (`expandable_segments:True`, as torchtune and
+vLLM do) unless PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF is set: a training step that fills the card then grows
+one mapped segment instead of freeing and re-requesting cached blocks when a request does not fit between them
+(BENCHMARKS.md, "Memory-budget policy": the measured difference).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +28,7 @@ from .errors import FluxnbError
 
 PROFILE_ENV = "FLUXNB_PROFILE"
 GPU_MEMORY_ENV = "FLUXNB_GPU_MEMORY_GIB"
+ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # PyTorch reads either (the second is older)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -78,6 +85,19 @@ def gpu_limit(gpu: GPUInfo | None) -> GPUInfo | None:
     return GPUInfo(f"{gpu.name} capped at {cap:g} GiB", gpu.capability, cap)
 
 
+def use_expandable_segments() -> bool:
+    """Switch PyTorch's CUDA allocator to expandable segments, unless the user configured the allocator (either
+    variable set, to anything: a runtime setting would reset their other keys) or the platform lacks them (they
+    are Linux-only). Takes effect for memory reserved from now on. True when it was switched here."""
+    if any(os.environ.get(name, "").strip() for name in ALLOC_CONF_ENVS):
+        return False
+    if not sys.platform.startswith("linux") or not torch.version.cuda:
+        return False
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: torch.cuda.memory's
+    (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    return True
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
@@ -98,6 +118,8 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
         profile_name, reason = "real", "CUDA GPU found"
 
     device = torch.device("cuda") if gpu is not None and profile_name == "real" else torch.device("cpu")
+    if device.type == "cuda":
+        use_expandable_segments()
     if dtype != "auto":
         chosen = dtype
         reason += f"; dtype {dtype} as configured"

@@ -55,3 +55,38 @@ def test_explicit_dtype_and_bad_requests(gpu):
         detect(dtype="bf16")
     with pytest.raises(FluxnbError, match="not a profile"):
         detect("huge")
+
+
+@pytest.fixture
+def allocator(monkeypatch):
+    """Pretend to be a CUDA build on Linux and record the allocator settings detect() makes."""
+    calls = []
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(hardware.sys, "platform", "linux")
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    for name in hardware.ALLOC_CONF_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def test_cuda_gets_expandable_segments_unless_the_user_configured_the_allocator(gpu, allocator, monkeypatch):
+    gpu(RTX4090)
+    detect()
+    assert allocator == ["expandable_segments:True"]
+    for name, value in (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
+                        ("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")):
+        allocator.clear()
+        monkeypatch.setenv(name, value)
+        detect()
+        assert allocator == [], f"{name}={value} was overridden"
+        monkeypatch.delenv(name)
+
+
+def test_no_allocator_change_without_cuda_or_off_linux(gpu, allocator, monkeypatch):
+    gpu(None)
+    detect()
+    gpu(H100)
+    detect(profile="tiny")
+    monkeypatch.setattr(hardware.sys, "platform", "win32")
+    detect()
+    assert allocator == []
