@@ -38,6 +38,7 @@ DOUBLE_LINEARS = {"norm1.linear": (3072, 18432), "norm1_context.linear": (3072, 
                   "ff_context.net.0.proj": (3072, 12288), "ff_context.net.2": (12288, 3072)}
 SINGLE_LINEARS = {"norm.linear": (3072, 9216), "proj_mlp": (3072, 12288), "proj_out": (15360, 3072),
                   **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v")}}
+LARGEST_WIDTH = 5 * WIDTH  # a single-stream block's attention and MLP outputs, joined: a step's largest tensor
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights
 # Fitted to the measured peaks (BENCHMARKS.md, "Memory-budget policy"), per token = image + text tokens of a batch.
 CHECKPOINTED_GIB_PER_TOKEN = 2 * WIDTH / GiB  # the block's input, bf16
@@ -79,9 +80,13 @@ def lora_params(lora: LoRAConfig) -> int:
     return total * lora.rank
 
 
-def margin_gib(budget: float) -> float:
-    """Headroom left under the budget for the allocator's fragmentation (reserved above allocated)."""
-    return max(0.3, 0.03 * budget)
+def margin_gib(budget: float, batch_tokens: int = 0) -> float:
+    """Headroom left under the budget for the allocator's fragmentation (reserved above allocated): 3% of it, at
+    least 0.3 GiB, and at least twice the step's largest tensor (`batch_tokens` = tokens of a batch x
+    LARGEST_WIDTH, bf16). Measured (BENCHMARKS.md, 2026-12-02): at an 8 GiB cap, 1024x1024 at batch 2 ran out of
+    memory with 0.43 GiB reserved but not usable for its 0.21-0.26 GiB requests (1.02 GiB without expandable
+    segments), where the estimate had left 0.38 GiB; at 512x768 the caps of 6, 14.7 and 23.6 GiB held."""
+    return max(0.3, 0.03 * budget, 2 * batch_tokens * LARGEST_WIDTH * 2 / GiB)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,10 @@ class Plan:
     def estimate_gib(self) -> float:
         return self.layout.peak_gib(self.tokens)
 
+    @property
+    def margin_gib(self) -> float:
+        return margin_gib(self.budget_gib, self.layout.batch * self.tokens)
+
     def settings(self) -> dict[str, dict]:
         """The config fields this plan sets: {"model": {...}, "train": {...}}."""
         lay = self.layout
@@ -141,7 +150,7 @@ class Plan:
             ("optimizer", self.optimizer,
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
-            ("memory", fit, f"budget minus {margin_gib(self.budget_gib):.1f} GiB for the allocator's fragmentation"),
+            ("memory", fit, f"budget minus {self.margin_gib:.1f} GiB for the allocator's fragmentation"),
         ]
 
     def table(self) -> str:
@@ -166,16 +175,17 @@ def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: 
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident)."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
-    usable = budget_gib - margin_gib(budget_gib)
     params = lora_params(lora or LoRAConfig())
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
+        margin = margin_gib(budget_gib, batch * tokens)
+        usable = budget_gib - margin
         if Layout(batch, most, 0).peak_gib(tokens) > usable:
             continue
         kept = _most(lambda k: Layout(batch, most, k).peak_gib(tokens) <= usable, n)
         # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
         # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
-        room = usable - margin_gib(budget_gib)
+        room = usable - margin
         resident = _most(lambda r: Layout(batch, most - r, kept).peak_gib(tokens) <= room, most)
         return Plan(budget_gib, tokens, Layout(batch, most - resident, kept), optimizer, True, params, host_gib)
     return Plan(budget_gib, tokens, Layout(1, most, 0), optimizer, False, params, host_gib)
@@ -195,7 +205,7 @@ def adjust(layout: Layout, peak_gib: float, budget_gib: float, tokens: int) -> L
     activations, enough to cover the excess by the estimate's per-block cost, and one more. (Kept activations are
     always spent before resident blocks, and one kept block is free, so a plan over budget has some to give back;
     the batch and the streamed blocks stay: changing those means another data loader or a weight reload.)"""
-    excess = peak_gib - (budget_gib - margin_gib(budget_gib))
+    excess = peak_gib - (budget_gib - margin_gib(budget_gib, layout.batch * tokens))
     if excess <= 0 or not layout.kept:
         return None
     per_kept = layout.batch * tokens * (KEPT_GIB_PER_TOKEN - CHECKPOINTED_GIB_PER_TOKEN)

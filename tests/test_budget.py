@@ -30,9 +30,13 @@ def test_a_bigger_budget_buys_speed_in_order():
     assert [p.layout.batch for p in plans] == [1, 4, 4, 4, 4]  # 2 GiB: batch 1 x 4 is what fits
     kept = [p.layout.kept for p in plans]
     assert kept == sorted(kept) and kept[-1] == 57 and plans[-1].layout.streamed == 0
-    assert all(p.fits and p.estimate_gib <= p.budget_gib - budget.margin_gib(p.budget_gib) for p in plans)
+    assert all(p.fits and p.estimate_gib <= p.budget_gib - p.margin_gib for p in plans)
     assert not budget.choose(1.0).fits  # nothing fits: the most frugal layout, flagged
-    assert budget.choose(8.0, 1024, 1024, 512).layout.batch == 2  # 1024x1024 with 512 text tokens: 2 x 2
+    # 1024x1024 with 512 text tokens at 8 GiB: 1 x 4. Batch 2 (estimated 7.62 GiB) ran out of memory under an 8 GiB
+    # cap on the H200 (2026-12-02): its tensors of up to 0.26 GiB need more headroom than 0.3 GiB.
+    assert budget.choose(8.0, 1024, 1024, 512).layout.batch == 1
+    assert budget.margin_gib(8.0, 2 * budget.tokens_per_sample(1024, 1024, 512)) > 0.5
+    assert budget.choose(14.7, 1024, 1024, 512).layout.batch == 2
 
 
 def test_fused_adamw_unless_8bit_state_saves_a_percent():
