@@ -363,3 +363,29 @@ def test_very_long_captions_do_not_flood_the_log(tmp_path, tiny_assets, monkeypa
     embeddings.encode(pipe, prepared.captions[:4], 77, run.hw.device)
     said = [r.getMessage() for r in records]
     assert not [m for m in said if "truncated" in m or "Token indices" in m], [m[:200] for m in said]
+
+
+def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path, tmp_path_factory, monkeypatch,
+                                                                        capsys):
+    from fluxnb.train import TrainingOutOfMemory, loop
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4, "memory_budget_gib": 8.0})
+    real = loop.optimizer_step
+
+    def optimizer_step(accelerator, wrapped, state, *args):
+        if state.step == 2:  # the third step: what a too-large layout or another program on the GPU gives
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 216.00 MiB.")
+        return real(accelerator, wrapped, state, *args)
+
+    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    with pytest.raises(TrainingOutOfMemory) as caught:
+        train(run, live=False)
+    message = str(caught.value)
+    assert "out of memory in optimizer step 3" in message and str(run.dir.checkpoints / "step-2") in message
+    assert "memory_budget_gib from 8 (e.g. to 7" in message and "train(run, resume=True)" in message
+    assert isinstance(caught.value, torch.OutOfMemoryError)  # code that catches PyTorch's error still does
+    assert not run.dir.lora_file.exists() and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1, 2]
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run.dir.root), "--resume"]) == 2  # the CLI: one line, its own command
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"python -m fluxnb train --run-dir {run.dir.root} --resume" in err, err

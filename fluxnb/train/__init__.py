@@ -13,9 +13,9 @@
 """
 
 from .batches import CachedDataset, TrainingData
-from .loop import TrainingDiverged, TrainResult, load_scales, prepare_transformer, train
+from .loop import TrainingDiverged, TrainingOutOfMemory, TrainResult, load_scales, prepare_transformer, train
 from .state import TrainState
 from .step import LatentScale, evaluate, make_optimizer, training_step
 
-__all__ = ["CachedDataset", "LatentScale", "TrainResult", "TrainState", "TrainingData", "TrainingDiverged", "evaluate",
+__all__ = ["CachedDataset", "LatentScale", "TrainResult", "TrainState", "TrainingData", "TrainingDiverged", "TrainingOutOfMemory", "evaluate",
            "load_scales", "make_optimizer", "prepare_transformer", "train", "training_step"]

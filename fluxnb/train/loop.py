@@ -41,6 +41,10 @@ class TrainingDiverged(FluxnbError, FloatingPointError):
     """The loss or the gradients stopped being finite numbers; nothing broken was saved."""
 
 
+class TrainingOutOfMemory(FluxnbError, torch.OutOfMemoryError):
+    """The GPU ran out of memory during training: what to change, and where the run stands."""
+
+
 @dataclass
 class TrainResult:
     step: int  # optimizer steps done so far in this run directory
@@ -104,6 +108,20 @@ def _diverged(what: str, step: int, last: Path | None, hw) -> TrainingDiverged:
     return TrainingDiverged(f"{what} at optimizer step {step + 1}: training stopped and no LoRA was saved; {where}. "
                             f"Lower train.learning_rate (e.g. halve it) and keep max_grad_norm at 1.0, then run again "
                             f"with resume=True (--resume).{fp16}")
+
+
+def _out_of_memory(step: int, last: Path | None, tc, hw, how_to_resume: str) -> TrainingOutOfMemory:
+    where = f"the newest checkpoint is {last}" if last else "no checkpoint was written yet"
+    peak = f" ({torch.cuda.max_memory_allocated(hw.device) / 2**30:.1f} GiB in use)" if hw.device.type == "cuda" else ""
+    card = f" ({hw.gpu.total_gib:.1f} GiB)" if hw.gpu is not None else ""
+    fit = (f"lower train.memory_budget_gib from {tc.memory_budget_gib:g} (e.g. to {max(tc.memory_budget_gib - 1, 1):g}: "
+           "the layout is planned for it)" if tc.memory_budget_gib else
+           "set train.memory_budget_gib to what the GPU has free (a preset does: fluxnb.presets)")
+    restart = "restart this notebook's kernel (it holds the failed step's memory), then " if in_notebook() else ""
+    return TrainingOutOfMemory(
+        f"the GPU{card} ran out of memory in optimizer step {step + 1}{peak}: training stopped and no LoRA was "
+        f"saved; {where}. Close other programs and notebooks that use the GPU (nvidia-smi lists them), or {fit}, "
+        f"or train smaller images (data.width, data.height); then {restart}continue with {how_to_resume}.")
 
 
 def load_scales(run: Run):
@@ -257,6 +275,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                     on_main(sampler.grid, model, state.step, live)
                 if at_checkpoint:
                     result.checkpoint = on_main(save_checkpoint, loss)
+        except torch.OutOfMemoryError as err:
+            newest = checkpoint.latest(run.dir)
+            raise _out_of_memory(state.step, newest.path if newest else None, tc, hw, how_to_resume) from err
         except KeyboardInterrupt:
             result.interrupted = True
             newest = checkpoint.latest(run.dir)  # from disk: Ctrl-C may land in save() after its rename
