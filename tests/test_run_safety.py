@@ -382,10 +382,15 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
         train(run, live=False)
     message = str(caught.value)
     assert "out of memory in optimizer step 3" in message and str(run.dir.checkpoints / "step-2") in message
-    assert "memory_budget_gib from 8 (e.g. to 7" in message and "train(run, resume=True)" in message
-    assert isinstance(caught.value, torch.OutOfMemoryError)  # code that catches PyTorch's error still does
+    tc = run.config.train  # the layout's knobs, with their values now
+    assert f"train.keep_activations (now {tc.keep_activations})" in message, message
+    assert f"train.batch_size (now {tc.batch_size};" in message, message
+    assert "restart this notebook's kernel" not in message and message.endswith("continue with train(run, resume=True).")
     assert not run.dir.lora_file.exists() and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1, 2]
     capsys.readouterr()
     assert main(["train", "--run-dir", str(run.dir.root), "--resume"]) == 2  # the CLI: one line, its own command
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"python -m fluxnb train --run-dir {run.dir.root} --resume" in err, err
+
+    monkeypatch.setattr(loop, "in_notebook", lambda: True)  # a notebook's kernel holds the failed step's tensors
+    assert "restart this notebook's kernel (it holds" in str(loop._out_of_memory(0, None, run.config.train, run.hw, "x"))

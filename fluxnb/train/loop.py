@@ -112,16 +112,16 @@ def _diverged(what: str, step: int, last: Path | None, hw) -> TrainingDiverged:
 
 def _out_of_memory(step: int, last: Path | None, tc, hw, how_to_resume: str) -> TrainingOutOfMemory:
     where = f"the newest checkpoint is {last}" if last else "no checkpoint was written yet"
-    peak = f" ({torch.cuda.max_memory_allocated(hw.device) / 2**30:.1f} GiB in use)" if hw.device.type == "cuda" else ""
+    peak = f" (peak {torch.cuda.max_memory_allocated(hw.device) / 2**30:.1f} GiB allocated)" if hw.device.type == "cuda" else ""
     card = f" ({hw.gpu.total_gib:.1f} GiB)" if hw.gpu is not None else ""
-    fit = (f"lower train.memory_budget_gib from {tc.memory_budget_gib:g} (e.g. to {max(tc.memory_budget_gib - 1, 1):g}: "
-           "the layout is planned for it)" if tc.memory_budget_gib else
-           "set train.memory_budget_gib to what the GPU has free (a preset does: fluxnb.presets)")
     restart = "restart this notebook's kernel (it holds the failed step's memory), then " if in_notebook() else ""
     return TrainingOutOfMemory(
         f"the GPU{card} ran out of memory in optimizer step {step + 1}{peak}: training stopped and no LoRA was "
-        f"saved; {where}. Close other programs and notebooks that use the GPU (nvidia-smi lists them), or {fit}, "
-        f"or train smaller images (data.width, data.height); then {restart}continue with {how_to_resume}.")
+        f"saved; {where}. To fit: close other programs and notebooks that use the GPU (nvidia-smi lists them); or "
+        f"plan for less memory: a smaller preset in notebook 03's form, or in config.json fewer "
+        f"train.keep_activations (now {tc.keep_activations}) or a smaller train.batch_size (now {tc.batch_size}; "
+        f"raise gradient_accumulation_steps to keep {tc.batch_size * tc.gradient_accumulation_steps} samples per "
+        f"step); or smaller images (data.width, data.height). Then {restart}continue with {how_to_resume}.")
 
 
 def load_scales(run: Run):
@@ -254,8 +254,12 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         try:
             while state.step < target:
                 guard.check_interrupted()
-                loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
-                                                 result.checkpoint)
+                try:
+                    loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
+                                                     result.checkpoint)
+                except torch.OutOfMemoryError as err:  # the step's own memory; grids and checkpoints are not this
+                    newest = checkpoint.latest(run.dir)
+                    raise _out_of_memory(state.step, newest.path if newest else None, tc, hw, how_to_resume) from err
                 if state.step == result.step + 1:  # this call's first step measured the peak: fit the budget once
                     speed.fit_budget(model, cfg.model, tc, hw, tokens_per_sample(cfg.data.width, cfg.data.height,
                                                                                  cfg.data.max_sequence_length))
@@ -275,9 +279,6 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                     on_main(sampler.grid, model, state.step, live)
                 if at_checkpoint:
                     result.checkpoint = on_main(save_checkpoint, loss)
-        except torch.OutOfMemoryError as err:
-            newest = checkpoint.latest(run.dir)
-            raise _out_of_memory(state.step, newest.path if newest else None, tc, hw, how_to_resume) from err
         except KeyboardInterrupt:
             result.interrupted = True
             newest = checkpoint.latest(run.dir)  # from disk: Ctrl-C may land in save() after its rename
