@@ -9,15 +9,16 @@ A smaller GPU can be emulated on a bigger one: FLUXNB_GPU_MEMORY_GIB=14.7 caps t
 there (`torch.cuda.set_per_process_memory_fraction`) and makes fluxnb see a GPU of that size (presets, inference
 plan). benchmarks/rehearsal.py runs the notebooks that way inside the T4's, an 8 GB card's and a 4090's limits.
 
-On a CUDA GPU, PyTorch's allocator is switched to expandable segments (`expandable_segments:True`, as torchtune and
-vLLM do) unless PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF is set: a training step that fills the card then grows
-one mapped segment instead of freeing and re-requesting cached blocks when a request does not fit between them
-(BENCHMARKS.md, "Memory-budget policy": the measured difference).
+On a CUDA GPU, the first detect() switches PyTorch's allocator to expandable segments (`expandable_segments:True`,
+torchtune's default too) unless PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF is set: memory freed in a step can then
+be unmapped and mapped again where a larger request needs it, instead of staying cached in pieces too small for it
+(BENCHMARKS.md, "Memory-budget policy": the same speed, less reserved memory left unusable at a full card).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from .errors import FluxnbError
 PROFILE_ENV = "FLUXNB_PROFILE"
 GPU_MEMORY_ENV = "FLUXNB_GPU_MEMORY_GIB"
 ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # PyTorch reads either (the second is older)
+_allocator_configured = False  # use_expandable_segments ran: later calls leave the allocator as it is now
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -88,14 +90,23 @@ def gpu_limit(gpu: GPUInfo | None) -> GPUInfo | None:
 def use_expandable_segments() -> bool:
     """Switch PyTorch's CUDA allocator to expandable segments, unless the user configured the allocator (either
     variable set, to anything: a runtime setting would reset their other keys) or the platform lacks them (they
-    are Linux-only). Takes effect for memory reserved from now on. True when it was switched here."""
-    if any(os.environ.get(name, "").strip() for name in ALLOC_CONF_ENVS):
+    are Linux-only; under WSL2 the driver can fail the first allocation with them, pytorch/pytorch#192330). Once
+    per process, so a later runtime change of the user's stays. Takes effect for memory reserved from then on.
+    True when it was switched here."""
+    global _allocator_configured
+    if _allocator_configured or any(os.environ.get(name, "").strip() for name in ALLOC_CONF_ENVS):
         return False
-    if not sys.platform.startswith("linux") or not torch.version.cuda:
+    if not sys.platform.startswith("linux") or _wsl() or not torch.version.cuda:
         return False
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: torch.cuda.memory's
     (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    _allocator_configured = True
     return True
+
+
+def _wsl() -> bool:
+    """Windows' Linux subsystem (its kernel's release names Microsoft)."""
+    return "microsoft" in platform.uname().release.lower()
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -64,6 +64,8 @@ def allocator(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(hardware.sys, "platform", "linux")
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(hardware, "_allocator_configured", False)
+    monkeypatch.setattr(hardware, "_wsl", lambda: False)
     for name in hardware.ALLOC_CONF_ENVS:
         monkeypatch.delenv(name, raising=False)
     return calls
@@ -72,7 +74,10 @@ def allocator(monkeypatch):
 def test_cuda_gets_expandable_segments_unless_the_user_configured_the_allocator(gpu, allocator, monkeypatch):
     gpu(RTX4090)
     detect()
+    detect()  # once per process: a user's later runtime setting is not undone by the next detect()
     assert allocator == ["expandable_segments:True"]
+    monkeypatch.setattr(hardware, "_allocator_configured", False)
+    monkeypatch.setattr(hardware, "_wsl", lambda: False)
     for name, value in (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
                         ("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")):
         allocator.clear()
@@ -87,6 +92,8 @@ def test_no_allocator_change_without_cuda_or_off_linux(gpu, allocator, monkeypat
     detect()
     gpu(H100)
     detect(profile="tiny")
+    monkeypatch.setattr(hardware, "_wsl", lambda: True)  # WSL2: the driver can fail expandable segments
+    detect()
     monkeypatch.setattr(hardware.sys, "platform", "win32")
     detect()
     assert allocator == []
