@@ -82,9 +82,9 @@ def lora_params(lora: LoRAConfig) -> int:
 
 def margin_gib(budget: float, batch_tokens: int = 0) -> float:
     """Headroom left under the budget for the allocator's fragmentation (reserved above allocated): 3% of it, at
-    least 0.3 GiB, and at least twice the step's largest tensor (`batch_tokens` = tokens of a batch x
-    LARGEST_WIDTH, bf16). Measured (BENCHMARKS.md, 2026-12-02): at an 8 GiB cap, 1024x1024 at batch 2 ran out of
-    memory with 0.43 GiB reserved but not usable for its 0.21-0.26 GiB requests (1.02 GiB without expandable
+    least 0.3 GiB, and at least twice the step's largest tensor, batch_tokens (image + text tokens of a batch) x
+    LARGEST_WIDTH in bf16. Measured (BENCHMARKS.md, 2026-12-02): at an 8 GiB cap, 1024x1024 at batch 2 ran out
+    of memory with 0.42 GiB reserved but not usable for its 0.21-0.26 GiB requests (1.00 GiB without expandable
     segments), where the estimate had left 0.38 GiB; at 512x768 the caps of 6, 14.7 and 23.6 GiB held."""
     return max(0.3, 0.03 * budget, 2 * batch_tokens * LARGEST_WIDTH * 2 / GiB)
 
