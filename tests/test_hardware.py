@@ -77,7 +77,6 @@ def test_cuda_gets_expandable_segments_unless_the_user_configured_the_allocator(
     detect()  # once per process: a user's later runtime setting is not undone by the next detect()
     assert allocator == ["expandable_segments:True"]
     monkeypatch.setattr(hardware, "_allocator_configured", False)
-    monkeypatch.setattr(hardware, "_wsl", lambda: False)
     for name, value in (("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False"),
                         ("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")):
         allocator.clear()

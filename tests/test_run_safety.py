@@ -369,7 +369,7 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
                                                                         capsys):
     from fluxnb.train import TrainingOutOfMemory, loop
 
-    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4, "memory_budget_gib": 8.0})
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4})
     real = loop.optimizer_step
 
     def optimizer_step(accelerator, wrapped, state, *args):
@@ -385,7 +385,8 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
     tc = run.config.train  # the layout's knobs, with their values now
     assert f"train.keep_activations (now {tc.keep_activations})" in message, message
     assert f"train.batch_size (now {tc.batch_size};" in message, message
-    assert "restart this notebook's kernel" not in message and message.endswith("continue with train(run, resume=True).")
+    assert "restart this notebook's kernel" not in message
+    assert message.endswith("continue with train(run, resume=True).")
     assert not run.dir.lora_file.exists() and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1, 2]
     capsys.readouterr()
     assert main(["train", "--run-dir", str(run.dir.root), "--resume"]) == 2  # the CLI: one line, its own command
@@ -393,4 +394,5 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
     assert len(err.splitlines()) == 1 and f"python -m fluxnb train --run-dir {run.dir.root} --resume" in err, err
 
     monkeypatch.setattr(loop, "in_notebook", lambda: True)  # a notebook's kernel holds the failed step's tensors
-    assert "restart this notebook's kernel (it holds" in str(loop._out_of_memory(0, None, run.config.train, run.hw, "x"))
+    in_a_notebook = str(loop._out_of_memory(0, None, run.config.train, run.hw, "x"))
+    assert "restart this notebook's kernel (it holds" in in_a_notebook and "no checkpoint was written yet" in in_a_notebook

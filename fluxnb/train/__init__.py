@@ -17,5 +17,6 @@ from .loop import TrainingDiverged, TrainingOutOfMemory, TrainResult, load_scale
 from .state import TrainState
 from .step import LatentScale, evaluate, make_optimizer, training_step
 
-__all__ = ["CachedDataset", "LatentScale", "TrainResult", "TrainState", "TrainingData", "TrainingDiverged", "TrainingOutOfMemory", "evaluate",
-           "load_scales", "make_optimizer", "prepare_transformer", "train", "training_step"]
+__all__ = ["CachedDataset", "LatentScale", "TrainResult", "TrainState", "TrainingData", "TrainingDiverged",
+           "TrainingOutOfMemory", "evaluate", "load_scales", "make_optimizer", "prepare_transformer", "train",
+           "training_step"]

@@ -112,7 +112,8 @@ def _diverged(what: str, step: int, last: Path | None, hw) -> TrainingDiverged:
 
 def _out_of_memory(step: int, last: Path | None, tc, hw, how_to_resume: str) -> TrainingOutOfMemory:
     where = f"the newest checkpoint is {last}" if last else "no checkpoint was written yet"
-    peak = f" (peak {torch.cuda.max_memory_allocated(hw.device) / 2**30:.1f} GiB allocated)" if hw.device.type == "cuda" else ""
+    peak = (f" (peak {torch.cuda.max_memory_allocated(hw.device) / 2**30:.1f} GiB allocated)"
+            if hw.device.type == "cuda" else "")
     card = f" ({hw.gpu.total_gib:.1f} GiB)" if hw.gpu is not None else ""
     restart = "restart this notebook's kernel (it holds the failed step's memory), then " if in_notebook() else ""
     return TrainingOutOfMemory(
