@@ -101,13 +101,13 @@ def _already_trained(run: Run, last: checkpoint.Checkpoint) -> TrainResult:
                        already_trained=True)
 
 
-def _diverged(what: str, step: int, last: Path | None, hw) -> TrainingDiverged:
+def _diverged(what: str, step: int, last: Path | None, hw, how_to_resume: str) -> TrainingDiverged:
     where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
     fp16 = (" On fp16 (T4-class GPUs, no bf16) the usual cause is overflow: set model.dtype='fp32' if memory allows."
             if hw.dtype == torch.float16 else "")
     return TrainingDiverged(f"{what} at optimizer step {step + 1}: training stopped and no LoRA was saved; {where}. "
-                            f"Lower train.learning_rate (e.g. halve it) and keep max_grad_norm at 1.0, then run again "
-                            f"with resume=True (--resume).{fp16}")
+                            f"Lower train.learning_rate (e.g. halve it) and keep max_grad_norm at 1.0, then continue "
+                            f"with {how_to_resume}.{fp16}")
 
 
 def _out_of_memory(step: int, last: Path | None, tc, hw, how_to_resume: str) -> TrainingOutOfMemory:
@@ -150,7 +150,8 @@ def make_sampler(run: Run, scheduler) -> ValidationSampler | None:
 
 
 def optimizer_step(accelerator, wrapped, state: TrainState, data: TrainingData, latent: LatentScale,
-                   table: flow.NoiseTable, tc, hw, last: Path | None) -> tuple[float, float]:
+                   table: flow.NoiseTable, tc, hw, last: Path | None,
+                   how_to_resume: str = guard.RESUME_IN_PYTHON) -> tuple[float, float]:
     """One optimizer step: this process's micro-batches of step `state.step`, forward + backward each, gradients
     all-reduced across processes, clipped, applied. Returns (mean loss of the step's samples over all processes,
     gradient norm)."""
@@ -161,13 +162,13 @@ def optimizer_step(accelerator, wrapped, state: TrainState, data: TrainingData, 
             value = loss.item()
             if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):  # on any process
                 what = value if not math.isfinite(value) else "non-finite on another process"
-                raise _diverged(f"the loss became {what}", state.step, last, hw)
+                raise _diverged(f"the loss became {what}", state.step, last, hw, how_to_resume)
             accelerator.backward(micro.scale * loss)  # every sample of the step weighs the same (MicroBatch)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(state.params, tc.max_grad_norm).item()
                 state.skipped = state.skipped + 1 if not math.isfinite(grad_norm) else 0  # fp16: the scaler skips
                 if state.skipped and (state.scaler is None or state.skipped > MAX_SKIPPED_FP16_STEPS):
-                    raise _diverged(f"the gradient norm became {grad_norm}", state.step, last, hw)
+                    raise _diverged(f"the gradient norm became {grad_norm}", state.step, last, hw, how_to_resume)
             state.optimizer.step()  # a no-op before the last micro-batch (accelerate)
             if accelerator.sync_gradients and not state.optimizer.step_was_skipped:
                 state.schedule.step()  # once per optimizer step, whatever the number of processes
@@ -257,7 +258,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                 guard.check_interrupted()
                 try:
                     loss, grad_norm = optimizer_step(accelerator, wrapped, state, data, latent, table, tc, hw,
-                                                     result.checkpoint)
+                                                     result.checkpoint, how_to_resume)
                 except torch.OutOfMemoryError as err:  # the step's own memory; grids and checkpoints are not this
                     newest = checkpoint.latest(run.dir)
                     raise _out_of_memory(state.step, newest.path if newest else None, tc, hw, how_to_resume) from err
