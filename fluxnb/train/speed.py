@@ -48,7 +48,7 @@ def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose:
     Safe to call again on the same transformer (a resumed run in the same notebook): what is already set up
     stays, a changed offload_blocks replaces the old streamer."""
     blocks = transformer_blocks(transformer)
-    kept = min(train.keep_activations, len(blocks)) if train.gradient_checkpointing else len(blocks)
+    kept = kept_blocks(train, len(blocks))
     if kept < len(blocks):
         transformer.enable_gradient_checkpointing(_checkpoint_all_but(blocks[len(blocks) - kept:]))
     elif transformer.is_gradient_checkpointing:
@@ -69,6 +69,11 @@ def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose:
     if verbose:
         print(describe(streamer, compiled, len(blocks)) + (f"; {kept} blocks keep their activations" if kept else ""))
     return streamer
+
+
+def kept_blocks(train: TrainConfig, blocks: int) -> int:
+    """How many of the last `blocks` keep their activations: all without gradient checkpointing."""
+    return min(train.keep_activations, blocks) if train.gradient_checkpointing else blocks
 
 
 def _checkpoint_all_but(kept: list[torch.nn.Module]):
@@ -94,8 +99,7 @@ def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: 
     if not train.memory_budget_gib or peak_gib is None:
         return None
     n = len(transformer_blocks(transformer))
-    layout = budget.Layout(train.batch_size, min(model.offload_blocks, n),
-                           min(train.keep_activations, n) if train.gradient_checkpointing else n)
+    layout = budget.Layout(train.batch_size, min(model.offload_blocks, n), kept_blocks(train, n))
     smaller = budget.adjust(layout, peak_gib, train.memory_budget_gib, tokens)
     if smaller is None:
         return None
