@@ -21,10 +21,9 @@ toward memory if it is over (fluxnb.train.speed.fit_budget).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-from .config import LORA_PRESETS, LoRAConfig
+from .config import LoRAConfig
 
 GiB = 2**30
 SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
@@ -61,22 +60,19 @@ def pick_blocks(total: int, count: int) -> list[int]:
 
 
 def lora_params(lora: LoRAConfig) -> int:
-    """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear."""
-    targets = LORA_PRESETS.get(lora.targets, lora.targets)
-    if isinstance(targets, str) and targets != "all-linear" and lora.targets not in LORA_PRESETS:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear, the Linears chosen
+    as fluxnb.model.lora and peft choose them (from the FLUX layout above, so no model is built)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
 
-    def adapted(name: str) -> bool:
-        if targets == "all-linear":
-            return True
-        if isinstance(targets, str):  # peft: a regex of the whole module name
-            return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
+    from .model.lora import peft_config
 
+    config = peft_config(lora)
+    every = config.target_modules == "all-linear"  # peft's shorthand, expanded when it wraps a model
     total = 0
     for prefix, count, linears in (("transformer_blocks", DOUBLE, DOUBLE_LINEARS),
                                    ("single_transformer_blocks", SINGLE, SINGLE_LINEARS)):
-        total += count * sum(i + o for n, (i, o) in linears.items() if adapted(f"{prefix}.0.{n}"))
+        total += count * sum(i + o for n, (i, o) in linears.items()
+                             if every or check_target_module_exists(config, f"{prefix}.0.{n}"))
     return total * lora.rank
 
 
