@@ -119,9 +119,7 @@ def default_run_dir(profile: str) -> Path:
 def default_config(hw: Hardware) -> RunConfig:
     """The blog recipe for a GPU; for the tiny profile, the same recipe pointed at the offline tiny FLUX."""
     if hw.profile != "tiny":
-        from . import (
-            presets,  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
-        )
+        from . import presets  # the blog recipe, adjusted to this GPU's memory (fluxnb.presets)
 
         return presets.apply(RunConfig(profile="real"), presets.pick(hw), hw)
     from .tiny import ensure_tiny
