@@ -61,12 +61,11 @@ def pick_blocks(total: int, count: int) -> list[int]:
 
 def lora_params(lora: LoRAConfig) -> int:
     """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear, the Linears chosen
-    as fluxnb.model.lora and peft choose them (from the FLUX layout above, so no model is built)."""
+    as peft chooses them for fluxnb.model.lora (from the FLUX layout above, so no model is built)."""
+    from peft import LoraConfig as PeftLoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from .model.lora import peft_config
-
-    config = peft_config(lora)
+    config = PeftLoraConfig(target_modules=lora.target_modules)
     every = config.target_modules == "all-linear"  # peft's shorthand, expanded when it wraps a model
     total = 0
     for prefix, count, linears in (("transformer_blocks", DOUBLE, DOUBLE_LINEARS),

@@ -152,6 +152,13 @@ class LoRAConfig:
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_PRESETS)}) or names.")
 
+    @property
+    def target_modules(self) -> list[str] | str:
+        """peft's target_modules: a preset's (see LORA_PRESETS), otherwise the comma-separated module names."""
+        if self.targets in LORA_PRESETS:
+            return LORA_PRESETS[self.targets]
+        return [name.strip() for name in self.targets.split(",") if name.strip()]
+
 
 @dataclass
 class TrainConfig:

@@ -31,14 +31,12 @@ _INITS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "o
 
 def target_modules(targets: str) -> list[str] | str:
     """A preset name -> its peft target_modules; otherwise a comma-separated list of module names."""
-    if targets in LORA_PRESETS:
-        return LORA_PRESETS[targets]
-    return [name.strip() for name in targets.split(",") if name.strip()]
+    return LoRAConfig(targets=targets).target_modules
 
 
 def peft_config(cfg: LoRAConfig) -> LoraConfig:
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=_INITS[cfg.init],
-                      target_modules=target_modules(cfg.targets))
+                      target_modules=cfg.target_modules)
 
 
 def add_lora(transformer: torch.nn.Module, cfg: LoRAConfig, *, seed: int | None = None) -> int:
