@@ -108,7 +108,10 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
     "fp8"), adamw (plain AdamW), cap=GiB, expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
     without either, fluxnb's default: on, fluxnb.hardware.use_expandable_segments),
-    profile. `plan`: the settings fluxnb.budget chose (impl option budget=GiB), which win."""
+    profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
+    2026-12-02, instead of inside its forward), amb=F (torch._functorch.config.activation_memory_budget: the
+    compiled blocks' partitioner keeps that fraction of their activations; with nockpt). `plan`: the settings
+    fluxnb.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.hardware import Hardware, cuda_info
     from fluxnb.model import lora
@@ -128,8 +131,28 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     transformer = load_transformer(model, hw)
     lora.add_lora(transformer, LoRAConfig(), seed=0)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    if "amb" in opts:  # read when the blocks compile, at their first call
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(opts["amb"])
     speed.prepare(transformer, model, train, hw)
+    if "outer" in opts:
+        checkpoint_around_calls(transformer)
     return transformer, make_optimizer(params, train), params, (model, train, hw)
+
+
+def checkpoint_around_calls(transformer) -> None:
+    """fluxnb's checkpointing before 2026-12-02: the blocks fluxnb.train.speed checkpoints inside their forward,
+    checkpointed instead around their call (fluxnb.train.speed.set_checkpointing's `around`), compiled with
+    torch.compile's default partition."""
+    from fluxnb.train import speed
+    from fluxnb.train.offload import transformer_blocks
+
+    blocks = transformer_blocks(transformer)
+    speed.set_checkpointing(transformer, [b for b in blocks if speed.is_checkpointed(b)], around=True)
+    for block in blocks:
+        if block._compiled_call_impl is not None:
+            speed.compile_block(block)
 
 
 def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 - built once per process

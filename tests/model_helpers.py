@@ -13,10 +13,10 @@ from fluxnb.model import lora, quant
 HW = Hardware("tiny", torch.device("cpu"), torch.float32, None, "test")
 
 
-def model(model_id, double_quant=False, quantization="nf4"):
+def model(model_id, double_quant=False, quantization="nf4", dropout=0.0):
     config = ModelConfig(model_id=model_id, double_quant=double_quant, quantization=quantization)
     transformer = quant.load_transformer(config, HW)
-    lora.add_lora(transformer, LoRAConfig(rank=4, alpha=4.0, targets="all-linear"), seed=0)
+    lora.add_lora(transformer, LoRAConfig(rank=4, alpha=4.0, targets="all-linear", dropout=dropout), seed=0)
     with torch.no_grad():  # B starts at zero; make the adapter matter so its gradients reach every block
         for name, p in transformer.named_parameters():
             if "lora_B" in name:

@@ -7,22 +7,31 @@ otherwise. (Overlap on a CUDA stream and the GPU memory saved are measured by be
 
 import pytest
 import torch
-from model_helpers import grads, loss, model
+from model_helpers import HW, grads, loss, model
 
-from fluxnb.train import offload
+from fluxnb.config import ModelConfig, TrainConfig
+from fluxnb.train import offload, speed
 
 
 def _frozen_bytes(block):
     return sum(t.untyped_storage().nbytes() for t in offload._frozen_tensors(block))
 
 
-@pytest.mark.parametrize("count,double_quant", [(99, False), (1, True)])
-def test_streamed_blocks_train_exactly_like_resident_ones(tiny_assets, count, double_quant):
+@pytest.mark.parametrize("count,double_quant,checkpointing", [(99, False, "around"), (1, True, "around"),
+                                                             (99, False, "inside")])
+def test_streamed_blocks_train_exactly_like_resident_ones(tiny_assets, count, double_quant, checkpointing):
+    """Checkpointed around each block's call (diffusers' own: the re-run goes through the block's hooks) or
+    inside its forward (fluxnb.train.speed, eager here: the re-run does not)."""
     model_id = str(tiny_assets.model)
     plain, streamed = model(model_id, double_quant), model(model_id, double_quant)
     blocks = offload.transformer_blocks(streamed)
     resident_bytes = [_frozen_bytes(b) for b in blocks]
-    streamer = offload.stream_blocks(streamed, count)
+    if checkpointing == "around":
+        streamer = offload.stream_blocks(streamed, count)
+    else:
+        streamer = speed.prepare(streamed, ModelConfig(offload_blocks=count), TrainConfig(compile="off"), HW,
+                                 verbose=False)
+        assert all(map(speed.is_checkpointed, blocks)) and not streamed.is_gradient_checkpointing
     chosen = sorted(streamer.parts)
     assert len(chosen) == min(count, len(blocks)) and streamer.offloaded_bytes > 0
 

@@ -45,7 +45,7 @@ def test_prepare_twice_keeps_one_streamer_and_follows_a_changed_count(tiny_asset
     transformer = model(str(tiny_assets.model))
     train = TrainConfig(compile="off", gradient_checkpointing=False)
     first = speed.prepare(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False)
-    assert not transformer.is_gradient_checkpointing and len(first.parts) == 2
+    assert not any(map(speed.is_checkpointed, offload.transformer_blocks(transformer))) and len(first.parts) == 2
     assert speed.prepare(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False) is first
     again = speed.prepare(transformer, ModelConfig(offload_blocks=99), train, HW, verbose=False)
     assert again is not first and len(again.parts) == 3  # the tiny model has 3 blocks
@@ -97,6 +97,66 @@ def test_checkpointing_only_some_blocks_gives_the_plain_steps_loss_and_gradients
     assert_same_step(plain, mixed)
 
 
+def test_checkpointing_sits_inside_the_blocks_forward(tiny_assets):
+    """The backward pass never calls a block again (its module hooks stay quiet): the recomputation runs inside
+    the block's forward, where torch.compile folds it into the compiled backward. And prepare takes it off again."""
+    transformer = model(str(tiny_assets.model))
+    blocks = offload.transformer_blocks(transformer)
+    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="off"), HW, verbose=False)
+    assert not transformer.is_gradient_checkpointing and all(map(speed.is_checkpointed, blocks))
+    calls = {"forward": 0, "backward": 0}
+
+    def count(module, args):
+        calls["backward" if torch._C._current_graph_task_id() != -1 else "forward"] += 1
+
+    handles = [b.register_forward_pre_hook(count) for b in blocks]
+    loss(transformer).backward()
+    assert calls == {"forward": 3, "backward": 0}
+    for h in handles:
+        h.remove()
+    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="off", gradient_checkpointing=False), HW,
+                  verbose=False)
+    assert not any(map(speed.is_checkpointed, blocks)) and all("forward" not in vars(b) for b in blocks)
+
+
+def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_assets):
+    """Compiled, a checkpointed block is traced as a plain forward; its compiler's partitioner keeps only the
+    graph's inputs (compile_block). Bytes kept for the backward pass: all checkpointed < one block kept < none."""
+    from torch._dynamo.utils import counters
+
+    saved, graphs = [], []
+    for train in (TrainConfig(compile="on"), TrainConfig(compile="on", keep_activations=1),
+                  TrainConfig(compile="on", gradient_checkpointing=False)):
+        torch._dynamo.reset()
+        counters.clear()
+        transformer = model(str(tiny_assets.model))
+        speed.prepare(transformer, ModelConfig(), train, HW, verbose=False)
+        saved.append(_saved_bytes(transformer))
+        graphs.append(counters["stats"]["unique_graphs"] if not counters["graph_break"] else None)
+    assert saved[0] < saved[1] < saved[2]
+    # Compiled, not run eagerly (eager checkpointing would order the bytes the same way): the tiny model's three
+    # blocks, one graph each (a double-stream block, then two single-stream ones, whose inputs are laid out
+    # differently: the first gets a view of the joined text and image tokens).
+    assert graphs == [3, 3, 3]
+
+
+def test_lora_dropout_is_replayed_with_compiled_blocks(tiny_assets):
+    """The compiler's recomputation would draw a dropout's masks anew; with a LoRA dropout prepare checkpoints
+    around each compiled call, whose re-run replays them: the gradients of the same compiled blocks keeping
+    their activations."""
+    kept, checkpointed = (model(str(tiny_assets.model), dropout=0.5) for _ in range(2))
+    speed.prepare(kept, ModelConfig(), TrainConfig(compile="on", gradient_checkpointing=False), HW, verbose=False)
+    speed.prepare(checkpointed, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
+    assert checkpointed.is_gradient_checkpointing  # around the calls
+    assert not any(map(speed.is_checkpointed, offload.transformer_blocks(checkpointed)))
+    for transformer in (kept, checkpointed):
+        torch.manual_seed(0)  # the dropout masks
+        loss(transformer).backward()
+    want, have = grads(kept), grads(checkpointed)
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def _saved_bytes(transformer) -> int:
     """Bytes autograd keeps for the backward pass of one loss (checkpointing keeps fewer)."""
     kept = []
@@ -135,10 +195,11 @@ def test_fit_budget_moves_one_notch_toward_memory(tiny_assets):
     transformer = model(str(tiny_assets.model))
     m, t = ModelConfig(), TrainConfig(compile="off", keep_activations=3, batch_size=4, memory_budget_gib=6.0)
     speed.prepare(transformer, m, t, HW, verbose=False)
-    assert not transformer.is_gradient_checkpointing  # all 3 of the tiny model's blocks keep their activations
+    checkpointed = lambda: [speed.is_checkpointed(b) for b in offload.transformer_blocks(transformer)]  # noqa: E731
+    assert checkpointed() == [False] * 3  # all 3 of the tiny model's blocks keep their activations
     assert speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=5.0) is None  # under 6 - 0.3: stays
     _, fitted = speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=6.0)  # 0.3 over: two blocks fewer
-    assert fitted.keep_activations == 1 and transformer.is_gradient_checkpointing
+    assert fitted.keep_activations == 1 and checkpointed() == [True, True, False]
     frugal = TrainConfig(keep_activations=0, memory_budget_gib=6.0)
     assert speed.fit_budget(transformer, m, frugal, HW, 1613, 9.0) is None  # nothing left to give back
     with torch.no_grad():

@@ -10,7 +10,7 @@ offloading was enabled, which would also swap the LoRA weights back to their ini
 the autograd graph still holds each GPU weight (bitsandbytes keeps it for the backward pass), so nothing would be
 freed. Here the GPU tensors keep their identity: an offloaded weight's storage is resized to zero bytes (the
 memory goes back to PyTorch's allocator) and refilled from its CPU copy before the block runs again: in the
-forward pass, and in the backward pass (where gradient checkpointing also re-runs the block). Every view of
+forward pass, and in the backward pass (where gradient checkpointing may also re-run the block). Every view of
 the weight, including the one autograd kept, sees the refilled data. Only frozen tensors move: the LoRA weights,
 their gradients and optimizer state stay on the GPU.
 
@@ -178,7 +178,9 @@ class BlockStreamer:
 
     @staticmethod
     def _in_backward() -> bool:
-        # Gradient checkpointing re-runs each block's forward during the backward pass; those calls land here.
+        # Checkpointing around a block's call (diffusers' own; fluxnb's with a LoRA dropout: speed.set_checkpointing)
+        # calls the block again during the backward pass; those calls land here. fluxnb's checkpointing inside the
+        # forward re-runs it without its hooks, after _before_backward has loaded it.
         return torch._C._current_graph_task_id() != -1
 
     def _load(self, i: int) -> None:
