@@ -157,6 +157,24 @@ def test_lora_dropout_is_replayed_with_compiled_blocks(tiny_assets):
         torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_every_blocks_graph_compiles_within_the_recompile_limit(tiny_assets, monkeypatch):
+    """Blocks share compiled frames, whose graphs add up (per image size and batch: block type, input layout,
+    training or no gradients): prepare raises torch's limit per frame (8; lowered to 2 here, so one image size
+    shows it). Over the limit, dynamo would run the rest eagerly."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # graphs compiled by the tests before would be reused and not counted
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    transformer = model(str(tiny_assets.model))
+    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="on", keep_activations=1), HW, verbose=False)
+    counters.clear()
+    loss(transformer).backward()
+    with torch.no_grad():
+        loss(transformer)
+    # a graph per block (see above) for training, and again for no gradients
+    assert counters["stats"]["unique_graphs"] == 6 and not counters["graph_break"]
+
+
 def _saved_bytes(transformer) -> int:
     """Bytes autograd keeps for the backward pass of one loss (checkpointing keeps fewer)."""
     kept = []

@@ -33,6 +33,9 @@ from ..config import ModelConfig, TrainConfig
 from .offload import BlockStreamer, stream_blocks, streamer_of, transformer_blocks
 
 
+RECOMPILE_LIMIT = 64  # compiled graphs per frame: ~6 per image size and batch size, so ~10 of those
+
+
 def compile_available(hw) -> bool:
     """torch.compile's GPU code generator (Triton) is there: Linux CUDA builds have it, Windows usually not."""
     if hw.device.type != "cuda":
@@ -69,6 +72,10 @@ def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose:
         # A shape that fails to compile runs eagerly instead of stopping the run: same numbers, only slower (and
         # a checkpointed block that falls back whole is then checkpointed eagerly, in the same memory).
         torch._dynamo.config.suppress_errors = True
+        # The blocks share compiled frames, whose graphs add up: per image size and batch, one per block type (and
+        # input layout: the first single-stream block's differs) x training or no gradients (validation,
+        # samples). torch's default of 8 per frame would leave a run with two buckets eager from its second.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for block in blocks:
             compile_block(block)
     if verbose:
