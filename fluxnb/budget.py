@@ -11,8 +11,9 @@ measured at 512x768 and 1024x1024 (BENCHMARKS.md): weights are NF4 bytes (0.5 + 
 checkpointed block keeps its two inputs (6 KiB per token), a block that keeps its activations ~88 KiB per
 token; one block's activations are rebuilt at a time during the backward pass; the rest (LoRA, optimizer,
 embeddings, the output layers, gradients in flight) grows with the tokens of a batch. Speed, as measured: a
-recomputed block costs about a third of its forward pass, a streamed block almost nothing at batch 4 (its copy
-hides behind the compute), a smaller batch a lot. So the policy takes the largest batch that fits with every
+recomputed block costs ~2.8 ms per step at 512x768 and batch 4 on an H200 (compiled, the recomputation is the
+compiler's: fluxnb.train.speed), a streamed block almost nothing at batch 4 (its copy hides behind the compute),
+a smaller batch a lot. So the policy takes the largest batch that fits with every
 block streamed and checkpointed, then spends what is left on kept activations (the last blocks, whose backward
 runs first), then on resident blocks. The first optimizer step measures the real peak; `adjust` moves one notch
 toward memory if it is over (fluxnb.train.speed.fit_budget).
@@ -138,7 +139,7 @@ class Plan:
             ("batch", f"{lay.batch} x {SAMPLES_PER_STEP // lay.batch} accumulation",
              "the largest batch that fits: one pass over 4 samples costs far less than 4 passes over 1"),
             ("activations kept", f"{lay.kept} of {n} blocks (the rest recomputed)",
-             "each kept block saves its recompute (~1/3 of its forward pass) for ~88 KiB per token"),
+             "each kept block saves rebuilding its activations in the backward pass, for ~88 KiB per token"),
             ("weights streamed", f"{lay.streamed} of {n} blocks from CPU RAM",
              "streaming costs little at batch 4 (the copy hides behind compute), so memory goes to activations first"
              + (f"; at most {self.host_gib:g} GiB of CPU RAM for them" if self.host_gib is not None else "")),

@@ -29,9 +29,10 @@ SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
 _QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
-                     "(6.3 GiB of pinned RAM, measured), batches of 4: 5.45 GiB, 0.72-0.97 s per 4-sample step in a "
-                     "6 GiB cap on an H200 (4.6-5.3x the blog's recipe in the same runs). At 1024x1024, batches "
-                     "of 1 (an 8 GiB budget there: 7.5 GiB, 1.6x)", 6.0),
+                     "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.61 s per 4-sample step in a "
+                     "6 GiB cap on an H200 (6.4x the blog's recipe in the same run; the machine drifts by ±15%). "
+                     "At 1024x1024, batches of 1 (an 8 GiB budget there: 7.5 GiB, 2.15 s, ~1.9x against another "
+                     "run's reference)", 6.0),
     "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
                       "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), the last 6 blocks "
                       "keep their activations at 512x768 (~14.1 GiB, estimated). torch.compile stays off on a T4 "
@@ -39,8 +40,8 @@ PRESETS: dict[str, Preset] = {
                       "arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
                       "model.prequantized: quantizing FLUX on the fly needs most of Colab's RAM", 14.7, host_gib=0.0),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
-                        "the last 34 keep their activations at 512x768: 21.4 GiB, 0.59-0.69 s per 4-sample step in a "
-                        "23.6 GiB cap on an H200 (4.0-6.5x the blog's recipe in the same runs; the blog's 4090 run: "
+                        "the last 34 keep their activations at 512x768: 21.4 GiB, 0.52 s per 4-sample step in a "
+                        "23.6 GiB cap on an H200 (7.6x the blog's recipe in the same run; the blog's 4090 run: "
                         "~9 GB, ~41 min for 700 steps)", 23.6),
     "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
                         "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
