@@ -99,7 +99,7 @@ def test_checkpointing_only_some_blocks_gives_the_plain_steps_loss_and_gradients
 
 def test_checkpointing_sits_inside_the_blocks_forward(tiny_assets):
     """The backward pass never calls a block again (its module hooks stay quiet): the recomputation runs inside
-    the block's forward, where torch.compile folds it into the compiled backward. And prepare takes it off again."""
+    the block's forward, where, compiled, the compiler's partition takes it over. And prepare takes it off again."""
     transformer = model(str(tiny_assets.model))
     blocks = offload.transformer_blocks(transformer)
     speed.prepare(transformer, ModelConfig(), TrainConfig(compile="off"), HW, verbose=False)

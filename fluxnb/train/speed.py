@@ -13,8 +13,9 @@
 - Block offload (model.offload_blocks, fluxnb.train.offload): frozen weights of that many blocks wait in CPU RAM and
   stream in while the previous block computes.
 - Regional compilation (train.compile): `torch.compile` of each of the 57 repeated blocks (as diffusers'
-  `compile_repeated_blocks`, block by block: compile_block), not of the whole model: the blocks share one
-  compiled graph per block type and checkpointing, so it compiles once per image size (bucket) and batch size.
+  `compile_repeated_blocks`, block by block: compile_block), not of the whole model: the blocks share a compiled
+  graph per block type, input layout and checkpointing, so it compiles a few graphs per image size (bucket) and
+  batch size.
   It removes most of the per-layer Python and kernel launch overhead that bounds the NF4 + LoRA step. The loss
   is the eager step's (tests/test_speed.py). "auto" leaves it off below compute capability 8.0 (T4, 20-series):
   Triton's support for sm_75 is poor and a T4's step is bound by arithmetic, not by launch overhead, so
