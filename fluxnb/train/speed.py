@@ -76,7 +76,9 @@ def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose:
         # The blocks share compiled frames, whose graphs add up: per image size and batch, one per block type (and
         # input layout: the first single-stream block's differs) x training or no gradients (validation,
         # samples). torch's default of 8 per frame would leave a run with two buckets eager from its second.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name < 2.7
+        setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
         for block in blocks:
             compile_block(block)
     if verbose:
