@@ -4,8 +4,8 @@
     lora    add the LoRA adapter; owner of the LoRA files (stock diffusers format)
 """
 
-from .lora import add_lora, count_trainable, describe, load_lora_, lora_state_dict, save_lora, target_modules
+from .lora import add_lora, count_trainable, describe, load_lora_, lora_state_dict, save_lora
 from .quant import float8_, load_transformer, quantize_nf4_, save_nf4
 
 __all__ = ["add_lora", "count_trainable", "describe", "float8_", "load_lora_", "load_transformer", "lora_state_dict",
-           "quantize_nf4_", "save_lora", "save_nf4", "target_modules"]
+           "quantize_nf4_", "save_lora", "save_nf4"]

@@ -29,11 +29,6 @@ from ..run import LORA_FILE
 _INITS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
 
 
-def target_modules(targets: str) -> list[str] | str:
-    """A preset name -> its peft target_modules; otherwise a comma-separated list of module names."""
-    return LoRAConfig(targets=targets).target_modules
-
-
 def peft_config(cfg: LoRAConfig) -> LoraConfig:
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=_INITS[cfg.init],
                       target_modules=cfg.target_modules)
