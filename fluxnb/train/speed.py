@@ -124,7 +124,7 @@ def checkpoint_inside(block: torch.nn.Module, on: bool) -> None:
     whose outputs no gradient needs), fused into its kernels. The same memory either way. diffusers' own
     checkpointing, around the call of a compiled block, runs all of its compiled forward again: in a 6 GiB plan
     on an H200, 0.70-0.82 s per step that way and 0.61 s this way, both at a 5.44 GiB peak (BENCHMARKS.md)."""
-    wrapped = getattr(vars(block).get("forward"), "_fluxnb_checkpointed", None)  # the forward it wraps, if ours
+    wrapped = _wrapped_forward(block)
     if on and wrapped is None:
         block.forward = _checkpointed(block.forward)
     elif not on and wrapped is not None:
@@ -170,7 +170,12 @@ def _recomputing_inductor(graph, example_inputs):
 
 
 def is_checkpointed(block: torch.nn.Module) -> bool:
-    return hasattr(vars(block).get("forward"), "_fluxnb_checkpointed")
+    return _wrapped_forward(block) is not None
+
+
+def _wrapped_forward(block: torch.nn.Module):
+    """The forward that checkpoint_inside's wrapper on `block` wraps, or None without one."""
+    return getattr(vars(block).get("forward"), "_fluxnb_checkpointed", None)
 
 
 def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: int, peak_gib: float | None = None):
@@ -192,10 +197,6 @@ def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: 
           f"{smaller.kept} of {n} blocks keep their activations from now on ({layout.kept} before)")
     prepare(transformer, model, train, hw, verbose=False)
     return model, train
-
-
-def _is_compiled(transformer) -> bool:
-    return all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(transformer))
 
 
 def describe(streamer: BlockStreamer | None, compiled: bool, blocks: int) -> str:
