@@ -7,7 +7,10 @@
 
 A smaller GPU can be emulated on a bigger one: FLUXNB_GPU_MEMORY_GIB=14.7 caps this process's PyTorch allocations
 there (`torch.cuda.set_per_process_memory_fraction`) and makes fluxnb see a GPU of that size (presets, inference
-plan). benchmarks/rehearsal.py runs the notebooks that way inside the T4's, an 8 GB card's and a 4090's limits.
+plan). FLUXNB_GPU_CAPABILITY=7.5 makes it see an older GPU's compute capability, with what follows from it: fp16
+instead of bf16, torch.compile off ("auto"), and scaled-dot-product attention limited to the kernels that GPU has
+(memory-efficient and math; flash and cuDNN attention need 8.0), whose memory differs. benchmarks/rehearsal.py runs
+the notebooks that way inside the T4's, an 8 GB card's and a 4090's limits.
 
 On a CUDA GPU, the first detect() switches PyTorch's allocator to expandable segments (`expandable_segments:True`,
 torchtune's default too) unless PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF is set: memory freed in a step can then
@@ -29,6 +32,8 @@ from .errors import FluxnbError
 
 PROFILE_ENV = "FLUXNB_PROFILE"
 GPU_MEMORY_ENV = "FLUXNB_GPU_MEMORY_GIB"
+GPU_CAPABILITY_ENV = "FLUXNB_GPU_CAPABILITY"
+FLASH_ATTENTION_CAPABILITY = (8, 0)  # flash and cuDNN attention kernels need an Ampere or newer GPU
 ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # PyTorch reads either (the second is older)
 _allocator_configured = False  # use_expandable_segments ran: later calls leave the allocator as it is now
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,6 +49,11 @@ class GPUInfo:
     def has_bf16(self) -> bool:
         return self.capability >= (8, 0)
 
+    @property
+    def compiles_well(self) -> bool:
+        """Triton, torch.compile's GPU code generator, supports it well (compute capability 8.0 and up)."""
+        return self.capability >= (8, 0)
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -56,6 +66,19 @@ class Hardware:
     @property
     def dtype_name(self) -> str:
         return next(k for k, v in _DTYPES.items() if v == self.dtype)
+
+    def compiles(self, setting: str) -> bool:
+        """Whether train.compile=`setting` ("auto" | "on" | "off") compiles the blocks here. "auto": on a CUDA
+        GPU of compute capability 8.0 and up, where Triton is installed (Linux CUDA builds have it, Windows
+        usually not). Below 8.0 (T4, 20-series) Triton's support is poor and the step is bound by arithmetic, not
+        launch overhead, so compiling buys little there."""
+        if setting != "auto":
+            return setting == "on"
+        if self.device.type != "cuda" or (self.gpu is not None and not self.gpu.compiles_well):
+            return False
+        from torch.utils._triton import has_triton
+
+        return has_triton()
 
     def describe(self) -> str:
         where = f"{self.gpu.name} ({self.gpu.total_gib:.0f} GiB, sm_{self.gpu.capability[0]}{self.gpu.capability[1]})" if self.gpu else "CPU"
@@ -85,6 +108,31 @@ def gpu_limit(gpu: GPUInfo | None) -> GPUInfo | None:
         raise FluxnbError(f"{GPU_MEMORY_ENV}={raw} must be between 0 and this GPU's {gpu.total_gib:.1f} GiB.")
     torch.cuda.set_per_process_memory_fraction(cap / gpu.total_gib, 0)
     return GPUInfo(f"{gpu.name} capped at {cap:g} GiB", gpu.capability, cap)
+
+
+def emulated_capability(gpu: GPUInfo | None) -> GPUInfo | None:
+    """`gpu` with the compute capability FLUXNB_GPU_CAPABILITY gives (e.g. 7.5, a T4's), or unchanged when unset."""
+    raw = os.environ.get(GPU_CAPABILITY_ENV, "").strip()
+    if gpu is None or not raw:
+        return gpu
+    try:
+        major, minor = (int(part) for part in raw.split("."))
+    except ValueError:
+        raise FluxnbError(f"{GPU_CAPABILITY_ENV}={raw!r} is not a compute capability like 7.5; unset it to use "
+                          "this GPU's own.") from None
+    if (major, minor) > gpu.capability:
+        raise FluxnbError(f"{GPU_CAPABILITY_ENV}={raw} is newer than this GPU's {gpu.capability[0]}."
+                          f"{gpu.capability[1]}: only an older GPU can be emulated.")
+    return GPUInfo(f"{gpu.name} as sm_{major}{minor}", (major, minor), gpu.total_gib)
+
+
+def limit_attention_kernels(gpu: GPUInfo) -> None:
+    """Scaled-dot-product attention only through the kernels `gpu` has: below compute capability 8.0 (a T4)
+    memory-efficient attention and the math path, not flash or cuDNN attention. On such a GPU PyTorch skips
+    those kernels anyway; with FLUXNB_GPU_CAPABILITY on a newer one this makes attention's memory a T4's."""
+    if gpu.capability < FLASH_ATTENTION_CAPABILITY:
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def use_expandable_segments() -> bool:
@@ -118,7 +166,7 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
     if requested is not None and requested not in PROFILES:
         raise FluxnbError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
-    gpu = gpu_limit(cuda_info())
+    gpu = emulated_capability(gpu_limit(cuda_info()))
     if requested == "tiny":
         profile_name, reason = "tiny", f"asked for ({PROFILE_ENV}=tiny or profile='tiny')"
     elif gpu is None and requested is None:
@@ -131,6 +179,7 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     device = torch.device("cuda") if gpu is not None and profile_name == "real" else torch.device("cpu")
     if device.type == "cuda":
         use_expandable_segments()
+        limit_attention_kernels(gpu)
     if dtype != "auto":
         chosen = dtype
         reason += f"; dtype {dtype} as configured"

@@ -17,9 +17,8 @@
   graph per block type, input layout and checkpointing, so it compiles a few graphs per image size (bucket) and
   batch size.
   It removes most of the per-layer Python and kernel launch overhead that bounds the NF4 + LoRA step. The loss
-  is the eager step's (tests/test_speed.py). "auto" leaves it off below compute capability 8.0 (T4, 20-series):
-  Triton's support for sm_75 is poor and a T4's step is bound by arithmetic, not by launch overhead, so
-  compiling buys little there; "on" still compiles.
+  is the eager step's (tests/test_speed.py). "auto" leaves it off below compute capability 8.0 (T4, 20-series:
+  fluxnb.hardware.Hardware.compiles); "on" still compiles.
 What each lever costs and buys, measured, is in BENCHMARKS.md.
 """
 
@@ -37,19 +36,8 @@ from .offload import BlockStreamer, stream_blocks, streamer_of, transformer_bloc
 RECOMPILE_LIMIT = 64  # compiled graphs per frame: ~6 per image size and batch size, so ~10 of those
 
 
-def compile_available(hw) -> bool:
-    """torch.compile's GPU code generator (Triton) is there: Linux CUDA builds have it, Windows usually not."""
-    if hw.device.type != "cuda":
-        return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
-
-
 def use_compile(train: TrainConfig, hw) -> bool:
-    if train.compile == "auto":
-        return compile_available(hw) and (hw.gpu is None or hw.gpu.capability >= (8, 0))
-    return train.compile == "on"
+    return hw.compiles(train.compile)
 
 
 def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose: bool = True) -> BlockStreamer | None:
@@ -188,7 +176,8 @@ def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: 
     if not train.memory_budget_gib or peak_gib is None:
         return None
     n = len(transformer_blocks(transformer))
-    layout = budget.Layout(train.batch_size, min(model.offload_blocks, n), kept_blocks(train, n))
+    layout = budget.Layout(train.batch_size, min(model.offload_blocks, n), kept_blocks(train, n),
+                           use_compile(train, hw))
     smaller = budget.adjust(layout, peak_gib, train.memory_budget_gib, tokens)
     if smaller is None:
         return None
