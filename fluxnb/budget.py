@@ -1,28 +1,33 @@
 """The memory-budget policy: the fastest training layout of NF4 FLUX.1-dev that fits a GPU memory budget.
 
-    plan = choose(14.7, width=512, height=768)     # a T4's memory, as torch reports it
+    plan = choose(14.7, width=512, height=768, compiled=False)   # a T4's memory, as torch reports it; no compile
     plan.settings()   # -> model.offload_blocks, train.batch_size / accumulation / keep_activations / optimizer
     print(plan.table())                            # what was chosen and why (notebook 03)
 
 Per block of the 57, three choices: its frozen weights resident on the GPU or streamed from CPU RAM
 (fluxnb.train.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
-and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs fitted to the peaks
-measured at 512x768 and 1024x1024 (BENCHMARKS.md): weights are NF4 bytes (0.5 + 4/64 per parameter); a
-checkpointed block keeps its two inputs (6 KiB per token), a block that keeps its activations ~88 KiB per
-token; one block's activations are rebuilt at a time during the backward pass; the rest (LoRA, optimizer,
-embeddings, the output layers, gradients in flight) grows with the tokens of a batch. Speed, as measured: a
-recomputed block costs ~2.8 ms per step at 512x768 and batch 4 on an H200 (compiled, the recomputation is the
-compiler's: fluxnb.train.speed), a streamed block almost nothing at batch 4 (its copy hides behind the compute),
-a smaller batch a lot. So the policy takes the largest batch that fits with every
-block streamed and checkpointed, then spends what is left on kept activations (the last blocks, whose backward
-runs first), then on resident blocks. The first optimizer step measures the real peak; `adjust` moves one notch
-toward memory if it is over (fluxnb.train.speed.fit_budget).
+and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs, each per token (image
++ text tokens of a batch): weights are NF4 bytes (0.5 + 4/64 per parameter); a checkpointed block keeps its two
+inputs (6 KiB per token); the rest (LoRA, optimizer, embeddings, the output layers, gradients in flight) grows
+with the tokens of a batch. What a block that keeps its activations holds depends on how it runs:
+- compiled (torch.compile, compute capability 8.0 and up): ~88 KiB per token, fitted to the peaks measured at
+  512x768 and 1024x1024 (BENCHMARKS.md); the compiler rebuilds one checkpointed block at a time;
+- eager (compile off: a T4, or no Triton): what autograd saves, counted at FLUX.1-dev's sizes on the CPU
+  (tests/saved_activations.py: 120 KiB per token in a double-stream block, 109 in a single-stream one, fp16;
+  within 3% of the H200's eager peaks), plus what the eager backward holds besides (fitted to those peaks).
+Speed, as measured: compiled, a recomputed block costs ~2.8 ms per step at 512x768 and batch 4 on an H200 (the
+recomputation is the compiler's: fluxnb.train.speed); eager, keeping 8 or 18 blocks' activations bought nothing
+measurable (1.19 s per step with none kept, 1.12 with 8, 1.18 with 18), so eager plans keep none. A streamed block
+costs almost nothing at batch 4 (its copy hides behind the compute), a smaller batch a lot. So the policy takes
+the largest batch that fits with every block streamed and checkpointed, then (compiled) spends what is left on
+kept activations (the last blocks, whose backward runs first), then on resident blocks. The first optimizer step
+measures the real peak; `adjust` moves one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .config import LoRAConfig
 
@@ -42,8 +47,12 @@ LARGEST_WIDTH = 5 * WIDTH  # a single-stream block's attention and MLP outputs, 
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights
 # Fitted to the measured peaks (BENCHMARKS.md, "Memory-budget policy"), per token = image + text tokens of a batch.
 CHECKPOINTED_GIB_PER_TOKEN = 2 * WIDTH / GiB  # the block's input, bf16
-KEPT_GIB_PER_TOKEN = 8.61e-5  # everything a block's backward needs, kept (~88 KiB per token)
+KEPT_GIB_PER_TOKEN = 8.61e-5  # compiled: everything a block's backward needs, kept (~88 KiB per token)
 BASE_GIB, BASE_GIB_PER_TOKEN = 0.17, 3.83e-4  # LoRA + optimizer + everything outside the blocks
+# Eager: what autograd saves per block (counted, tests/saved_activations.py; fp16, the larger of fp16 and bf16),
+# and what else the eager backward holds at its peak (fitted: 6.43 GiB, 57 blocks streamed, none kept, batch 4).
+EAGER_KEPT_GIB_PER_TOKEN = {"double": 120 * 2**10 / GiB, "single": 109 * 2**10 / GiB}
+EAGER_EXTRA_GIB_PER_TOKEN = 1.2e-4
 ADAMW8BIT_SAVES = 6  # bytes per LoRA parameter: fp32 Adam moments (8 B) vs 8-bit ones (2 B)
 
 
@@ -90,6 +99,7 @@ class Layout:
     batch: int
     streamed: int  # blocks whose frozen weights stream from CPU RAM (spread by pick_blocks)
     kept: int  # the last blocks, which keep their activations instead of being checkpointed
+    compiled: bool = True  # blocks compiled by torch.compile (False: eager, e.g. on a T4)
 
     def peak_gib(self, tokens: int) -> float:
         """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
@@ -98,9 +108,13 @@ class Layout:
         weights = sum(s for i, s in enumerate(sizes) if i not in streamed)
         in_flight = max((sizes[i] for i in streamed), default=0.0)  # the block being copied in
         checkpointed = len(sizes) - self.kept
-        rebuilt = max(self.kept, 1 if checkpointed else 0)  # kept blocks' backward first, then one rebuilt at a time
-        activations = bt * (checkpointed * CHECKPOINTED_GIB_PER_TOKEN + rebuilt * KEPT_GIB_PER_TOKEN)
-        return BASE_GIB + BASE_GIB_PER_TOKEN * bt + weights + in_flight + activations
+        base = BASE_GIB + BASE_GIB_PER_TOKEN * bt + weights + in_flight + bt * checkpointed * CHECKPOINTED_GIB_PER_TOKEN
+        if self.compiled:  # kept blocks' backward first, then one rebuilt at a time
+            return base + bt * max(self.kept, 1 if checkpointed else 0) * KEPT_GIB_PER_TOKEN
+        kinds = ["double"] * DOUBLE + ["single"] * SINGLE
+        kept = sum(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[len(kinds) - self.kept:]) if self.kept else 0.0
+        rebuilt = max(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[:checkpointed]) if checkpointed else 0.0
+        return base + bt * (kept + rebuilt + EAGER_EXTRA_GIB_PER_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,7 @@ class Plan:
     fits: bool
     lora_params: int
     host_gib: float | None = None  # CPU RAM the streamed weights were allowed
+    size: str = ""  # what was planned for: "512x768, 77 text tokens"
 
     @property
     def estimate_gib(self) -> float:
@@ -135,18 +150,26 @@ class Plan:
         saved = ADAMW8BIT_SAVES * self.lora_params / GiB
         fit = (f"estimated peak {self.estimate_gib:.1f} GiB of {self.budget_gib:.1f}" if self.fits else
                f"estimated peak {self.estimate_gib:.1f} GiB: over the {self.budget_gib:.1f} GiB budget even so")
+        kept = (f"{lay.kept} of {n} blocks keep them, {n - lay.kept} recompute them" if lay.kept < n else
+                f"all {n} blocks keep them (nothing recomputed)")
+        why_kept = ("each kept block saves rebuilding its activations in the backward pass, for ~88 KiB per token"
+                    if lay.compiled else "without torch.compile keeping activations bought no time (measured), "
+                    "for ~110 KiB per token and block")
+        streamed = (f"{lay.streamed} of {n} blocks from CPU RAM" if lay.streamed else f"none: all {n} resident")
         return [
             ("batch", f"{lay.batch} x {SAMPLES_PER_STEP // lay.batch} accumulation",
              "the largest batch that fits: one pass over 4 samples costs far less than 4 passes over 1"),
-            ("activations kept", f"{lay.kept} of {n} blocks (the rest recomputed)",
-             "each kept block saves rebuilding its activations in the backward pass, for ~88 KiB per token"),
-            ("weights streamed", f"{lay.streamed} of {n} blocks from CPU RAM",
-             "streaming costs little at batch 4 (the copy hides behind compute), so memory goes to activations first"
+            ("activations", kept, why_kept),
+            ("weights streamed", streamed,
+             "streaming costs little at batch 4 (the copy hides behind compute), so "
+             + ("memory goes to activations first" if lay.compiled else "blocks stay resident only where memory is left")
              + (f"; at most {self.host_gib:g} GiB of CPU RAM for them" if self.host_gib is not None else "")),
             ("optimizer", self.optimizer,
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
-            ("memory", fit, f"budget minus {self.margin_gib:.1f} GiB for the allocator's fragmentation"),
+            ("memory", fit, f"planned for {self.size} ({self.tokens} tokens per sample), "
+             f"{'compiled' if lay.compiled else 'eager'} blocks; budget minus {self.margin_gib:.1f} GiB for the "
+             "allocator's fragmentation"),
         ]
 
     def table(self) -> str:
@@ -166,25 +189,28 @@ def streamed_gib(count: int) -> float:
 
 
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
-           lora: LoRAConfig | None = None, host_gib: float | None = None) -> Plan:
+           lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True) -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
-    host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident)."""
+    host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
+    the blocks run compiled (fluxnb.hardware.Hardware.compiles); eager, no block keeps its activations."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
+    size = f"{width}x{height}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
     params = lora_params(lora or LoRAConfig())
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
         margin = margin_gib(budget_gib, batch * tokens)
         usable = budget_gib - margin
-        if Layout(batch, most, 0).peak_gib(tokens) > usable:
+        if Layout(batch, most, 0, compiled).peak_gib(tokens) > usable:
             continue
-        kept = _most(lambda k: Layout(batch, most, k).peak_gib(tokens) <= usable, n)
+        kept = _most(lambda k: Layout(batch, most, k, compiled).peak_gib(tokens) <= usable, n) if compiled else 0
         # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
         # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
         room = usable - margin
-        resident = _most(lambda r: Layout(batch, most - r, kept).peak_gib(tokens) <= room, most)
-        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept), optimizer, True, params, host_gib)
-    return Plan(budget_gib, tokens, Layout(1, most, 0), optimizer, False, params, host_gib)
+        resident = _most(lambda r: Layout(batch, most - r, kept, compiled).peak_gib(tokens) <= room, most)
+        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept, compiled), optimizer, True, params,
+                    host_gib, size)
+    return Plan(budget_gib, tokens, Layout(1, most, 0, compiled), optimizer, False, params, host_gib, size)
 
 
 def _most(ok, top: int) -> int:
@@ -204,5 +230,6 @@ def adjust(layout: Layout, peak_gib: float, budget_gib: float, tokens: int) -> L
     excess = peak_gib - (budget_gib - margin_gib(budget_gib, layout.batch * tokens))
     if excess <= 0 or not layout.kept:
         return None
-    per_kept = layout.batch * tokens * (KEPT_GIB_PER_TOKEN - CHECKPOINTED_GIB_PER_TOKEN)
-    return Layout(layout.batch, layout.streamed, max(0, layout.kept - math.ceil(excess / per_kept) - 1))
+    kept = (KEPT_GIB_PER_TOKEN if layout.compiled else min(EAGER_KEPT_GIB_PER_TOKEN.values()))
+    per_kept = layout.batch * tokens * (kept - CHECKPOINTED_GIB_PER_TOKEN)
+    return replace(layout, kept=max(0, layout.kept - math.ceil(excess / per_kept) - 1))

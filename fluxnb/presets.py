@@ -23,6 +23,7 @@ class Preset:
     description: str
     budget_gib: float  # the card's memory; the policy keeps a margin under it (fluxnb.budget.margin_gib)
     host_gib: float | None = None  # CPU RAM that streamed weights may take (None: no limit; 0: none streamed)
+    compiled: bool = True  # how its GPUs run the blocks when no GPU is at hand to ask (a T4: eager)
 
 
 SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
@@ -34,11 +35,12 @@ PRESETS: dict[str, Preset] = {
                      "At 1024x1024, batches of 1 (an 8 GiB budget there: 7.5 GiB, 2.15 s, ~1.9x against another "
                      "run's reference)", 6.0),
     "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
-                      "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), the last 6 blocks "
-                      "keep their activations at 512x768 (~14.1 GiB, estimated). torch.compile stays off on a T4 "
-                      "(train.compile='auto'; 'on' to try it: Triton supports sm_75 poorly and the step is bound by "
-                      "arithmetic). Save the NF4 transformer to Drive once (fluxnb.model.save_nf4) and set "
-                      "model.prequantized: quantizing FLUX on the fly needs most of Colab's RAM", 14.7, host_gib=0.0),
+                      "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), batches of 4, every "
+                      "block recomputed at 512x768 (~12.5 GiB, estimated; without torch.compile kept activations "
+                      "bought no time). torch.compile stays off on a T4 (train.compile='auto'; 'on' to try it: "
+                      "Triton supports sm_75 poorly and the step is bound by arithmetic). Save the NF4 transformer "
+                      "to Drive once (fluxnb.model.save_nf4) and set model.prequantized: quantizing FLUX on the fly "
+                      "needs most of Colab's RAM", 14.7, host_gib=0.0, compiled=False),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
                         "the last 34 keep their activations at 512x768: 21.4 GiB, 0.52 s per 4-sample step in a "
                         "23.6 GiB cap on an H200 (7.6x the blog's recipe in the same run; the blog's 4090 run: "
@@ -64,11 +66,17 @@ def budget_for(name: str, hw: Hardware | None = None) -> float:
     return min(gib, hw.gpu.total_gib) if hw is not None and hw.gpu is not None else gib
 
 
+def compiles(name: str, hw: Hardware | None = None) -> bool:
+    """Whether the preset's training runs compiled blocks: as this machine decides for train.compile="auto",
+    which every preset sets (fluxnb.hardware.Hardware.compiles), or, with no machine to ask, as its GPUs do."""
+    return hw.compiles("auto") if hw is not None and hw.gpu is not None else PRESETS[name].compiled
+
+
 def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Plan:
     """fluxnb.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
     d = config.data
     return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
-                         PRESETS[name].host_gib)
+                         PRESETS[name].host_gib, compiles(name, hw))
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:

@@ -9,6 +9,12 @@ from fluxnb.hardware import GPUInfo
 from fluxnb.nb.forms import training_form
 
 
+@pytest.fixture(autouse=True)
+def triton(monkeypatch):
+    """As on a Linux CUDA machine, where torch.compile has Triton (presets plan for compiled blocks there)."""
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+
+
 def _hw(name, gib, capability=(8, 9)):
     return hardware.Hardware("real", torch.device("cuda"), torch.bfloat16, GPUInfo(name, capability, gib), "test")
 
@@ -46,7 +52,8 @@ def test_presets_are_named_budgets_filled_by_the_policy():
     small, t4, big, h100 = (presets.apply(RunConfig(), n) for n in ("8-12gb", "t4-16gb", "4090-24gb", "h100-80gb"))
     assert small.model.offload_blocks == big.model.offload_blocks == 57
     assert t4.model.offload_blocks == 0  # Colab's 12.7 GB of RAM: nothing streams there
-    assert small.train.keep_activations < t4.train.keep_activations < big.train.keep_activations < 57
+    assert 0 < small.train.keep_activations < big.train.keep_activations < 57
+    assert t4.train.keep_activations == 0  # eager on a T4: kept activations buy no time there
     assert h100.model.offload_blocks == 0 and not h100.train.gradient_checkpointing  # all resident, no recompute
     assert {c.train.optimizer for c in (small, t4, big, h100)} == {"adamw"}  # 8-bit state would save 27 MiB
     assert presets.budget_for("h100-80gb", _hw("L40S", 44.4)) == 44.4  # a 48 GB card plans for its own memory
@@ -54,10 +61,13 @@ def test_presets_are_named_budgets_filled_by_the_policy():
 
 def test_t4_preset_says_compile_stays_off_there():
     assert "torch.compile stays off on a T4" in presets.PRESETS["t4-16gb"].description
+    t4 = _hw("Tesla T4", 14.7, (7, 5))
+    assert not presets.compiles("t4-16gb", t4) and presets.plan(RunConfig(), "t4-16gb", t4).layout.kept == 0
+    assert presets.compiles("4090-24gb", _hw("RTX 4090", 23.6)) and not presets.compiles("t4-16gb")
 
 
 @pytest.mark.parametrize("preset, size, batch", [
-    ("t4-16gb", (512, 768), 4), ("t4-16gb", (1024, 1024), 2), ("8-12gb", (1024, 1024), 1),
+    ("t4-16gb", (512, 768), 4), ("t4-16gb", (1024, 1024), 1), ("8-12gb", (1024, 1024), 1),
     ("8-12gb", (768, 768), 2), ("4090-24gb", (1536, 1536), 2), ("h100-80gb", (1536, 1536), 4)])
 def test_bigger_images_trade_batch_for_accumulation(preset, size, batch):
     """Activation memory grows with the image tokens in a batch; the policy lowers the batch when it must."""
@@ -88,9 +98,10 @@ def test_form_applies_a_preset_and_edits_the_config():
     cfg = presets.apply(RunConfig(), "4090-24gb", hw)
     form = training_form(cfg, hw)
     chooser, note = form.children[0], form.children[1]
-    assert chooser.value == "4090-24gb" and "activations kept" in note.value  # the plan's table, with reasons
+    assert chooser.value == "4090-24gb" and "blocks keep them" in note.value  # the plan's table, with reasons
     chooser.value = "h100-80gb"  # 79.2 GiB: every block resident, none recomputed
-    assert cfg.model.offload_blocks == 0 and cfg.train.keep_activations == 57 and "57 of 57" in note.value
+    assert cfg.model.offload_blocks == 0 and cfg.train.keep_activations == 57
+    assert "all 57 blocks keep them (nothing recomputed)" in note.value
     forms = form.children[2].children
     rank = next(w for w in forms[0].children if isinstance(w, W.IntText) and w.description == "rank")
     rank.value = 8
