@@ -396,3 +396,25 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
     monkeypatch.setattr(loop, "in_notebook", lambda: True)  # a notebook's kernel holds the failed step's tensors
     in_a_notebook = str(loop._out_of_memory(0, None, run.config.train, run.hw, "x"))
     assert "restart this notebook's kernel (it holds" in in_a_notebook and "no checkpoint was written yet" in in_a_notebook
+
+
+def test_out_of_memory_after_a_budget_adjustment_names_the_settings_in_force(tmp_path, tmp_path_factory, monkeypatch):
+    """After the first step the loop may give back kept activations (speed.fit_budget); a later out-of-memory
+    message names the value in force then, not the plan's."""
+    from dataclasses import replace
+
+    from fluxnb.train import TrainingOutOfMemory, loop, speed
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4, "keep_activations": 3})
+    monkeypatch.setattr(speed, "fit_budget", lambda model, m, t, hw, tokens: (m, replace(t, keep_activations=1)))
+    real = loop.optimizer_step
+
+    def optimizer_step(accelerator, wrapped, state, *args):
+        if state.step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 216.00 MiB.")
+        return real(accelerator, wrapped, state, *args)
+
+    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    with pytest.raises(TrainingOutOfMemory) as caught:
+        train(run, live=False)
+    assert "train.keep_activations (now 1)" in str(caught.value), str(caught.value)

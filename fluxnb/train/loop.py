@@ -263,8 +263,9 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                     newest = checkpoint.latest(run.dir)
                     raise _out_of_memory(state.step, newest.path if newest else None, tc, hw, how_to_resume) from err
                 if state.step == result.step + 1:  # this call's first step measured the peak: fit the budget once
-                    speed.fit_budget(model, cfg.model, tc, hw, tokens_per_sample(cfg.data.width, cfg.data.height,
-                                                                                 cfg.data.max_sequence_length))
+                    fitted = speed.fit_budget(model, cfg.model, tc, hw, tokens_per_sample(
+                        cfg.data.width, cfg.data.height, cfg.data.max_sequence_length))
+                    tc = fitted[1] if fitted else tc  # the settings in force from here on (messages name them)
                 result.losses.append(loss)
                 if main:
                     row = {"step": state.step, "loss": loss, "lr": state.lr, "grad_norm": grad_norm,
