@@ -9,6 +9,8 @@ FLUXNB_PEAKS_FILE=peaks.json makes `start_peak_log` (called by every notebook's 
 peaks there, refreshed every second and at exit: GPU allocated / reserved, host RSS split into anonymous and
 file-backed pages (/proc/self/status: mmap'd safetensors pages are file-backed and the kernel can drop them,
 anonymous memory it cannot), bytes written to disk. benchmarks/rehearsal.py reads them per notebook.
+FLUXNB_WATCH_DTYPE=bfloat16 adds how many operations made a tensor of that dtype, and which (the T4 envelope:
+a T4 has no bf16, so none should).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from diffusers.training_utils import free_memory
 GiB = 2**30
 PEAKS_ENV = "FLUXNB_PEAKS_FILE"
 HOST_MEMORY_ENV = "FLUXNB_HOST_MEMORY_GIB"  # emulate a machine with this much RAM (merge's check reads it)
+WATCH_DTYPE_ENV = "FLUXNB_WATCH_DTYPE"
 
 
 def snapshot() -> dict[str, float]:
@@ -180,6 +183,23 @@ def _written_gib() -> float:
     return int(io["write_bytes"]) / GiB
 
 
+class DtypeWatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations whose output holds a tensor of `dtype`, by operation (the first 20 kinds)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype, self.count, self.ops = dtype, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.dtype == self.dtype for t in torch.utils._pytree.tree_leaves(out)):
+            self.count += 1
+            name = str(func)
+            if name in self.ops or len(self.ops) < 20:
+                self.ops[name] = self.ops.get(name, 0) + 1
+        return out
+
+
 class PeakLog(threading.Thread):
     """Samples /proc/self/status and the CUDA peak counters every `every` seconds and keeps the maxima."""
 
@@ -187,6 +207,7 @@ class PeakLog(threading.Thread):
         super().__init__(daemon=True, name="fluxnb-peaks")
         self.path, self.every, self.peaks, self.lock = str(path), every, {}, threading.Lock()
         self.start_time, self.written_at_start = time.time(), _written_gib()
+        self.watch: DtypeWatch | None = None
 
     def sample(self) -> None:
         now = {f"host_{k}_gib": v for k, v in proc_status().items()}
@@ -202,6 +223,9 @@ class PeakLog(threading.Thread):
         with self.lock:
             out = {"pid": os.getpid(), "seconds": time.time() - self.start_time,
                    "disk_written_gib": _written_gib() - self.written_at_start, **self.peaks}
+            if self.watch is not None:
+                out |= {"watched_dtype": str(self.watch.dtype).removeprefix("torch."),
+                        "watched_ops": self.watch.count, "watched_by_op": dict(self.watch.ops)}
         tmp = f"{self.path}.tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
@@ -227,6 +251,9 @@ def start_peak_log() -> PeakLog | None:
     if not path or _peak_log is not None:
         return _peak_log
     _peak_log = PeakLog(path)
+    if os.environ.get(WATCH_DTYPE_ENV):  # on this (the notebook's) thread from here on
+        _peak_log.watch = DtypeWatch(getattr(torch, os.environ[WATCH_DTYPE_ENV]))
+        _peak_log.watch.__enter__()
     _peak_log.write()
     _peak_log.start()
     atexit.register(_peak_log.write)

@@ -54,6 +54,35 @@ def test_no_cap_without_the_variable(h200, monkeypatch):
     assert hardware.detect("real").gpu == H200 and h200 == []
 
 
+def test_capability_emulates_an_older_gpu_and_what_follows_from_it(h200, monkeypatch):
+    """FLUXNB_GPU_CAPABILITY=7.5 on an H200: a T4's fp16, no torch.compile, and attention through a T4's kernels."""
+    switched = []
+    monkeypatch.setattr(torch.backends.cuda, "enable_flash_sdp", lambda on: switched.append(("flash", on)))
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: switched.append(("cudnn", on)))
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    monkeypatch.setenv(hardware.GPU_MEMORY_ENV, "14.7")
+    assert hardware.detect("real").compiles("auto") and switched == []  # the H200 as it is
+    monkeypatch.setenv(hardware.GPU_CAPABILITY_ENV, "7.5")
+    hw = hardware.detect("real")
+    assert hw.gpu.capability == (7, 5) and hw.gpu.total_gib == 14.7 and hw.dtype == torch.float16
+    assert not hw.compiles("auto") and hw.compiles("on") and presets.pick(hw) == "t4-16gb"
+    assert switched == [("flash", False), ("cudnn", False)]  # memory-efficient and math attention remain
+    with pytest.raises(FluxnbError, match="no bf16"):
+        hardware.detect("real", "bf16")
+    for raw in ("sm75", "9.5"):  # not a capability; newer than the GPU's own
+        monkeypatch.setenv(hardware.GPU_CAPABILITY_ENV, raw)
+        with pytest.raises(FluxnbError, match=hardware.GPU_CAPABILITY_ENV):
+            hardware.detect("real")
+
+
+def test_dtype_watch_counts_what_makes_a_bf16_tensor():
+    watch = memory.DtypeWatch(torch.bfloat16)
+    with watch:
+        x = torch.ones(4, dtype=torch.float16) * 2  # fp16: not counted
+        y = x.to(torch.bfloat16) + 1
+    assert watch.count == 2 and set(watch.ops) == {"aten._to_copy.default", "aten.add.Tensor"} and y.sum() == 12
+
+
 def test_peak_log_records_anonymous_and_file_backed_peaks(tmp_path):
     log = memory.PeakLog(tmp_path / "peaks.json")
     block = bytearray(64 * 2**20)  # 64 MiB of anonymous memory, touched
@@ -80,10 +109,11 @@ def test_rehearsal_runs_a_notebook_with_its_peaks(tiny_assets, tmp_path, monkeyp
 
     open_run(tmp_path / "run", profile="tiny", verbose=False)  # config.json of the tiny profile
     monkeypatch.setattr(rehearsal, "make_cgroup", lambda name, gib: (None, "no cgroup here"))
-    env = {"gpu_gib": 14.7, "host_gib": 11.5}
+    env = {"gpu_gib": 14.7, "host_gib": 11.5, "watch_dtype": "bfloat16"}
     result = rehearsal.run_notebook("01", tmp_path / "run", env, "t4", tmp_path / "log.txt", timeout=600)
     assert result["rc"] == 0, (tmp_path / "log.txt").read_text()[-3000:]
     kernel = result["kernel"]
+    assert kernel["watched_dtype"] == "bfloat16" and kernel["watched_ops"] == 0 and result["dtype_ok"]
     assert kernel["pid"] > 0 and 0 < kernel["host_RssAnon_gib"] <= kernel["host_VmHWM_gib"] < 11.5
     assert result["ok"] and result["disk_growth_mib"] > 0  # the embeddings it cached
     assert (tmp_path / "t4-01_embeddings.ipynb").is_file()  # the executed copy, beside the log (it comes back)
