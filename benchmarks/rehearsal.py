@@ -2,6 +2,8 @@
 
     python benchmarks/rehearsal.py --root /tmp/rehearsal --out results.json --envelopes t4 8gb 4090
     python benchmarks/rehearsal.py ... --envelopes 8gb 4090 --parallel     # both at once on one big GPU
+    python benchmarks/rehearsal.py --quick --parallel --commit SHA ...     # notebook 03 only, 5 steps, ~6 min
+    python benchmarks/rehearsal.py --resume --notebooks 04 05 ...           # the same run dirs, a second call
 
 1. benchmarks/fullsize.py builds a random-weight FLUX.1-dev pipeline (FLUX.1-dev's layout and sizes) and a
    24-image dataset; the NF4 transformer is saved once with fluxnb.model.quant.save_nf4 (what the t4-16gb preset
@@ -11,14 +13,20 @@
    same headless runner as `python -m fluxnb notebooks --only NN`, in a fresh process per notebook, with
      FLUXNB_GPU_MEMORY_GIB   the envelope's GPU size (fluxnb.hardware caps PyTorch's allocator to it),
      FLUXNB_PEAKS_FILE       where the kernel writes its own peaks (fluxnb.memory.start_peak_log),
+     FLUXNB_GPU_CAPABILITY   (t4) a T4's compute capability, 7.5: fp16, no torch.compile, and attention through
+                             the kernels a T4 has (memory-efficient, math), as fluxnb.hardware derives them,
+     FLUXNB_WATCH_DTYPE      (t4) bfloat16: the kernel counts operations that make a bf16 tensor (none should),
      a cgroup v2 memory limit (memory.max, no swap) around the runner and its kernel where /sys/fs/cgroup is
      writable; else FLUXNB_HOST_MEMORY_GIB and a check of the recorded peak against the limit afterwards.
 3. Results (per envelope and notebook: wall time, GPU peaks, host RssAnon / RssFile peaks, disk written, the
    training's s/step, what 04 rendered and merged) go to --out after every notebook, so a timeout keeps them.
 
-Only the GPU's memory and the host memory are emulated: the H200's speed is not a T4's (see BENCHMARKS.md for
-the T4 time estimate). On the H200 the compute capability stays 9.0, so the t4 envelope sets train.compile="off",
-what "auto" means on a T4 (compute capability 7.5, which Triton does not support).
+--quick: notebook 03 alone, 5 optimizer steps, its inputs made by the CLI (embed, latents): the rehearsal every
+change to training, the planner, the loaders, inference or notebooks 03-04 runs before it lands. Every results
+file records the commit it ran (--commit) and, per envelope, "passed".
+
+The GPU's memory, its compute capability (t4) and the host memory are emulated, not the GPU's speed: the H200's
+kernels run faster than a T4's (see BENCHMARKS.md for the T4 time estimate).
 """
 
 from __future__ import annotations
@@ -39,37 +47,57 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 ENVELOPES = {  # DESIGN.md "Envelopes"
-    "t4": dict(gpu_gib=14.7, host_gib=11.5, dtype="fp16", preset="t4-16gb", prequantized=True, compile="off"),
+    "t4": dict(gpu_gib=14.7, host_gib=11.5, dtype="auto", preset="t4-16gb", prequantized=True, capability="7.5",
+               watch_dtype="bfloat16"),
     "8gb": dict(gpu_gib=7.6, host_gib=14.0, dtype="bf16", preset="8-12gb", prequantized=True),
     "4090": dict(gpu_gib=23.6, host_gib=28.0, dtype="bf16", preset="4090-24gb", prequantized=False),
 }
 NOTEBOOKS = ["01", "02", "03", "04", "05"]
 PROMPTS = ["a cat sleeping on a blue chair, tnyst style", "a castle on a hill at night, tnyst style"]
 STEPS = 30
-PREP_STEPS = 2  # --start-at 04: training steps of the CLI-made run (a full-size LoRA and a checkpoint, quickly)
+QUICK_STEPS = 5
 
 
-def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, steps: int = STEPS,
-              compile_: str | None = None) -> None:
-    """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4."""
+def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, steps: int = STEPS) -> None:
+    """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4.
+    The preset's plan is made for the envelope's machine (its GPU size and compute capability), as notebook
+    03's form makes it."""
     from fluxnb import presets
     from fluxnb.config import RunConfig
 
-    config = presets.apply(RunConfig(profile="real"), env["preset"]).replace(
+    config = presets.apply(RunConfig(profile="real"), env["preset"], envelope_hardware(env)).replace(
         data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": PROMPTS},
         model={"model_id": str(model), "dtype": env["dtype"], "prequantized": str(nf4) if env["prequantized"] else None},
-        train={"max_train_steps": steps, "sample_every": steps, "checkpoint_every": steps,
-               **({"compile": compile_ or env["compile"]} if compile_ or "compile" in env else {})})
+        train={"max_train_steps": steps, "sample_every": steps, "checkpoint_every": steps})
     config.save(run_dir)
 
 
-def prepare_by_cli(run_dir: Path, env: dict, log: Path, deadline: float) -> None:
+def envelope_env(env: dict) -> dict[str, str]:
+    """The environment variables that make fluxnb see the envelope's GPU (fluxnb.hardware, fluxnb.memory)."""
+    return {"FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"]),
+            **({"FLUXNB_GPU_CAPABILITY": env["capability"]} if "capability" in env else {}),
+            **({"FLUXNB_WATCH_DTYPE": env["watch_dtype"]} if "watch_dtype" in env else {})}
+
+
+def envelope_hardware(env: dict):
+    """The machine fluxnb.hardware.detect sees inside the envelope (this GPU, capped and as old as it says)."""
+    import torch
+
+    from fluxnb.hardware import GPUInfo, Hardware, cuda_info
+
+    gpu = cuda_info()
+    capability = tuple(int(x) for x in env["capability"].split(".")) if "capability" in env else gpu.capability
+    seen = GPUInfo(gpu.name, capability, env["gpu_gib"])
+    return Hardware("real", torch.device("cuda"), torch.bfloat16 if seen.has_bf16 else torch.float16, seen, "envelope")
+
+
+def prepare_by_cli(run_dir: Path, env: dict, log: Path, deadline: float, steps=("embed", "latents", "train")) -> None:
     """The inputs of notebooks 04-05 made by the CLI (notebooks 01-03's headless mirror) instead of the notebooks:
     only for --start-at 04, a machine where 01-03 already ran and were recorded, to save device time. The GPU is
     capped as the envelope's; host memory is not limited here (not a measurement)."""
-    child_env = {**os.environ, "FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"])}
+    child_env = {**os.environ, **envelope_env(env)}
     with open(log, "a") as out:
-        for step in ("embed", "latents", "train"):
+        for step in steps:
             out.write(f"\n===== cli {step}\n")
             out.flush()
             subprocess.run([sys.executable, "-m", "fluxnb", step, "--run-dir", str(run_dir)], cwd=ROOT, check=True,
@@ -118,7 +146,7 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
     peaks_file = run_dir / f"peaks-{nb}.json"
     peaks_file.unlink(missing_ok=True)
     group, how = make_cgroup(f"fluxnb-{name}-{nb}", env["host_gib"])
-    child_env = {**os.environ, "FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"]), "FLUXNB_PEAKS_FILE": str(peaks_file),
+    child_env = {**os.environ, **envelope_env(env), "FLUXNB_PEAKS_FILE": str(peaks_file),
                  "FLUXNB_RUN_DIR": str(run_dir)}
     if group is None:
         child_env["FLUXNB_HOST_MEMORY_GIB"] = str(env["host_gib"])
@@ -156,30 +184,32 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
     result["gpu_ok"] = k.get("gpu_reserved_gib", 0) <= env["gpu_gib"]
     result["host_anon_ok"] = k.get("host_RssAnon_gib", 0) <= env["host_gib"]
     result["host_rss_ok"] = k.get("host_VmHWM_gib", 0) <= env["host_gib"]
-    result["ok"] = rc == 0 and result["gpu_ok"] and (group is not None or result["host_anon_ok"])
+    result["dtype_ok"] = k.get("watched_ops", 0) == 0  # t4: no bf16 tensor made
+    result["ok"] = rc == 0 and result["gpu_ok"] and result["dtype_ok"] and (group is not None or result["host_anon_ok"])
     return result
 
 
 def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, deadline: float, log: Path,
-             save, start_at: str = "01") -> dict:
+             save, mode: str = "full", notebooks: list[str] = NOTEBOOKS) -> dict:
     """Fill `report` (already in the results) with envelope report["envelope"]'s run. Every change to it goes
     through save(change), which makes it under the results' lock (--parallel: other threads serialise them).
-    start_at "04": notebooks 04-05 only, on inputs the CLI made with PREP_STEPS of training (prepare_by_cli)."""
+    mode "full": a new run directory, `notebooks` in order; "quick": a new one, its embeddings and latents made
+    by the CLI, then notebook 03 with QUICK_STEPS; "resume": `notebooks` in the run directory an earlier call
+    left (the warm machine's /tmp), recorded beside that call's."""
     name = report["envelope"]
     env = ENVELOPES[name]
     run_dir = root / f"run-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    save(lambda: report.update(env))
-    notebooks = [nb for nb in NOTEBOOKS if nb >= start_at]
-    if start_at > "01":
-        configure(run_dir, env, model, dataset, nf4, steps=PREP_STEPS, compile_="off")
+    if mode != "resume":
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        save(lambda: report.update(env))
+        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if mode == "quick" else STEPS)
+    if mode == "quick":
         start = time.perf_counter()
-        prepare_by_cli(run_dir, env, log, deadline)
-        prepared = {"steps": PREP_STEPS, "compile": "off", "seconds": round(time.perf_counter() - start, 1)}
-        save(lambda: report.update(prepared_by_cli=prepared))
-    else:
-        configure(run_dir, env, model, dataset, nf4)
+        prepare_by_cli(run_dir, env, log, deadline, steps=("embed", "latents"))
+        save(lambda: report.update(prepared_by_cli={"steps": ["embed", "latents"],
+                                                    "seconds": round(time.perf_counter() - start, 1)}))
+        notebooks = ["03"]
     for nb in notebooks:
         left = deadline - time.time()
         if left < 30:
@@ -199,9 +229,11 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         print(f"{name} {nb}: {json.dumps(result)}", flush=True)
         if result["rc"] != 0:
             break
-    passed = all(r.get("ok") for r in report["notebooks"]) and len(report["notebooks"]) == len(notebooks)
-    save(lambda: report.update(passed=passed))
-    shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each (one per envelope running at once)
+    latest = {r["notebook"]: r for r in report["notebooks"]}  # a notebook run again counts by its last run
+    expected = ["03"] if mode == "quick" or report.get("quick") else NOTEBOOKS
+    save(lambda: report.update(passed=all(latest.get(nb, {}).get("ok") for nb in expected)))
+    if "05" in notebooks:
+        shutil.rmtree(run_dir / "merged", ignore_errors=True)  # 6.7 GB each (one per envelope running at once)
     return report
 
 
@@ -234,24 +266,38 @@ def prepare(root: Path, log: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/rehearsal"))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the results JSON (--resume reads and extends it)")
     parser.add_argument("--log", type=Path, default=None)
     parser.add_argument("--envelopes", nargs="+", default=list(ENVELOPES), choices=list(ENVELOPES))
+    parser.add_argument("--notebooks", nargs="+", default=NOTEBOOKS, choices=NOTEBOOKS)
+    parser.add_argument("--commit", default="", help="the git commit of the code that runs (recorded; required)")
     parser.add_argument("--budget-s", type=float, default=560, help="stop starting notebooks after this many seconds")
-    parser.add_argument("--start-at", default="01", choices=NOTEBOOKS[:1] + NOTEBOOKS[3:],
-                        help="04: run notebooks 04-05 only, their inputs made by the CLI (when 01-03 are recorded)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"notebook 03 alone, {QUICK_STEPS} optimizer steps, its inputs made by the CLI")
+    parser.add_argument("--resume", action="store_true",
+                        help="run --notebooks in the run directories and results an earlier call left (warm machine)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the envelopes at the same time on the one GPU (each capped, its own cgroup and log): "
                              "the same caps and limits, longer wall times; cgroup peaks can differ, as cached file "
                              "pages count in the group that read them first")
     args = parser.parse_args()
+    if not args.commit:
+        parser.error("--commit: the git commit this code is (git rev-parse HEAD where it was sent from)")
     deadline = time.time() + args.budget_s
     args.root.mkdir(parents=True, exist_ok=True)
     log = args.log or args.out.with_suffix(".log")
+    mode = "resume" if args.resume else "quick" if args.quick else "full"
     import torch
 
-    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name(0),
-               "torch": torch.__version__, "command": " ".join(sys.argv), "envelopes": []}
+    call = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    if args.resume:
+        results = json.loads(args.out.read_text())
+        if results.get("commit") != args.commit:
+            parser.error(f"--resume: {args.out} ran commit {results.get('commit')}, not {args.commit}")
+    else:
+        results = {"commit": args.commit, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                   "quick": args.quick, "calls": [], "envelopes": []}
+    results["calls"].append(call)
 
     lock = threading.Lock()
 
@@ -262,19 +308,22 @@ def main() -> None:
                 change()
             args.out.write_text(json.dumps(results, indent=1) + "\n")
 
-    setup = prepare(args.root, log)
-    save(lambda: results.update(setup=setup, parallel=args.parallel))
-    print("setup:", results["setup"], flush=True)
+    if not args.resume:
+        setup = prepare(args.root, log)
+        save(lambda: results.update(setup=setup, parallel=args.parallel))
+        print("setup:", results["setup"], flush=True)
     threads = []
     for name in args.envelopes:
-        report = {"envelope": name, "notebooks": []}
-        save(lambda report=report: results["envelopes"].append(report))
+        report = next((r for r in results["envelopes"] if r["envelope"] == name), None)
+        if report is None:
+            report = {"envelope": name, "quick": args.quick, "notebooks": []}
+            save(lambda report=report: results["envelopes"].append(report))
         own_log = log.with_name(f"{log.stem}-{name}{log.suffix}") if args.parallel else log
 
         def run(report=report, own_log=own_log) -> None:
             try:
                 rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
-                         args.root / "flux-nf4", deadline, own_log, save, args.start_at)
+                         args.root / "flux-nf4", deadline, own_log, save, mode, args.notebooks)
             except Exception as err:  # recorded, so one envelope's failure neither vanishes nor stops the others
                 error = f"{type(err).__name__}: {err}"
                 save(lambda: report.update(passed=False, error=error))
@@ -287,7 +336,10 @@ def main() -> None:
     for thread in threads:
         thread.join()
     free = shutil.disk_usage(args.root).free
-    save(lambda: results.update(disk_free_gib_at_end=round(free / 2**30, 1)))
+    save(lambda: call.update(disk_free_gib_at_end=round(free / 2**30, 1)))
+    for report in results["envelopes"]:
+        print(f"{report['envelope']}: passed={report.get('passed')} "
+              + " ".join(f"{r['notebook']}:{'ok' if r.get('ok') else r.get('rc')}" for r in report["notebooks"]))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
-    "fp8"), adamw (plain AdamW), cap=GiB, expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
+    "fp8"), adamw (plain AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds),
+    t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
     without either, fluxnb's default: on, fluxnb.hardware.use_expandable_segments),
     profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
     2026-12-02, instead of inside its forward), amb=F (torch._functorch.config.activation_memory_budget: the
@@ -123,6 +124,7 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
     plan = plan or {"model": {}, "train": {}}
     model = ModelConfig(model_id=str(ckpt), quantization=quantization, double_quant="dq" in opts,
+                        prequantized=opts.get("nf4"),
                         **({"offload_blocks": int(opts.get("offload", 0))} | plan["model"]))
     compile_mode = "off" if "nocompile" in opts else "on" if "compile" in opts else "auto"
     train = TrainConfig(**({"gradient_checkpointing": "nockpt" not in opts, "compile": compile_mode,
@@ -189,7 +191,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
         from fluxnb.budget import choose
 
         width, height, tokens, _ = CASES[cases[0]]
-        chosen = choose(float(opts["budget"]), width, height, tokens)
+        chosen = choose(float(opts["budget"]), width, height, tokens, compiled="nocompile" not in opts)
         print(chosen.table(), flush=True)
         plan = chosen.settings()
         opts["batch"] = str(plan["train"]["batch_size"])
@@ -197,6 +199,10 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     if samples % batch_size:
         raise SystemExit(f"--samples {samples} is not a multiple of batch={batch_size}")
     micro_steps = samples // batch_size  # gradient accumulation, as the blog's 1 x 4
+    if "t4k" in opts:  # a T4 has no flash or cuDNN attention: what its memory-efficient kernel keeps
+        from fluxnb.hardware import GPUInfo, limit_attention_kernels
+
+        limit_attention_kernels(GPUInfo("T4", (7, 5), 14.7))
     if "nocudnn" in opts:  # attention through flash / memory-efficient SDPA instead of cuDNN's
         torch.backends.cuda.enable_cudnn_sdp(False)
     if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.speed)
