@@ -87,6 +87,24 @@ def test_saved_nf4_loads_back_identically(tiny_model, tmp_path, double_quant):
         quant.save_nf4(model, tmp_path / "again")
 
 
+def test_a_saved_nf4_dequantizes_straight_into_the_compute_dtype(tiny_model, tmp_path):
+    """An NF4 folder saved in one dtype (bf16 on a 4090, fp32 here) trains on a T4 in fp16: its weights are
+    dequantized into fp16 directly, with no copy in the dtype they were saved in (a T4 has no bf16)."""
+    from fluxnb.memory import DtypeWatch
+
+    folder = quant.save_nf4(quant.load_transformer(ModelConfig(model_id=tiny_model.model_id), detect("tiny")),
+                            tmp_path / "nf4")
+    fp16 = Hardware("tiny", torch.device("cpu"), torch.float16, None, "test")
+    model = quant.load_transformer(ModelConfig(model_id="unused/not-downloaded", prequantized=str(folder)), fp16)
+    states = [m.weight.quant_state for _, m in quant._linear4bit_modules(model)]
+    assert states and all(s.dtype == torch.float16 for s in states)
+    inputs = {k: v.half() if isinstance(v, torch.Tensor) and not k.endswith("_ids") else v
+              for k, v in _inputs().items()}
+    with torch.no_grad(), DtypeWatch(torch.float32) as watch:
+        model(**inputs)
+    assert not [op for op in watch.ops if "dequantize" in op], watch.ops
+
+
 def test_nf4_on_cuda_goes_through_diffusers_bitsandbytes_config(tiny_model, monkeypatch):
     """The GPU path (not runnable here): from_pretrained gets the blog's NF4 config with the hardware's dtype."""
     calls = []

@@ -87,6 +87,9 @@ def _finish_nf4(model: torch.nn.Module, bnb_cfg, compute_dtype: torch.dtype) -> 
     """What diffusers sets on a model it quantized, plus two CPU details."""
     for _, module in _linear4bit_modules(model):
         module.compute_dtype = compute_dtype  # a checkpoint saved on a bf16 GPU may be trained on a T4 (fp16)
+        # and dequantized straight into it: the weights' own dtype (bf16 where it was saved) would make a bf16
+        # copy of every weight at every use, then an fp16 one, on a GPU without bf16.
+        module.weight.quant_state.dtype = compute_dtype
         # bitsandbytes repacks CPU weights for fast inference the first time a layer runs in eval mode without
         # grad (e.g. while sampling), and that layout has no backward: training after a sample grid would then
         # silently stop gradients at every base layer. Training and sampling must share one layout.
