@@ -251,6 +251,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         if sampler is not None and state.step == 0:  # the base model's images, to compare the later grids with
             on_main(sampler.grid, model, 0, live)
         progress = Progress(run.dir, tc.max_train_steps, state.step, history, live) if main else None
+        if hw.device.type == "cuda":  # the budget check after the first step measures steps, not the model's load
+            torch.cuda.reset_peak_memory_stats(hw.device)
         began = time.perf_counter()
         wrapped.train()
         try:
