@@ -375,6 +375,7 @@ def main() -> None:
                         help="samples per optimizer step (the blog: 4 = batch 1 x 4 accumulation); impl option "
                              "batch=B runs them as samples/B micro-batches of B")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
+    parser.add_argument("--commit", default="", help="the git commit of the code that runs (recorded in the results)")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler summary per case")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
@@ -433,7 +434,7 @@ def write_report(args, cases: list[str], rows: list[dict], quiet: bool = False) 
                               "fluxnb_peak_gib": round(mine[0]["peak_allocated_gib"], 3)})
     device = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()
-    report = {"device": device, "date": date, "versions": versions(), "command": " ".join(sys.argv),
+    report = {"commit": args.commit, "device": device, "date": date, "versions": versions(), "command": " ".join(sys.argv),
               "cases": table, "raw": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{date}-{device.replace(' ', '_')}{'-' + args.tag if args.tag else ''}.json"

@@ -9,8 +9,8 @@ FLUXNB_PEAKS_FILE=peaks.json makes `start_peak_log` (called by every notebook's 
 peaks there, refreshed every second and at exit: GPU allocated / reserved, host RSS split into anonymous and
 file-backed pages (/proc/self/status: mmap'd safetensors pages are file-backed and the kernel can drop them,
 anonymous memory it cannot), bytes written to disk. benchmarks/rehearsal.py reads them per notebook.
-FLUXNB_WATCH_DTYPE=bfloat16 adds how many operations made a tensor of that dtype, and which (the T4 envelope:
-a T4 has no bf16, so none should).
+FLUXNB_WATCH_DTYPE=bfloat16 adds how many operations computed a tensor of that dtype, and which (the T4
+envelope: a T4 has no bf16 arithmetic, so none should).
 """
 
 from __future__ import annotations
@@ -184,7 +184,11 @@ def _written_gib() -> float:
 
 
 class DtypeWatch(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the operations whose output holds a tensor of `dtype`, by operation (the first 20 kinds)."""
+    """Counts the operations that compute a tensor of `dtype` (by operation, the first 20 kinds): not views, and
+    not copies of a tensor already in it (weights read from a file saved in it, moved to the GPU), which a GPU
+    without that dtype's arithmetic still holds and moves as plain bytes."""
+
+    MOVES = {"aten._to_copy.default", "aten.copy_.default", "aten.clone.default", "aten._pin_memory.default"}
 
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
@@ -192,12 +196,15 @@ class DtypeWatch(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if any(isinstance(t, torch.Tensor) and t.dtype == self.dtype for t in torch.utils._pytree.tree_leaves(out)):
+        if not func.is_view and self._has(out) and not (str(func) in self.MOVES and self._has((args, kwargs))):
             self.count += 1
             name = str(func)
             if name in self.ops or len(self.ops) < 20:
                 self.ops[name] = self.ops.get(name, 0) + 1
         return out
+
+    def _has(self, tree) -> bool:
+        return any(isinstance(t, torch.Tensor) and t.dtype == self.dtype for t in torch.utils._pytree.tree_leaves(tree))
 
 
 class PeakLog(threading.Thread):

@@ -75,12 +75,16 @@ def test_capability_emulates_an_older_gpu_and_what_follows_from_it(h200, monkeyp
             hardware.detect("real")
 
 
-def test_dtype_watch_counts_what_makes_a_bf16_tensor():
+def test_dtype_watch_counts_what_computes_a_bf16_tensor():
+    stored = torch.ones(4, dtype=torch.bfloat16)  # as read from a file saved in bf16
     watch = memory.DtypeWatch(torch.bfloat16)
     with watch:
         x = torch.ones(4, dtype=torch.float16) * 2  # fp16: not counted
-        y = x.to(torch.bfloat16) + 1
+        y = x.to(torch.bfloat16) + 1  # a conversion into bf16 and bf16 arithmetic: counted
+        moved = stored.clone().view(2, 2).t()  # bf16 bytes copied and viewed, no arithmetic: not counted
+        z = stored.to(torch.float16) * 3  # converted out of bf16 first: not counted
     assert watch.count == 2 and set(watch.ops) == {"aten._to_copy.default", "aten.add.Tensor"} and y.sum() == 12
+    assert moved.dtype == torch.bfloat16 and z.dtype == torch.float16
 
 
 def test_peak_log_records_anonymous_and_file_backed_peaks(tmp_path):
