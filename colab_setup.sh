@@ -11,6 +11,10 @@ fi
 cd "$DEST"
 python3 -c "import torch" || { echo "PyTorch is missing: install it first (Colab ships it)." >&2; exit 1; }
 # torch is deliberately absent from requirements.txt, so Colab's CUDA build stays as it is.
-python3 -m pip install -q -r requirements.txt
+# The tested versions of the libraries fluxnb calls into (constraints.txt); Colab's own torch, numpy and Jupyter
+# stack stay as they are.
+grep -iE '^(diffusers|transformers|peft|accelerate|bitsandbytes|datasets|huggingface[-_]hub|safetensors|tokenizers|torchao)==' \
+  constraints.txt > /tmp/fluxnb-constraints.txt
+python3 -m pip install -q -r requirements.txt -c /tmp/fluxnb-constraints.txt
 python3 -m pip install -q --no-deps -e .
 python3 -c "import fluxnb, torch; print(f'fluxnb {fluxnb.__version__} installed in $DEST; torch {torch.__version__}, CUDA {torch.cuda.is_available()}')"

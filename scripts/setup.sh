@@ -19,6 +19,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "$TORCH"
   fi
 fi
-"$PY" -m pip install -q -r requirements-dev.txt
+# constraints.txt: the versions the tests last passed with, so a newer release cannot break a first run unseen.
+"$PY" -m pip install -q -r requirements-dev.txt -c constraints.txt
 "$PY" -m pip install -q --no-deps -e .
 "$PY" -c "import fluxnb, torch; print(f'fluxnb {fluxnb.__version__} ready (torch {torch.__version__})')"

@@ -58,3 +58,34 @@ def test_cli_builds_the_tiny_profile(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "model" / "model_index.json").is_file() and (tmp_path / "dataset" / "metadata.jsonl").is_file()
+
+
+def _names(path: Path) -> set[str]:
+    """Package names a requirements file asks for (lower case, '-' for '_'), -r includes and comments left out."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_every_requirement_has_the_tested_version_in_the_constraints():
+    """constraints.txt holds the versions the tests last passed with: every package the requirements ask for is
+    pinned there exactly, torch is not (setup.sh pins it; Colab brings its own), and both set-up scripts use it."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = version
+    assert all(pins.values()) and "torch" not in pins
+    wanted = _names(ROOT / "requirements.txt") | _names(ROOT / "requirements-dev.txt")
+    assert wanted <= set(pins), sorted(wanted - set(pins))
+    assert "-c constraints.txt" in (ROOT / "scripts" / "setup.sh").read_text()
+    assert "constraints.txt" in (ROOT / "colab_setup.sh").read_text()
+
+
+def test_ci_sets_up_in_a_fresh_virtual_environment():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m venv .ci/venv" in ci and "source .ci/venv/bin/activate" in ci
+    assert ci.index("activate") < ci.index("bash scripts/setup.sh") < ci.index("python3 -m pytest")
