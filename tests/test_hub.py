@@ -17,8 +17,8 @@ from PIL import Image
 
 from fluxnb.cli import main
 from fluxnb.config import RunConfig
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import detect
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import detect
 from fluxnb.infer import sampling
 from fluxnb.run import Run, RunDir, open_run
 from fluxnb.share import hub
@@ -96,7 +96,7 @@ def test_card_contents(run):
 
 def test_card_for_flux_dev_names_base_model_and_licence(run, tmp_path):
     real = Run(RunDir(tmp_path), RunConfig(profile="real"), detect("real"))
-    data = ModelCard(hub.card_text(real, hub.HubSettings(trigger_word="mucha style"), "x_comfyui.safetensors", [])).data
+    data = ModelCard(hub.card_text(real, "mucha style", "x_comfyui.safetensors", [], "flux-lora")).data
     assert data.base_model == "black-forest-labs/FLUX.1-dev"
     assert data.license_name == "flux-1-dev-non-commercial-license" and data.instance_prompt == "mucha style"
 
@@ -207,10 +207,40 @@ def test_card_survives_quotes_and_pipes_and_hides_gone_local_paths(run):
     odd = 'a "quoted" cat | with a pipe \\ backslash'
     config = run.config.replace(data={"dataset": "/content/gone-since-last-vm"})
     images = [{"prompt": odd, "file": "00.png", "seed": 0, "steps": 4, "lora_scale": 1.0}]
-    card = hub.card_text(Run(run.dir, config, run.hw), hub.HubSettings(repo_id="me/x"), "x_comfyui.safetensors", images)
+    card = hub.card_text(Run(run.dir, config, run.hw), "", "x_comfyui.safetensors", images, "me/x")
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     ast.parse(code)  # the snippet is valid Python whatever the prompt holds
     assert repr(odd) in code
     row = next(line for line in card.splitlines() if line.startswith("| ![a"))
     assert row.count(" | ") == 1  # the prompt's "|" does not split the table cell
     assert "gone-since-last-vm" not in card
+
+
+def test_card_writes_what_users_typed_as_text_never_as_markup(run):
+    """A trigger word or prompt holding HTML, a Markdown link or image, backticks or a line break that starts a
+    heading stays text on the Hub's page: no tag, no link, no heading, no code span that ends early (issue 27)."""
+    import re
+
+    import markdown_it
+
+    hostile = ["<script>alert(1)</script> a cat", "a dog <img src=x onerror=alert(2)>",
+               "[click](javascript:alert(3)) a fox", "a bird\n# Injected heading\n<iframe src=//evil></iframe>",
+               "a `tick` and ``` fences", "a card\n---\nbreaking the header"]
+    images = [{"prompt": p, "file": f"{i:02d}.png", "seed": i, "steps": 4, "lora_scale": 1.0}
+              for i, p in enumerate(hostile)]
+    card = hub.card_text(run, "my `style` <b>x</b>\n# h", "x_comfyui.safetensors", images, "me/x")
+    header, body = card.split("---\n", 2)[1:]  # notebook 05's split: the header holds no "---" line
+    assert "Injected heading" not in header.replace("# Injected", "")  # one line per prompt in the YAML
+    tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(body)
+    inline = [t for tok in tokens if tok.type == "inline" for t in tok.children or []]
+    assert not [t for t in tokens + inline if t.type in ("html_block", "html_inline")]
+    links = [t.attrGet("href") for t in inline if t.type == "link_open"]
+    assert all(href.startswith(("https://", "http://")) for href in links), links
+    images_md = [t.attrGet("src") for t in inline if t.type == "image"]
+    assert images_md == [f"images/{i:02d}.png" for i in range(len(hostile))]
+    headings = [t for t in tokens if t.type == "heading_open"]
+    assert len(headings) == 7  # the title and the card's own 6 sections: none from a prompt
+    spans = [t.content for t in inline if t.type == "code_inline"]
+    assert "my `style` <b>x</b> # h" in spans  # the trigger word, whole, verbatim
+    code = re.search(r"(`{3,})python\n(.*?)\1", card, re.S).group(2)
+    assert repr(hostile[0]) in code
