@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fluxnb import memory
+from fluxnb.base import memory
 
 
 def test_snapshot_and_table():
@@ -49,7 +49,7 @@ def test_free_hands_the_weights_ram_back_to_the_system():
     model = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(20 * 2**20 // 4)) for _ in range(40)])  # 800 MB
     heap_top = torch.ones(20 * 2**20 // 4)  # allocated last: the heap's top stays in use, no automatic trim
     grown = memory.proc_status()["RssAnon"] - before
-    assert grown > 0.7  # GiB
+    assert grown > 0.9 * 40 * 20 / 1024  # GiB: the 40 tensors of 20 MiB, touched (glibc may reuse a few freed pages)
     memory.free(model)
     left = memory.proc_status()["RssAnon"] - before
     assert left < 0.2 * grown, f"{left:.2f} of {grown:.2f} GiB still resident after memory.free"

@@ -1,4 +1,4 @@
-"""fluxnb.speed: the levers of the fast GPU step keep the plain step's numbers (checked here on the CPU).
+"""fluxnb.train.speed: the levers of the fast GPU step keep the plain step's numbers (checked here on the CPU).
 
 Tolerances: the compiled step's loss within 1e-6 relative of the eager step's, LoRA gradients within 1e-5
 (measured: loss identical, gradients 2e-8 apart; inductor may fuse and reorder float32 sums). FP8 is
@@ -10,28 +10,32 @@ import torch
 from model_helpers import HW, grads, loss, model
 
 from fluxnb.config import ConfigError, ModelConfig, TrainConfig
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import GPUInfo, Hardware
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import GPUInfo, Hardware
 from fluxnb.model import quant
-from fluxnb.train import offload, speed
+from fluxnb.model import offload
+from fluxnb.train import speed
 
 
 def assert_same_step(plain, changed, seed: int = 0) -> None:
-    """The changed model's loss within 1e-6 and LoRA gradients within 1e-5 (relative) of the plain model's."""
+    """The changed model's loss within 1e-6 (relative) of the plain model's, and each LoRA gradient within 1e-5 of
+    that tensor's own largest value: float32 rounding of a reordered sum scales with the numbers summed, not with
+    an element that cancelled out to near zero (per element, 7e-8 differences sat at 68% of a 1e-7 allowance)."""
     expected, got = loss(plain, seed), loss(changed, seed)
     expected.backward()
     got.backward()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     want, have = grads(plain), grads(changed)
     for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        scale = want[name].abs().max().item()
+        assert (have[name] - want[name]).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_compiled_blocks_give_the_plain_steps_loss_and_gradients(tiny_assets):
     from torch._dynamo.utils import counters
 
     plain, fast = model(str(tiny_assets.model)), model(str(tiny_assets.model))
-    speed.prepare(fast, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
+    speed.configure(fast, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
     assert _is_compiled(fast) and not _is_compiled(plain)
     counters.clear()
     for seed in range(2):
@@ -48,12 +52,12 @@ def _is_compiled(transformer) -> bool:
 def test_prepare_twice_keeps_one_streamer_and_follows_a_changed_count(tiny_assets):
     transformer = model(str(tiny_assets.model))
     train = TrainConfig(compile="off", gradient_checkpointing=False)
-    first = speed.prepare(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False)
+    first = speed.configure(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False)
     assert not any(map(speed.is_checkpointed, offload.transformer_blocks(transformer))) and len(first.parts) == 2
-    assert speed.prepare(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False) is first
-    again = speed.prepare(transformer, ModelConfig(offload_blocks=99), train, HW, verbose=False)
+    assert speed.configure(transformer, ModelConfig(offload_blocks=2), train, HW, verbose=False) is first
+    again = speed.configure(transformer, ModelConfig(offload_blocks=99), train, HW, verbose=False)
     assert again is not first and len(again.parts) == 3  # the tiny model has 3 blocks
-    assert speed.prepare(transformer, ModelConfig(), train, HW, verbose=False) is None
+    assert speed.configure(transformer, ModelConfig(), train, HW, verbose=False) is None
     assert offload.streamer_of(transformer) is None  # the removed streamer detached itself
     with torch.no_grad():
         assert torch.isfinite(loss(transformer))
@@ -74,7 +78,7 @@ def test_fp8_swaps_the_big_linears_and_trains(tiny_assets):
     assert any(n.endswith("to_q.base_layer") for n in swapped)  # peft's LoRA wraps the float8 layer
     got, expected = loss(fp8), loss(plain)
     got.backward()
-    # emulated float8 vs bf16: 1% was the bound on tiny v1; v2 amplifies the pooled-text path (fluxnb.tiny): 2%
+    # emulated float8 vs bf16: 1% was the bound on tiny v1; v2 amplifies the pooled-text path (fluxnb.tiny.flux): 2%
     assert torch.isfinite(got) and abs(got.item() - expected.item()) < 0.02 * expected.item()
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads(fp8).values())
 
@@ -97,16 +101,16 @@ def test_checkpointing_only_some_blocks_gives_the_plain_steps_loss_and_gradients
     """The budget policy's mix: the last `kept` blocks keep their activations, the others are checkpointed."""
     plain, mixed = model(str(tiny_assets.model)), model(str(tiny_assets.model))
     train = TrainConfig(compile="off", keep_activations=kept)
-    speed.prepare(mixed, ModelConfig(), train, HW, verbose=False)
+    speed.configure(mixed, ModelConfig(), train, HW, verbose=False)
     assert_same_step(plain, mixed)
 
 
 def test_checkpointing_sits_inside_the_blocks_forward(tiny_assets):
     """The backward pass never calls a block again (its module hooks stay quiet): the recomputation runs inside
-    the block's forward, where, compiled, the compiler's partition takes it over. And prepare takes it off again."""
+    the block's forward, where, compiled, the compiler's partition takes it over. And configure takes it off again."""
     transformer = model(str(tiny_assets.model))
     blocks = offload.transformer_blocks(transformer)
-    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="off"), HW, verbose=False)
+    speed.configure(transformer, ModelConfig(), TrainConfig(compile="off"), HW, verbose=False)
     assert not transformer.is_gradient_checkpointing and all(map(speed.is_checkpointed, blocks))
     calls = {"forward": 0, "backward": 0}
 
@@ -118,7 +122,7 @@ def test_checkpointing_sits_inside_the_blocks_forward(tiny_assets):
     assert calls == {"forward": 3, "backward": 0}
     for h in handles:
         h.remove()
-    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="off", gradient_checkpointing=False), HW,
+    speed.configure(transformer, ModelConfig(), TrainConfig(compile="off", gradient_checkpointing=False), HW,
                   verbose=False)
     assert not any(map(speed.is_checkpointed, blocks)) and all("forward" not in vars(b) for b in blocks)
 
@@ -134,7 +138,7 @@ def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_assets):
         torch._dynamo.reset()
         counters.clear()
         transformer = model(str(tiny_assets.model))
-        speed.prepare(transformer, ModelConfig(), train, HW, verbose=False)
+        speed.configure(transformer, ModelConfig(), train, HW, verbose=False)
         saved.append(_saved_bytes(transformer))
         graphs.append(counters["stats"]["unique_graphs"] if not counters["graph_break"] else None)
     assert saved[0] < saved[1] < saved[2]
@@ -145,12 +149,12 @@ def test_compiled_checkpointed_blocks_keep_only_their_inputs(tiny_assets):
 
 
 def test_lora_dropout_is_replayed_with_compiled_blocks(tiny_assets):
-    """The compiler's recomputation would draw a dropout's masks anew; with a LoRA dropout prepare checkpoints
+    """The compiler's recomputation would draw a dropout's masks anew; with a LoRA dropout configure checkpoints
     around each compiled call, whose re-run replays them: the gradients of the same compiled blocks keeping
     their activations."""
     kept, checkpointed = (model(str(tiny_assets.model), dropout=0.5) for _ in range(2))
-    speed.prepare(kept, ModelConfig(), TrainConfig(compile="on", gradient_checkpointing=False), HW, verbose=False)
-    speed.prepare(checkpointed, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
+    speed.configure(kept, ModelConfig(), TrainConfig(compile="on", gradient_checkpointing=False), HW, verbose=False)
+    speed.configure(checkpointed, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
     assert checkpointed.is_gradient_checkpointing  # around the calls
     assert not any(map(speed.is_checkpointed, offload.transformer_blocks(checkpointed)))
     for transformer in (kept, checkpointed):
@@ -163,14 +167,14 @@ def test_lora_dropout_is_replayed_with_compiled_blocks(tiny_assets):
 
 def test_every_blocks_graph_compiles_within_the_recompile_limit(tiny_assets, monkeypatch):
     """Blocks share compiled frames, whose graphs add up (per image size and batch: block type, input layout,
-    training or no gradients): prepare raises torch's limit per frame (8; lowered to 2 here, so one image size
+    training or no gradients): configure raises torch's limit per frame (8; lowered to 2 here, so one image size
     shows it). Over the limit, dynamo would run the rest eagerly."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # graphs compiled by the tests before would be reused and not counted
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     transformer = model(str(tiny_assets.model))
-    speed.prepare(transformer, ModelConfig(), TrainConfig(compile="on", keep_activations=1), HW, verbose=False)
+    speed.configure(transformer, ModelConfig(), TrainConfig(compile="on", keep_activations=1), HW, verbose=False)
     counters.clear()
     loss(transformer).backward()
     with torch.no_grad():
@@ -198,7 +202,7 @@ def test_kept_activations_sit_between_full_checkpointing_and_none(tiny_assets):
     for train in (TrainConfig(compile="off"), TrainConfig(compile="off", keep_activations=1),
                   TrainConfig(compile="off", keep_activations=2), TrainConfig(compile="off", keep_activations=3),
                   TrainConfig(compile="off", gradient_checkpointing=False)):
-        speed.prepare(transformer, ModelConfig(), train, HW, verbose=False)
+        speed.configure(transformer, ModelConfig(), train, HW, verbose=False)
         saved.append(_saved_bytes(transformer))
     assert saved[0] < saved[1] < saved[2] < saved[3] == saved[4]  # 3 = all of the tiny model's blocks
 
@@ -216,7 +220,7 @@ def test_compile_auto_is_off_below_capability_8():
 def test_fit_budget_moves_one_notch_toward_memory(tiny_assets):
     transformer = model(str(tiny_assets.model))
     m, t = ModelConfig(), TrainConfig(compile="off", keep_activations=3, batch_size=4, memory_budget_gib=6.0)
-    speed.prepare(transformer, m, t, HW, verbose=False)
+    speed.configure(transformer, m, t, HW, verbose=False)
     checkpointed = lambda: [speed.is_checkpointed(b) for b in offload.transformer_blocks(transformer)]  # noqa: E731
     assert checkpointed() == [False] * 3  # all 3 of the tiny model's blocks keep their activations
     assert speed.fit_budget(transformer, m, t, HW, tokens=1613, peak_gib=5.0) is None  # under 6 - 0.3: stays

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxnb import tiny
-from fluxnb.tiny import PALETTE, TRIGGER_WORD, VALIDATION_PROMPTS, TinyAssets, build_tiny, ensure_tiny
+from fluxnb.tiny import flux as tiny
+from fluxnb.tiny.dataset import BURGUNDY, PALETTE, TRIGGER_WORD, VALIDATION_PROMPTS, captions
+from fluxnb.tiny.flux import TinyAssets, build_tiny, ensure_tiny
 
 # Component classes of black-forest-labs/FLUX.1-dev's model_index.json.
 FLUX_DEV_COMPONENTS = {
@@ -101,7 +102,7 @@ def test_tokenizers_behave_like_flux_dev(pipe) -> None:
     t5, clip = pipe.tokenizer_2, pipe.tokenizer
     assert (t5.pad_token_id, t5.eos_token_id, t5.unk_token_id) == (0, 1, 2)
     assert clip.model_max_length == 77
-    for text in tiny._captions() + VALIDATION_PROMPTS:
+    for text in captions() + VALIDATION_PROMPTS:
         ids = t5(text).input_ids
         assert ids[-1] == t5.eos_token_id and t5.unk_token_id not in ids
         assert len(ids) - 1 == len(text.replace(",", " ,").split())  # known words are one token each
@@ -149,7 +150,7 @@ def test_images_share_one_style(tiny_assets: TinyAssets) -> None:
         cream = np.all(rgb == PALETTE[0], axis=-1).mean()
         assert cream > 0.2, path.name  # the cream ground shows in every picture
         frame = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
-        assert np.all(frame == tiny.BURGUNDY), path.name  # and the burgundy frame surrounds it
+        assert np.all(frame == BURGUNDY), path.name  # and the burgundy frame surrounds it
 
 
 def test_ensure_tiny_builds_once_and_rebuilds_outdated(tmp_path: Path,
@@ -176,12 +177,19 @@ def test_ensure_tiny_builds_once_and_rebuilds_outdated(tmp_path: Path,
 
 
 def test_different_prompts_give_visibly_different_images(pipe) -> None:
-    """Four validation prompts, one seed: each image differs from every other by several % of the pixel range
-    (with default random weights it was 0.3-0.7%, so notebook 04's grid showed four copies of one image)."""
+    """Four validation prompts, one seed: each image differs from every other by a tenth of what another seed
+    changes, or more (measured: a third; with default random weights it was 0.3-0.7% of the pixel range against
+    a seed's 14%, so notebook 04's grid showed four copies of one image). Relative to the seed's change, so the
+    check holds whatever scale of pixels a library version's initialisation gives the random model."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
-    images = [pipe(p, height=96, width=64, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=77,
-                   generator=torch.Generator().manual_seed(0), output_type="np").images[0] for p in VALIDATION_PROMPTS]
+
+    def image(prompt: str, seed: int = 0):
+        return pipe(prompt, height=96, width=64, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=77,
+                    generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+    images = [image(p) for p in VALIDATION_PROMPTS]
     gaps = [np.abs(a - b).mean() for i, a in enumerate(images) for b in images[i + 1:]]
-    assert min(gaps) > 0.03, [round(float(g), 4) for g in gaps]
+    seed_gap = np.abs(images[0] - image(VALIDATION_PROMPTS[0], seed=1)).mean()
+    assert min(gaps) > 0.1 * seed_gap, ([round(float(g), 4) for g in gaps], round(float(seed_gap), 4))
