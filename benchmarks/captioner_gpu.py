@@ -1,7 +1,7 @@
 """The captioner (BLIP-large) on CUDA in fp16 inside a T4's 14.7 GiB, with random full-size weights.
 
 Salesforce/blip-image-captioning-large cannot be downloaded on the GPU machine; its architecture
-(fluxnb.tiny_captioner.full_size_config) is all that memory and time depend on. This builds it with random weights,
+(fluxnb.tiny.captioner.full_size_config) is all that memory and time depend on. This builds it with random weights,
 saves it with a BERT-sized tokenizer (30524 ids, BLIP's special ids), loads it through fluxnb.data.captions'
 real path (BlipProcessor / BlipForConditionalGeneration.from_pretrained, fp16) under
 torch.cuda.set_per_process_memory_fraction(14.7 GiB), and captions a batch of images. Captions are random words.
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fluxnb import memory
+from fluxnb.base import memory
 from fluxnb.data.captions import caption_folder, load_captioner, plan_captions
 from fluxnb.config import DataConfig
-from fluxnb.hardware import detect
-from fluxnb.tiny_captioner import IMAGE_SIZE, build_tiny_captioner, full_size_config
+from fluxnb.run.hardware import detect
+from fluxnb.tiny.captioner import IMAGE_SIZE, build_tiny_captioner, full_size_config
 
 T4_GIB = 14.7
 

@@ -5,7 +5,7 @@
                                                                #   (DIR from benchmarks/fullsize.py --out DIR)
 
 On the CPU the tiny profile covers the logic; what only a GPU runs is: the NF4 transformer through diffusers'
-BitsAndBytesConfig inside a FluxPipeline, resident and with its blocks streamed (fluxnb.train.offload), T5 in 8-bit for
+BitsAndBytesConfig inside a FluxPipeline, resident and with its blocks streamed (fluxnb.model.offload), T5 in 8-bit for
 prompts (the T4 route), and the merged model reloaded with BitsAndBytesConfig.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from lora_helpers import make_lora, save_random_lora  # noqa: E402
 
-from fluxnb.hardware import detect  # noqa: E402
+from fluxnb.run.hardware import detect  # noqa: E402
 from fluxnb.infer import merge, sampling  # noqa: E402
 from fluxnb.run import open_run  # noqa: E402
 

@@ -10,7 +10,7 @@ small fan-in scaled random values), saves it in bf16 safetensors sharded like th
                  text_encoder/ (CLIP-L), vae/ (16 channels), scheduler/, tokenizer/, tokenizer_2/
     out/dataset/ 24 drawn images (512x768 and other aspect ratios) + metadata.jsonl captions
 
-The tokenizers are the tiny profile's (fluxnb.tiny: built locally, a few hundred pieces); the encoders keep the
+The tokenizers are the tiny profile's (fluxnb.tiny.flux: built locally, a few hundred pieces); the encoders keep the
 real vocabulary sizes (CLIP 49,408, T5 32,128), so their embedding tables are full size. Image quality means
 nothing; time and memory are real.
 
@@ -102,7 +102,7 @@ def build_model(folder: Path, dims: dict = FULL, *, seed: int = 0, device: str =
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from fluxnb.tiny import (  # the tiny profile's local tokenizers
+    from fluxnb.tiny.flux import (  # the tiny profile's local tokenizers
         _clip_tokenizer,
         _t5_tokenizer,
     )
@@ -147,7 +147,7 @@ def build_model(folder: Path, dims: dict = FULL, *, seed: int = 0, device: str =
 
 def build_dataset(folder: Path, sizes: list[tuple[int, int]] = SIZES) -> Path:
     """Drawn images (the tiny profile's style and subjects, at full size) in datasets' imagefolder layout."""
-    from fluxnb.tiny import SUBJECTS, TRIGGER_WORD, _draw
+    from fluxnb.tiny.dataset import SUBJECTS, TRIGGER_WORD, draw as _draw
 
     if (folder / "metadata.jsonl").is_file():
         return folder

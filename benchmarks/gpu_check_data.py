@@ -28,10 +28,10 @@ def main() -> int:
         print("gpu_check_data: no CUDA GPU here; run this on the GPU machine.")
         return 1
 
-    from fluxnb import memory
+    from fluxnb.base import memory
     from fluxnb.data import embeddings, latents, prepare
     from fluxnb.run import open_run
-    from fluxnb.tiny import ensure_tiny
+    from fluxnb.tiny.flux import ensure_tiny
     from fluxnb.train.batches import CachedDataset
 
     assets = ensure_tiny(args.tiny_dir)

@@ -8,10 +8,10 @@
 
 1. builds FLUX.1-dev's transformer from its config with random weights and saves it in bf16 to --out
    (benchmarks/fullsize.py; skipped when already there),
-2. loads it through fluxnb.quant.load_transformer (diffusers' BitsAndBytesConfig NF4 on CUDA, the real path),
-3. adds LoRA r4 on to_q/to_k/to_v/to_out.0 (fluxnb.lora.add_lora: 4,669,440 parameters),
+2. loads it through fluxnb.model.quant.load_transformer (diffusers' BitsAndBytesConfig NF4 on CUDA, the real path),
+3. adds LoRA r4 on to_q/to_k/to_v/to_out.0 (fluxnb.model.lora.add_lora: 4,669,440 parameters),
 4. trains --steps steps at 512x768 (latent 16x96x64) with 77 text tokens of random cached-like inputs, with the
-   loop's own pieces: fluxnb.step.training_step under accelerate (mixed precision, clipping), 8-bit AdamW,
+   loop's own pieces: fluxnb.train.step.training_step under accelerate (mixed precision, clipping), 8-bit AdamW,
    gradient checkpointing,
 5. prints the median s/step after --warmup steps and peak allocated / reserved GiB of the training steps.
 
@@ -83,7 +83,7 @@ def main() -> int:
     from fullsize import build
 
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
-    from fluxnb.hardware import detect
+    from fluxnb.run.hardware import detect
     from fluxnb.model import lora, quant
     from fluxnb.train import flow
     from fluxnb.train.step import LatentScale, make_optimizer, training_step

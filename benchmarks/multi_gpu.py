@@ -43,7 +43,7 @@ def model_folder(out: Path, tiny: bool) -> Path:
     """A diffusers folder training can load: the transformer, the VAE's and scheduler's configs (no VAE weights:
     training reads only the VAE's config when sample grids are off)."""
     if tiny:
-        from fluxnb.tiny import ensure_tiny
+        from fluxnb.tiny.flux import ensure_tiny
 
         return ensure_tiny().model
     from fullsize import build

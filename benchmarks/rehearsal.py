@@ -11,10 +11,10 @@
 2. Per envelope, a run directory is configured as a user would (config.json: the envelope's preset and dtype,
    model and dataset paths, 30 optimizer steps at 512x768, 2 validation prompts), then each notebook runs in the
    same headless runner as `python -m fluxnb notebooks --only NN`, in a fresh process per notebook, with
-     FLUXNB_GPU_MEMORY_GIB   the envelope's GPU size (fluxnb.hardware caps PyTorch's allocator to it),
-     FLUXNB_PEAKS_FILE       where the kernel writes its own peaks (fluxnb.memory.start_peak_log),
+     FLUXNB_GPU_MEMORY_GIB   the envelope's GPU size (fluxnb.run.hardware caps PyTorch's allocator to it),
+     FLUXNB_PEAKS_FILE       where the kernel writes its own peaks (fluxnb.base.memory.start_peak_log),
      FLUXNB_GPU_CAPABILITY   (t4) a T4's compute capability, 7.5: fp16, no torch.compile, and attention through
-                             the kernels a T4 has (memory-efficient, math), as fluxnb.hardware derives them,
+                             the kernels a T4 has (memory-efficient, math), as fluxnb.run.hardware derives them,
      FLUXNB_WATCH_DTYPE      (t4) bfloat16: the kernel counts operations that make a bf16 tensor (none should),
      a cgroup v2 memory limit (memory.max, no swap) around the runner and its kernel where /sys/fs/cgroup is
      writable; else FLUXNB_HOST_MEMORY_GIB and a check of the recorded peak against the limit afterwards.
@@ -62,7 +62,7 @@ def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, s
     """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4.
     The preset's plan is made for the envelope's machine (its GPU size and compute capability), as notebook
     03's form makes it."""
-    from fluxnb import presets
+    from fluxnb.train import presets
     from fluxnb.config import RunConfig
 
     config = presets.apply(RunConfig(profile="real"), env["preset"], envelope_hardware(env)).replace(
@@ -73,17 +73,17 @@ def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, s
 
 
 def envelope_env(env: dict) -> dict[str, str]:
-    """The environment variables that make fluxnb see the envelope's GPU (fluxnb.hardware, fluxnb.memory)."""
+    """The environment variables that make fluxnb see the envelope's GPU (fluxnb.run.hardware, fluxnb.base.memory)."""
     return {"FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"]),
             **({"FLUXNB_GPU_CAPABILITY": env["capability"]} if "capability" in env else {}),
             **({"FLUXNB_WATCH_DTYPE": env["watch_dtype"]} if "watch_dtype" in env else {})}
 
 
 def envelope_hardware(env: dict):
-    """The machine fluxnb.hardware.detect sees inside the envelope (this GPU, capped and as old as it says)."""
+    """The machine fluxnb.run.hardware.detect sees inside the envelope (this GPU, capped and as old as it says)."""
     import torch
 
-    from fluxnb.hardware import GPUInfo, Hardware, cuda_info
+    from fluxnb.run.hardware import GPUInfo, Hardware, cuda_info
 
     gpu = cuda_info()
     capability = tuple(int(x) for x in env["capability"].split(".")) if "capability" in env else gpu.capability
@@ -248,7 +248,7 @@ def prepare(root: Path, log: Path) -> dict:
     setup["build_s"] = round(time.perf_counter() - start, 1)
     nf4 = root / "flux-nf4"
     start = time.perf_counter()
-    code = ("from fluxnb.config import ModelConfig; from fluxnb.hardware import detect; from fluxnb.model import quant; "
+    code = ("from fluxnb.config import ModelConfig; from fluxnb.run.hardware import detect; from fluxnb.model import quant; "
             "import torch, resource; "
             f"t = quant.load_transformer(ModelConfig(model_id={str(root / 'flux' / 'model')!r}), detect('real')); "
             f"quant.save_nf4(t, {str(nf4)!r}); "

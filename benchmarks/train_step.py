@@ -16,8 +16,8 @@ model included. List `reference` twice to bracket the machine's drift: the ratio
 reference: transcribed from the blog / diffusers' train_dreambooth_lora_flux_miniature.py: BitsAndBytesConfig NF4
   + prepare_model_for_kbit_training + LoRA r4 on to_k/to_q/to_v/to_out.0 + gradient checkpointing + fp32 LoRA
   params + bnb AdamW8bit + accelerate autocast, batch 1; the step is tests/reference_step.py (the script's lines).
-fluxnb: fluxnb.quant.load_transformer + fluxnb.lora.add_lora + fluxnb.speed.prepare + fluxnb.step.training_step
-  under fluxnb.speed.attention_backends, as fluxnb.train runs them; options in the name (see fluxnb_setup).
+fluxnb: fluxnb.model.quant.load_transformer + fluxnb.model.lora.add_lora + fluxnb.train.speed.configure + fluxnb.train.step.training_step
+  under fluxnb.train.speed.attention_backends, as fluxnb.train runs them; options in the name (see fluxnb_setup).
 """
 
 from __future__ import annotations
@@ -101,20 +101,20 @@ def parse_impl(impl: str) -> dict[str, str]:
 
 
 def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dict | None = None):
-    """fluxnb's own code path, as fluxnb.train runs it: quant.load_transformer, lora.add_lora, speed.prepare.
+    """fluxnb's own code path, as fluxnb.train runs it: quant.load_transformer, lora.add_lora, speed.configure.
 
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
     "fp8"), adamw (plain AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds),
-    t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
-    without either, fluxnb's default: on, fluxnb.hardware.use_expandable_segments),
+    t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.run.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
+    without either, fluxnb's default: on, fluxnb.run.hardware.use_expandable_segments),
     profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
     2026-12-02, instead of inside its forward), amb=F (torch._functorch.config.activation_memory_budget: the
     compiled blocks' partitioner keeps that fraction of their activations; with nockpt). `plan`: the settings
-    fluxnb.budget chose (impl option budget=GiB), which win."""
+    fluxnb.train.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
-    from fluxnb.hardware import Hardware, cuda_info
+    from fluxnb.run.hardware import Hardware, cuda_info
     from fluxnb.model import lora
     from fluxnb.model.quant import load_transformer
     from fluxnb.train import speed
@@ -137,7 +137,7 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = float(opts["amb"])
-    speed.prepare(transformer, model, train, hw)
+    speed.configure(transformer, model, train, hw)
     if "outer" in opts:
         checkpoint_around_calls(transformer)
     return transformer, make_optimizer(params, train), params, (model, train, hw)
@@ -148,7 +148,7 @@ def checkpoint_around_calls(transformer) -> None:
     checkpointed instead around their call (fluxnb.train.speed.set_checkpointing's `around`), compiled with
     torch.compile's default partition."""
     from fluxnb.train import speed
-    from fluxnb.train.offload import transformer_blocks
+    from fluxnb.model.offload import transformer_blocks
 
     blocks = transformer_blocks(transformer)
     speed.set_checkpointing(transformer, [b for b in blocks if speed.is_checkpointed(b)], around=True)
@@ -174,21 +174,21 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fluxnb.hardware import use_expandable_segments
-    from fluxnb.memory import proc_status
-    from fluxnb.train.offload import streamer_of
+    from fluxnb.run.hardware import use_expandable_segments
+    from fluxnb.base.memory import proc_status
+    from fluxnb.model.offload import streamer_of
 
     dtype = DTYPES[dtype_name]
     opts = parse_impl(impl)
-    # fluxnb.hardware.detect's allocator default (expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set, as
+    # fluxnb.run.hardware.detect's allocator default (expandable segments unless PYTORCH_CUDA_ALLOC_CONF is set, as
     # impl options expand / noexpand do); the reference recipe keeps PyTorch's default.
     expandable = impl != "reference" and use_expandable_segments()
     total = torch.cuda.get_device_properties(0).total_memory
     if "cap" in opts:  # emulate a smaller card: this process may allocate at most `cap` GiB
         torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GiB / total)
     plan = None
-    if "budget" in opts:  # fluxnb.budget's plan for this budget at the first case's size (one case per run)
-        from fluxnb.budget import choose
+    if "budget" in opts:  # fluxnb.train.budget's plan for this budget at the first case's size (one case per run)
+        from fluxnb.train.budget import choose
 
         width, height, tokens, _ = CASES[cases[0]]
         chosen = choose(float(opts["budget"]), width, height, tokens, compiled="nocompile" not in opts)
@@ -200,12 +200,12 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
         raise SystemExit(f"--samples {samples} is not a multiple of batch={batch_size}")
     micro_steps = samples // batch_size  # gradient accumulation, as the blog's 1 x 4
     if "t4k" in opts:  # a T4 has no flash or cuDNN attention: what its memory-efficient kernel keeps
-        from fluxnb.hardware import GPUInfo, limit_attention_kernels
+        from fluxnb.run.hardware import GPUInfo, limit_attention_kernels
 
         limit_attention_kernels(GPUInfo("T4", (7, 5), 14.7))
     if "nocudnn" in opts:  # attention through flash / memory-efficient SDPA instead of cuDNN's
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.speed)
+    if impl != "reference" and "cudnn" not in opts:  # fluxnb.train's attention kernels (fluxnb.train.speed)
         from fluxnb.train.speed import attention_backends
 
         # Held for the whole process: a context manager entered as a temporary is closed when it is garbage
@@ -278,7 +278,7 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
                 times.append(time.perf_counter() - start)
         peak, reserved = torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
         counts = {k: v - counts_before[k] for k, v in allocator_counts().items()}  # over the timed steps
-        streamer = streamer_of(transformer)  # its pinned CPU copies (fluxnb.train.offload)
+        streamer = streamer_of(transformer)  # its pinned CPU copies (fluxnb.model.offload)
         if profile or "profile" in opts:
             print_profile(one_step, f"{impl} {name}")
         rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,

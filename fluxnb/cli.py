@@ -18,12 +18,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import BAD_IMAGE_POLICIES, CROPS, EXPORT_FORMATS, PROFILES, SMALL_IMAGE_POLICIES
-from .errors import FluxnbError
+from .base.errors import FluxnbError
+from .config import (
+    BAD_IMAGE_POLICIES,
+    CROPS,
+    EXPORT_FORMATS,
+    PROFILES,
+    SMALL_IMAGE_POLICIES,
+)
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from .tiny import build_tiny
+    from .tiny.flux import build_tiny
 
     assets = build_tiny(args.out)
     print(f"model:   {assets.model}\ndataset: {assets.dataset}")
@@ -113,8 +119,8 @@ _MISSING_STEPS = {
 
 def _existing_run(run_dir: Path | None, needs: str = "trained"):
     """open_run on a run directory that earlier steps made (never creates a fresh one); `needs` names what is missing."""
-    from .hardware import detect
     from .run import default_run_dir, open_run
+    from .run.hardware import detect
 
     root = run_dir or default_run_dir(detect().profile)
     if not (root / "config.json").is_file():
@@ -124,9 +130,13 @@ def _existing_run(run_dir: Path | None, needs: str = "trained"):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import presets, train
 
     run = _existing_run(args.run_dir, "train")
+    planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
+    if planned:
+        print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
+        run.save()
     again = f"python -m fluxnb train --run-dir {run.dir.root} --resume"
     result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, live=False,
                    how_to_resume=again)

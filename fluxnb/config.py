@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FluxnbError
-from .files import atomic_write_text
+from .base.errors import FluxnbError
+from .base.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 
 PROFILES = ("real", "tiny")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
 # LoRA target presets -> peft's target_modules (fluxnb.model.lora); the notebook's dropdown lists these names.
-LORA_PRESETS: dict[str, list[str] | str] = {
+LORA_TARGETS: dict[str, list[str] | str] = {
     "attention": ["to_k", "to_q", "to_v", "to_out.0"],  # the blog's: image-stream attention of every block
     "all-linear": "all-linear",  # every Linear layer (peft's shorthand)
     # every projection of the 38 single-stream blocks; peft reads a string as a regex of the whole module name
@@ -122,9 +122,9 @@ class ModelConfig:
     revision: str | None = None
     quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = bf16 weights, float8 matmuls
     double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
-    prequantized: str | None = None  # folder or hub repo of an NF4 transformer saved by fluxnb.quant
+    prequantized: str | None = None  # folder or hub repo of an NF4 transformer saved by fluxnb.model.quant
     dtype: str = "auto"  # compute dtype; "auto" = bf16 where the GPU has it, fp16 on T4/20-series, fp32 on CPU
-    offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.offload)
+    offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.model.offload)
 
     def __post_init__(self) -> None:
         _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
@@ -150,13 +150,13 @@ class LoRAConfig:
         _check_positive("alpha", self.alpha)
         _check_choice("init", self.init, LORA_INITS)
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
-        _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_PRESETS)}) or names.")
+        _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")
 
     @property
     def target_modules(self) -> list[str] | str:
-        """peft's target_modules: a preset's (see LORA_PRESETS), otherwise the comma-separated module names."""
-        if self.targets in LORA_PRESETS:
-            return LORA_PRESETS[self.targets]
+        """peft's target_modules: a preset's (see LORA_TARGETS), otherwise the comma-separated module names."""
+        if self.targets in LORA_TARGETS:
+            return LORA_TARGETS[self.targets]
         return [name.strip() for name in self.targets.split(",") if name.strip()]
 
 
@@ -183,7 +183,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = True
     keep_activations: int = 0  # the last blocks (of 57) that keep their activations rather than being checkpointed
-    memory_budget_gib: float = 0.0  # the GPU memory the layout was planned for (fluxnb.budget; 0 = none)
+    memory_budget_gib: float = 0.0  # the GPU memory the layout was planned for (fluxnb.train.budget; 0 = none)
     compile: str = "auto"  # torch.compile the blocks: "auto" = on CUDA GPUs with Triton, capability >= 8.0
     seed: int = 0
     sample_every: int = 100  # optimizer steps between validation sample grids (0 = never)
@@ -228,7 +228,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    profile: str = "real"  # "real" or "tiny" (see fluxnb.hardware.detect)
+    profile: str = "real"  # "real" or "tiny" (see fluxnb.run.hardware.detect)
 
     def __post_init__(self) -> None:
         _check_choice("profile", self.profile, PROFILES)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fluxnb.tiny import TinyAssets, ensure_tiny
+from fluxnb.tiny.flux import TinyAssets, ensure_tiny
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,13 @@
 """Test helper: the tiny transformer with a LoRA that matters, one loss on fixed random inputs, its gradients.
 
-Shared by the tests of fluxnb.offload and fluxnb.speed, which compare a changed step against the plain one, and
+Shared by the tests of fluxnb.model.offload and fluxnb.train.speed, which compare a changed step against the plain one, and
 (`denoise`) by the merge tests, which compare one denoising call of a fused model with the unfused one.
 """
 
 import torch
 
 from fluxnb.config import LoRAConfig, ModelConfig
-from fluxnb.hardware import Hardware
+from fluxnb.run.hardware import Hardware
 from fluxnb.model import lora, quant
 
 HW = Hardware("tiny", torch.device("cpu"), torch.float32, None, "test")

@@ -1,10 +1,10 @@
-"""fluxnb.budget: the memory estimate reproduces the measured peaks it was fitted to, and the policy spends a
+"""fluxnb.train.budget: the memory estimate reproduces the measured peaks it was fitted to, and the policy spends a
 bigger budget in its order (batch, kept activations, resident blocks). No GPU: the numbers are BENCHMARKS.md's;
 the estimate against the GPU's peaks and what autograd keeps is tests/test_memory_model.py."""
 
 import pytest
 
-from fluxnb import budget
+from fluxnb.train import budget
 from fluxnb.config import LoRAConfig
 
 SMALL, LARGE = budget.tokens_per_sample(512, 768, 77), budget.tokens_per_sample(1024, 1024, 512)

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from fluxnb import memory
+from fluxnb.base import memory
 from fluxnb.config import DataConfig
 from fluxnb.data import captions, embeddings
 from fluxnb.data.sources import load_records
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import detect
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import detect
 from fluxnb.run import open_run
-from fluxnb.tiny_captioner import ensure_tiny_captioner, uncaptioned_copy
+from fluxnb.tiny.captioner import ensure_tiny_captioner, uncaptioned_copy
 
 TRIGGER = "tnyst style"
 

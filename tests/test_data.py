@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from fluxnb.config import DataConfig
-from fluxnb.data import DataError, prepare
+from fluxnb.data import DataError, check_dataset
 from fluxnb.data.buckets import fit_to_bucket, make_buckets, nearest_bucket, to_rgb
 from fluxnb.data.store import sample_id
-from fluxnb.errors import FluxnbError
+from fluxnb.base.errors import FluxnbError
 
 
 def png(size=(64, 96), color=(200, 40, 40), mode="RGB") -> bytes:
@@ -60,7 +60,7 @@ def cfg(root: Path, **kw) -> DataConfig:
 
 
 def check(root: Path, tokenizer=None, **kw):
-    return prepare(cfg(root, **kw), tokenizer, progress=False)
+    return check_dataset(cfg(root, **kw), tokenizer, progress=False)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_hub_id_without_network_is_one_clear_message(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FluxnbError) as err:
-        prepare(DataConfig(dataset="derekl35/alphonse-mucha-style"), progress=False)
+        check_dataset(DataConfig(dataset="derekl35/alphonse-mucha-style"), progress=False)
     msg = str(err.value)
     assert "derekl35/alphonse-mucha-style" in msg and "internet" in msg and "local folder" in msg
     assert "Traceback" not in msg
@@ -122,7 +122,7 @@ def test_hub_id_without_network_is_one_clear_message(monkeypatch):
 
 def test_missing_local_folder(tmp_path):
     with pytest.raises(FluxnbError, match="does not exist"):
-        prepare(DataConfig(dataset=str(tmp_path / "nope" / "here")), progress=False)
+        check_dataset(DataConfig(dataset=str(tmp_path / "nope" / "here")), progress=False)
 
 
 # --- bad images ------------------------------------------------------------------------------------------------

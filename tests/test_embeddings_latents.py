@@ -16,8 +16,8 @@ from fluxnb.config import ModelConfig, RunConfig
 from fluxnb.data import embeddings, latents
 from fluxnb.data.buckets import fit_to_bucket, to_rgb
 from fluxnb.data.store import CacheMismatch, read_samples, write_samples
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import detect
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import detect
 from fluxnb.run import open_run
 from fluxnb.train.batches import CachedDataset
 

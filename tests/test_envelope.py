@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxnb import hardware, memory, presets
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import GPUInfo
+from fluxnb.run import hardware
+from fluxnb.base import memory
+from fluxnb.train import presets
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import GPUInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 H200 = GPUInfo("NVIDIA H200", (9, 0), 139.8)

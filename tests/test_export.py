@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fluxnb.cli import main
-from fluxnb.errors import FluxnbError
+from fluxnb.base.errors import FluxnbError
 from fluxnb.infer.export import (
     FLUX_DEV_LINEAR1_ROWS,
     LoraPair,

@@ -1,4 +1,4 @@
-"""fluxnb.flow (the flow-matching math) and fluxnb.step.training_step against the reference script's step."""
+"""fluxnb.flow (the flow-matching math) and fluxnb.train.step.training_step against the reference script's step."""
 
 from types import SimpleNamespace
 

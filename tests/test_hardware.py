@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fluxnb import hardware
-from fluxnb.errors import FluxnbError
-from fluxnb.hardware import GPUInfo, detect
+from fluxnb.run import hardware
+from fluxnb.base.errors import FluxnbError
+from fluxnb.run.hardware import GPUInfo, detect
 
 T4 = GPUInfo("Tesla T4", (7, 5), 14.7)
 RTX4090 = GPUInfo("NVIDIA GeForce RTX 4090", (8, 9), 23.6)

@@ -1,4 +1,4 @@
-"""fluxnb.hub_access: hub failures anywhere in an exception chain become one what-to-do message."""
+"""fluxnb.base.hub_errors: hub failures anywhere in an exception chain become one what-to-do message."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hub_fakes import hub_error
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from fluxnb.errors import FluxnbError
-from fluxnb.hub_errors import HubAccessError, friendly_load, hub_errors
+from fluxnb.base.errors import FluxnbError
+from fluxnb.base.hub_errors import HubAccessError, friendly_load, hub_errors
 
 
 def _wrapped(cause):

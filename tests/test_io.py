@@ -1,6 +1,6 @@
 import stat
 
-from fluxnb import files
+from fluxnb.base import files
 
 
 def test_atomic_writes_get_the_umask_permissions_not_mkstemps_0600(tmp_path):

@@ -3,7 +3,7 @@
 A T4 runs the blocks eagerly (no torch.compile), and an eager block keeps more for its backward pass than a
 compiled one: a planner with one model for both sent the free-Colab T4 out of memory (issue 22). Here:
 1. tests/saved_activations.py counts what autograd saves per FLUX.1-dev block, at full size on meta tensors
-   (512x768 and 1024x1024, batch 1 and 4, fp16 and bf16, with and without checkpointing), and fluxnb.budget's
+   (512x768 and 1024x1024, batch 1 and 4, fp16 and bf16, with and without checkpointing), and fluxnb.train.budget's
    eager per-block costs must cover it (and not by more than 3%);
 2. every preset's plan, at the budget of the GPU it is for and in both compile modes, must fit under that budget
    by its margin, with the eager activations taken from the count, not from the planner;
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxnb import budget, presets
+from fluxnb.train import budget, presets
 from fluxnb.config import RunConfig
-from fluxnb.hardware import GPUInfo, Hardware
+from fluxnb.run.hardware import GPUInfo, Hardware
 from saved_activations import count
 
 SIZES = {"512x768": (512, 768, 77), "1024x1024": (1024, 1024, 512)}

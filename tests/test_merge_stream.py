@@ -11,8 +11,8 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from lora_helpers import make_lora
 
-from fluxnb import memory
-from fluxnb.errors import FluxnbError
+from fluxnb.base import memory
+from fluxnb.base.errors import FluxnbError
 from fluxnb.infer import merge, sampling
 from fluxnb.model.quant import _linear4bit_modules, quantize_nf4_
 from fluxnb.run import open_run

@@ -1,4 +1,4 @@
-"""fluxnb.offload: streamed blocks give the same loss and LoRA gradients as resident ones, and really leave memory.
+"""fluxnb.model.offload: streamed blocks give the same loss and LoRA gradients as resident ones, and really leave memory.
 
 On the CPU the "offload" copies between two CPU buffers without CUDA streams; what is tested is the schedule:
 every frozen weight is present whenever forward, the checkpoint's re-run or backward reads it, and emptied
@@ -10,7 +10,8 @@ import torch
 from model_helpers import HW, grads, loss, model
 
 from fluxnb.config import ModelConfig, TrainConfig
-from fluxnb.train import offload, speed
+from fluxnb.model import offload
+from fluxnb.train import speed
 
 
 def _frozen_bytes(block):
@@ -29,7 +30,7 @@ def test_streamed_blocks_train_exactly_like_resident_ones(tiny_assets, count, do
     if checkpointing == "around":
         streamer = offload.stream_blocks(streamed, count)
     else:
-        streamer = speed.prepare(streamed, ModelConfig(offload_blocks=count), TrainConfig(compile="off"), HW,
+        streamer = speed.configure(streamed, ModelConfig(offload_blocks=count), TrainConfig(compile="off"), HW,
                                  verbose=False)
         assert all(map(speed.is_checkpointed, blocks)) and not streamed.is_gradient_checkpointing
     chosen = sorted(streamer.parts)
@@ -70,7 +71,7 @@ def test_host_arena_packs_flux_blocks_into_little_more_than_their_bytes():
     chunks: within 5% of their bytes, where one pinned allocation each (rounded up to a power of two by
     PyTorch's pinned allocator) takes 1.56x (9.69 GiB: the 9.71 GiB measured). Nothing is written: torch.empty
     only reserves pages."""
-    from fluxnb.budget import DOUBLE, DOUBLE_LINEARS, SINGLE, SINGLE_LINEARS
+    from fluxnb.train.budget import DOUBLE, DOUBLE_LINEARS, SINGLE, SINGLE_LINEARS
 
     def storages(linears):
         return [n for i, o in linears.values() for n in (i * o // 2, i * o // 64 * 4, o * 2)]

@@ -1,11 +1,12 @@
-"""fluxnb.presets: the preset follows the GPU, lands in the real default config, and the form edits the config."""
+"""fluxnb.train.presets: the preset follows the GPU, lands in the real default config, and the form edits the config."""
 
 import pytest
 import torch
 
-from fluxnb import hardware, presets
+from fluxnb.run import hardware
+from fluxnb.train import presets
 from fluxnb.config import RunConfig
-from fluxnb.hardware import GPUInfo
+from fluxnb.run.hardware import GPUInfo
 from fluxnb.nb.forms import training_form
 
 
@@ -77,14 +78,23 @@ def test_bigger_images_trade_batch_for_accumulation(preset, size, batch):
     assert presets.matching(cfg, hw) == preset
 
 
-def test_real_default_config_uses_the_gpu_preset(monkeypatch, tmp_path):
+def test_a_new_run_is_planned_for_its_gpu_where_training_is_set_up(monkeypatch, tmp_path):
+    """Opening a run plans nothing (the blog recipe's defaults); notebook 03's form applies this machine's preset
+    (the CLI's train does the same, through presets.plan_if_unplanned), and a planned run keeps its plan."""
     from fluxnb.run import open_run
 
     monkeypatch.setattr(hardware, "cuda_info", lambda: GPUInfo("Tesla T4", (7, 5), 15.6))
     monkeypatch.delenv("FLUXNB_PROFILE", raising=False)
     run = open_run(tmp_path / "run", verbose=False)
-    assert run.hw.dtype == torch.float16 and presets.matching(run.config, run.hw) == "t4-16gb"
+    assert run.hw.dtype == torch.float16 and presets.unplanned(run.config)
+    assert run.config.train.memory_budget_gib == 0.0 and run.config.train.batch_size == 1  # the blog's 1 x 4
+    form = training_form(run.config, run.hw)
+    assert form.children[0].value == "t4-16gb" and presets.matching(run.config, run.hw) == "t4-16gb"
     assert run.config.model.quantization == "nf4" and run.config.train.memory_budget_gib == 14.7
+    assert not presets.unplanned(run.config) and presets.plan_if_unplanned(run.config, run.hw) is None
+    run.config.train.learning_rate = 5e-5  # a user's edit after planning: the form leaves it alone
+    training_form(run.config, run.hw)
+    assert run.config.train.learning_rate == 5e-5
 
 
 def test_a_config_no_preset_matches_is_custom():

@@ -22,15 +22,15 @@ from fluxnb.cli import main
 from fluxnb.config import ConfigError
 from fluxnb.data import latents
 from fluxnb.data.store import read_samples, write_samples
-from fluxnb.errors import FluxnbError
-from fluxnb.files import DiskError
-from fluxnb.lock import RunBusy, hold
+from fluxnb.base.errors import FluxnbError
+from fluxnb.base.files import DiskError
+from fluxnb.run.lock import RunBusy, hold
 from fluxnb.run import open_run
 from fluxnb.train import checkpoint, guard, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW = {"max_train_steps": 2, "sample_every": 0, "checkpoint_every": 1, "keep_checkpoints": 2}
-HOLD_LOCK = "import sys, time; from fluxnb.lock import hold\nwith hold(sys.argv[1], 'train'):\n print('held', flush=True); time.sleep(60)"
+HOLD_LOCK = "import sys, time; from fluxnb.run.lock import hold\nwith hold(sys.argv[1], 'train'):\n print('held', flush=True); time.sleep(60)"
 
 
 def _env() -> dict[str, str]:
@@ -99,7 +99,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
 
 
 def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
-    from fluxnb import lock
+    from fluxnb.run import lock
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")  # some network mounts
@@ -116,7 +116,7 @@ def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_p
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
     run.config = run.config.replace(data={"width": 32, "height": 48})
     run.save()
-    prepared = data.prepare(run.config.data, progress=False)
+    prepared = data.check_dataset(run.config.data, progress=False)
     vae = latents.load_vae(run.config.model, run.hw)
     saved, real = [], latents.save_latent
 
@@ -133,7 +133,7 @@ def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_p
         train(run, live=False)
     monkeypatch.setattr(latents, "save_latent", real)
     latents.cache_latents(run, vae, prepared, progress=False)  # running notebook 02 again finishes the job
-    guard.check_inputs(run)
+    guard.check_inputs(run, read_samples(run.dir))
 
 
 # 4. a full disk: one message, no temp files, nothing lost
@@ -223,7 +223,7 @@ def test_resume_on_a_changed_training_set_is_refused(tmp_path, tmp_path_factory)
 
 # 7. Ctrl-C
 def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_path, tmp_path_factory, monkeypatch):
-    from fluxnb.train import loop
+    from fluxnb.train import session
 
     class Finalized:
         def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
@@ -231,13 +231,13 @@ def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_pa
             for _ in range(10_000):
                 pass
 
-    real = loop.load_scales
+    real = session.load_scales
 
     def load_scales(run):
         Finalized()
         return real(run)
 
-    monkeypatch.setattr(loop, "load_scales", load_scales)
+    monkeypatch.setattr(session, "load_scales", load_scales)
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
     result = train(run, live=False)
     assert result.interrupted and result.step == 0 and not run.dir.lora_file.exists()
@@ -334,7 +334,7 @@ def test_a_huge_image_is_one_line_of_the_report_and_is_never_decoded(tmp_path, t
     _png_header_only(folder / "scan.png", 10_000, 10_000)
     with (folder / "metadata.jsonl").open("a") as f:
         f.write(json.dumps({"file_name": "scan.png", "text": "a huge scan"}) + "\n")
-    report = data.prepare(DataConfig(dataset=str(folder), width=64, height=96), progress=False).report
+    report = data.check_dataset(DataConfig(dataset=str(folder), width=64, height=96), progress=False).report
     assert [s for s in report.skipped if s.startswith("scan.png: 10000x10000 pixels (100 MP")], str(report)
     assert not [w for w in recwarn if "DecompressionBomb" in w.category.__name__]
 
@@ -357,7 +357,7 @@ def test_very_long_captions_do_not_flood_the_log(tmp_path, tiny_assets, monkeypa
     words = " ".join(f"word{i}" for i in range(5000))  # a 5000-word caption on every image
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r | {"text": f"{r['text']} {words}"}) + "\n" for r in rows))
     run = open_run(tmp_path / "run", verbose=False)
-    prepared = data.prepare(DataConfig(dataset=str(folder)), embeddings.load_tokenizer(run.config.model), progress=False)
+    prepared = data.check_dataset(DataConfig(dataset=str(folder)), embeddings.load_tokenizer(run.config.model), progress=False)
     assert "longer than max_sequence_length=77" in str(prepared.report)  # said once, in the report
     pipe = embeddings.load_text_encoders(run.config.model, run.hw)
     embeddings.encode(pipe, prepared.captions[:4], 77, run.hw.device)
@@ -367,17 +367,17 @@ def test_very_long_captions_do_not_flood_the_log(tmp_path, tiny_assets, monkeypa
 
 def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path, tmp_path_factory, monkeypatch,
                                                                         capsys):
-    from fluxnb.train import TrainingOutOfMemory, loop
+    from fluxnb.train import TrainingOutOfMemory, session, step
 
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4})
-    real = loop.optimizer_step
+    real = step.optimizer_step
 
     def optimizer_step(accelerator, wrapped, state, *args):
         if state.step == 2:  # the third step: what a too-large layout or another program on the GPU gives
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 216.00 MiB.")
         return real(accelerator, wrapped, state, *args)
 
-    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(step, "optimizer_step", optimizer_step)
     with pytest.raises(TrainingOutOfMemory) as caught:
         train(run, live=False)
     message = str(caught.value)
@@ -393,8 +393,8 @@ def test_out_of_gpu_memory_says_what_to_change_and_where_the_run_stands(tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"python -m fluxnb train --run-dir {run.dir.root} --resume" in err, err
 
-    monkeypatch.setattr(loop, "in_notebook", lambda: True)  # a notebook's kernel holds the failed step's tensors
-    in_a_notebook = str(loop._out_of_memory(0, None, run.config.train, run.hw, "x"))
+    monkeypatch.setattr(session, "in_notebook", lambda: True)  # a notebook's kernel holds the failed step's tensors
+    in_a_notebook = str(session.out_of_memory(0, None, run.config.train, run.hw, "x"))
     assert "restart this notebook's kernel (it holds" in in_a_notebook and "no checkpoint was written yet" in in_a_notebook
 
 
@@ -403,18 +403,18 @@ def test_out_of_memory_after_a_budget_adjustment_names_the_settings_in_force(tmp
     message names the value in force then, not the plan's."""
     from dataclasses import replace
 
-    from fluxnb.train import TrainingOutOfMemory, loop, speed
+    from fluxnb.train import TrainingOutOfMemory, speed, step
 
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4, "keep_activations": 3})
     monkeypatch.setattr(speed, "fit_budget", lambda model, m, t, hw, tokens: (m, replace(t, keep_activations=1)))
-    real = loop.optimizer_step
+    real = step.optimizer_step
 
     def optimizer_step(accelerator, wrapped, state, *args):
         if state.step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 216.00 MiB.")
         return real(accelerator, wrapped, state, *args)
 
-    monkeypatch.setattr(loop, "optimizer_step", optimizer_step)
+    monkeypatch.setattr(step, "optimizer_step", optimizer_step)
     with pytest.raises(TrainingOutOfMemory) as caught:
         train(run, live=False)
     assert "train.keep_activations (now 1)" in str(caught.value), str(caught.value)

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from fluxnb.config import RunConfig
 from fluxnb.data.embeddings import embedding_path
 from fluxnb.data.store import caption_id, fingerprint
-from fluxnb.errors import FluxnbError
-from fluxnb.files import save_tensors
-from fluxnb.hardware import GPUInfo, Hardware
+from fluxnb.base.errors import FluxnbError
+from fluxnb.base.files import save_tensors
+from fluxnb.run.hardware import GPUInfo, Hardware
 from fluxnb.infer import merge, sampling
 from fluxnb.run import Run, RunDir, open_run
 from model_helpers import denoise
@@ -227,8 +227,8 @@ def test_small_gpu_plan_streams_the_blocks_and_gives_the_same_images(run, settin
     """The < 12 GiB plan (an 8 GB card): the NF4 transformer's blocks stream from CPU RAM while the pipeline
     runs. The resident NF4 pipeline's images exactly, with the LoRA loaded after streaming started; memory.free
     drops the CPU copies too (the streamer's hooks and arena go, not only the parameters)."""
-    from fluxnb import memory
-    from fluxnb.train.offload import streamer_of
+    from fluxnb.base import memory
+    from fluxnb.model.offload import streamer_of
 
     prompts = run.config.data.validation_prompts[:2]
     resident = sampling.load_pipeline(run, sampling.Plan(True, False, False, "test"))

@@ -14,7 +14,7 @@ from train_helpers import make_run
 
 from fluxnb.infer import effect, sampling
 from fluxnb.model import lora
-from fluxnb.train import prepare_transformer, train, validation
+from fluxnb.train import load_for_training, train, validation
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +60,7 @@ def test_negative_control_scale_zero_does_not_move_and_the_check_fails(trained, 
 
 
 def test_negative_control_an_untrained_adapter_does_not_move(trained, settings, tmp_path):
-    untrained = prepare_transformer(trained)  # the seeded LoRA before step 1: B = 0, so exactly the base
+    untrained = load_for_training(trained)  # the seeded LoRA before step 1: B = 0, so exactly the base
     folder = lora.save_lora(untrained, tmp_path / "untrained").parent
     pipe = sampling.load_pipeline(trained)
     pipe.set_progress_bar_config(disable=True)

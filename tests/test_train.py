@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from train_helpers import make_run
 
 from fluxnb.data.store import read_samples
-from fluxnb.errors import FluxnbError
-from fluxnb.files import load_tensors, save_tensors, tensors_metadata
+from fluxnb.base.errors import FluxnbError
+from fluxnb.base.files import load_tensors, save_tensors, tensors_metadata
 from fluxnb.model import lora
-from fluxnb.train import TrainingDiverged, TrainState, checkpoint, prepare_transformer, train
+from fluxnb.train import TrainingDiverged, TrainState, checkpoint, load_for_training, train
 from fluxnb.train.batches import TrainingData
-from fluxnb.train.loop import cpu_threads
+from fluxnb.train.session import cpu_threads
 from fluxnb.train.step import LatentScale, evaluate
 
 
@@ -43,12 +43,12 @@ def _image(pipe, seed=0):
 
 def test_tiny_training_cuts_the_training_loss_and_its_lora_loads_in_stock_diffusers(tmp_path, tmp_path_factory):
     run = make_run(tmp_path / "run", tmp_path_factory)  # the tiny profile's defaults: 200 steps, NF4 base
-    before = _fixed_noise_loss(run, prepare_transformer(run))  # LoRA B = 0: the base model
+    before = _fixed_noise_loss(run, load_for_training(run))  # LoRA B = 0: the base model
 
     result = train(run, live=False)
 
     assert result.step == run.config.train.max_train_steps and not result.interrupted
-    trained = prepare_transformer(run)
+    trained = load_for_training(run)
     lora.load_lora_(trained, run.dir.lora)
     after = _fixed_noise_loss(run, trained)
     print(f"fixed-noise training-set loss {before:.4f} -> {after:.4f}")
@@ -126,7 +126,7 @@ def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_saves_no_lora(
 
 def test_never_saves_a_non_finite_lora(tmp_path, tmp_path_factory):
     run = make_run(tmp_path / "run", tmp_path_factory)
-    transformer = prepare_transformer(run)
+    transformer = load_for_training(run)
     next(p for p in transformer.parameters() if p.requires_grad).data[0, 0] = float("inf")
     with pytest.raises(FluxnbError, match="non-finite"):
         lora.save_lora(transformer, tmp_path / "lora")
@@ -165,13 +165,13 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from fluxnb.hardware import Hardware
-    from fluxnb.train import prepare_transformer
+    from fluxnb.run.hardware import Hardware
+    from fluxnb.train import load_for_training
     from fluxnb.train.monitor import ValidationSampler
 
     run = make_run(tmp_path / "run", tmp_path_factory)
     run.hw = Hardware("tiny", torch.device("cpu"), torch.bfloat16, None, "bf16 on the CPU, as a GPU would run")
-    transformer = prepare_transformer(run)
+    transformer = load_for_training(run)
     vae = AutoencoderKL.from_pretrained(run.config.model.model_id, subfolder="vae", dtype=torch.bfloat16)
     prompts = run.config.data.validation_prompts[:1]
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(run.config.model.model_id, subfolder="scheduler")
@@ -182,7 +182,7 @@ def test_sample_grid_decodes_with_a_low_precision_base_and_fp32_lora(tmp_path, t
 def test_checkpoint_save_clears_stale_temp_folders_and_replaces_a_step_whole(tmp_path, tmp_path_factory):
     """A disconnect mid-save leaves step-N.tmp/ behind; it is no checkpoint and must not pile up on Drive."""
     run = make_run(tmp_path / "run", tmp_path_factory)
-    transformer = prepare_transformer(run)
+    transformer = load_for_training(run)
     stale = run.dir.checkpoints / "step-7.tmp"
     stale.mkdir(parents=True)
     (stale / "half-written").write_bytes(b"x")

@@ -3,7 +3,7 @@ from PIL import Image
 
 from fluxnb.config import DataConfig, TrainConfig
 from fluxnb.nb.widgets import config_form
-from fluxnb.plots import image_grid, loss_plot
+from fluxnb.base.plots import image_grid, loss_plot
 
 matplotlib.use("Agg")
 

@@ -61,7 +61,7 @@ def make_run(run_dir: Path, tmp_factory, **overrides) -> Run:
         _CACHE[key] = cache_root
     for name in ("embeddings", "latents"):
         shutil.copytree(_CACHE[key] / name, run.dir.root / name, dirs_exist_ok=True)
-    shutil.copy(_CACHE[key] / "samples.jsonl", run.dir.samples)
+    shutil.copy(_CACHE[key] / "samples.jsonl", run.dir.samples_file)
     if overrides:
         run.config = run.config.replace(**overrides)
         run.save()

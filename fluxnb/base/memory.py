@@ -132,7 +132,7 @@ def free(*objs: Any) -> Freed:
     emptied = 0
     for obj in objs:
         for module in _modules(obj):
-            streamer = getattr(module, "_fluxnb_streamer", None)  # fluxnb.train.offload.ATTRIBUTE: pinned copies
+            streamer = getattr(module, "_fluxnb_streamer", None)  # fluxnb.model.offload.ATTRIBUTE: pinned copies
             if streamer is not None:
                 streamer.close()  # detaches itself
             for tensor in [*module.parameters(), *module.buffers()]:

@@ -1,7 +1,7 @@
 """Notebooks 01-02: your images and captions, checked, then cached once as text embeddings and VAE latents.
 
     sources     where rows come from (a Hub dataset, a local folder)      -> Records
-    checks      every row opened and judged before any model loads         -> Prepared + DataReport
+    checks      every row opened and judged before any model loads (check_dataset) -> CheckedDataset + DataReport
     captions    notebook 01: BLIP writes the missing captions of a folder into its metadata.jsonl
     buckets     aspect-ratio buckets and the resize/crop into them
     store       samples.jsonl, content ids, cache meta and fingerprints
@@ -9,8 +9,16 @@
     latents     notebook 02: the VAE once per image (owner of latents/)
 """
 
-from .checks import DataError, DataReport, Item, Prepared, prepare, progress_bar, with_instance_prompt
+from .checks import (
+                     CheckedDataset,
+                     DataError,
+                     DataReport,
+                     Item,
+                     check_dataset,
+                     progress_bar,
+                     with_instance_prompt,
+)
 from .store import CacheMismatch, Sample, caption_id, read_samples, sample_id
 
-__all__ = ["CacheMismatch", "DataError", "DataReport", "Item", "Prepared", "Sample", "caption_id", "prepare",
-           "progress_bar", "read_samples", "sample_id", "with_instance_prompt"]
+__all__ = ["CacheMismatch", "CheckedDataset", "DataError", "DataReport", "Item", "Sample", "caption_id",
+           "check_dataset", "progress_bar", "read_samples", "sample_id", "with_instance_prompt"]

@@ -9,7 +9,7 @@ The model is Salesforce/blip-image-captioning-large (BlipForConditionalGeneratio
 trust_remote_code; 470 M parameters, under 1 GB in fp16, so a T4 holds it with room to spare). The captions go to
 the folder's metadata.jsonl in the imagefolder layout that fluxnb.data.sources reads (file_name + the caption
 column), written atomically; captions the user wrote (metadata rows, or .txt files beside the images) are kept
-and copied in, unless overwrite. The tiny profile's captioner (fluxnb.tiny_captioner) goes through the same code.
+and copied in, unless overwrite. The tiny profile's captioner (fluxnb.tiny.captioner) goes through the same code.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from ..base.errors import FluxnbError
+from ..base.files import atomic_write_text
+from ..base.hub_errors import hub_errors
 from ..config import DataConfig
-from ..errors import FluxnbError
-from ..files import atomic_write_text
-from ..hub_errors import hub_errors
 from .checks import caption_problem, open_image, progress_bar, with_instance_prompt
 from .sources import images_in, metadata_rows
 
@@ -190,7 +190,7 @@ def caption_folder(plan: CaptionPlan, captioner: Captioner, *, trigger: str = ""
 def caption_step(run, *, folder: str | Path | None = None, overwrite: bool = False, trigger: str | None = None,
                  progress: bool = True) -> CaptionResult:
     """`python -m fluxnb caption`: plan, load the captioner only if needed, caption, free it."""
-    from .. import memory
+    from ..base import memory
     from .embeddings import load_tokenizer
 
     cfg = run.config.data

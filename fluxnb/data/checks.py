@@ -1,6 +1,6 @@
 """Check a dataset before any model loads, and turn it into training samples keyed by content.
 
-    prepared = prepare(run.config.data, tokenizer=t5_tokenizer)   # raises DataError listing every problem
+    prepared = check_dataset(run.config.data, tokenizer=t5_tokenizer)   # raises DataError listing every problem
     print(prepared.report)                                         # what was found, converted, skipped
     prepared.items[0].sample    # Sample(id=<hash of image bytes + caption>, caption, caption_id, bucket, flip)
     prepared.items[0].image()   # the RGB image resized + cropped to its bucket, as the VAE will see it
@@ -26,9 +26,17 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..base.errors import FluxnbError
 from ..config import DataConfig
-from ..errors import FluxnbError
-from .buckets import MODE_NOTES, Size, fit_to_bucket, is_smaller, make_buckets, nearest_bucket, to_rgb
+from .buckets import (
+    MODE_NOTES,
+    Size,
+    fit_to_bucket,
+    is_smaller,
+    make_buckets,
+    nearest_bucket,
+    to_rgb,
+)
 from .sources import Record, load_records
 from .store import Sample, caption_id, sample_id
 
@@ -106,7 +114,7 @@ class Item:
         data = self.record.read()
         if sample_id(data, self.sample.caption, flip=self.sample.flip) != self.sample.id:
             raise FluxnbError(f"{self.record.source} changed on disk since the dataset was checked: run the "
-                              "check (data.prepare) again so its sample id matches its content.")
+                              "check (data.check_dataset) again so its sample id matches its content.")
         rgb, _, _ = open_image(data)
         key = self.sample.id.removesuffix("-flip")  # a flip is the mirror of the very same crop
         return fit_to_bucket(rgb, (self.sample.width, self.sample.height), self.crop, key, self.sample.flip)
@@ -137,7 +145,7 @@ class DataReport:
 
 
 @dataclass
-class Prepared:
+class CheckedDataset:
     config: DataConfig
     items: list[Item]
     report: DataReport
@@ -190,7 +198,7 @@ def _t5_lengths(tokenizer: Any, captions: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]]
 
 
-def prepare(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True) -> Prepared:
+def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True) -> CheckedDataset:
     """Load every row of `cfg.dataset`, check it, and assign buckets. Raises DataError with the full report."""
     loaded = load_records(cfg)
     report = DataReport(loaded.description, rows=len(loaded.records), notes=list(loaded.notes),
@@ -238,7 +246,7 @@ def prepare(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True) ->
     _summarise(report, cfg, bad, no_caption, small, modes, rotated, dupes, same_image, instance_used)
     report.samples = len({i.sample.id for i in items if not i.sample.flip})
     report.flips = len(items) - report.samples
-    prepared = Prepared(cfg, items, report)
+    prepared = CheckedDataset(cfg, items, report)
     if tokenizer is not None:
         _check_lengths(report, cfg, tokenizer, prepared.captions)
     if not items and not report.errors:

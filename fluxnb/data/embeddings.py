@@ -22,16 +22,26 @@ from typing import Any
 
 import torch
 
+from ..base.errors import FluxnbError
+from ..base.files import load_tensors, save_tensors
+from ..base.hub_errors import friendly_load
+from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
-from ..errors import FluxnbError
-from ..files import load_tensors, save_tensors
-from ..hardware import Hardware
-from ..hub_errors import friendly_load
-from ..memory import free, measure, report
 from ..run import Run, RunDir, writes
-from .checks import Prepared, prepare, progress_bar, quiet_length_warning
-from .store import (CacheStats, caption_id, check_meta, fingerprint, is_cached, prune, read_samples, write_meta,
-                    write_samples)
+from ..run.hardware import Hardware
+from .checks import CheckedDataset, check_dataset, progress_bar, quiet_length_warning
+from .store import (
+    CacheStats,
+    Sample,
+    caption_id,
+    check_meta,
+    fingerprint,
+    is_cached,
+    prune,
+    read_samples,
+    write_meta,
+    write_samples,
+)
 
 
 def settings(config: RunConfig) -> dict[str, Any]:
@@ -76,10 +86,11 @@ def missing(run: Run, texts: list[str], *, overwrite: bool = False) -> list[str]
     return [t for t in dict.fromkeys(texts) if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
 
 
-def stale(run: Run) -> list[str]:
-    """The captions of samples.jsonl whose embedding is missing or was made with other settings than the config's."""
+def stale(run: Run, samples: list[Sample] | None = None) -> list[str]:
+    """The captions of samples.jsonl (or `samples`, read from it already) whose embedding is missing or was made
+    with other settings than the config's."""
     tag = fingerprint(settings(run.config))
-    captions = dict.fromkeys(s.caption for s in read_samples(run.dir))
+    captions = dict.fromkeys(s.caption for s in (read_samples(run.dir) if samples is None else samples))
     return [c for c in captions if not is_cached(embedding_path(run.dir, c), tag, caption_id(c))]
 
 
@@ -122,12 +133,12 @@ def t5_linear_layers(pipe: Any) -> Counter:
     return Counter(type(m).__name__ for m in pipe.text_encoder_2.modules() if isinstance(m, torch.nn.Linear))
 
 
-def texts_to_encode(config: RunConfig, prepared: Prepared) -> list[str]:
+def texts_to_encode(config: RunConfig, prepared: CheckedDataset) -> list[str]:
     """The dataset's captions, then the validation prompts (sampled during training without any text encoder)."""
     return list(dict.fromkeys([*prepared.captions, *config.data.validation_prompts]))
 
 
-def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[str]:
+def pending(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> list[str]:
     """Captions and validation prompts without a valid cached embedding (see `missing`)."""
     return missing(run, texts_to_encode(run.config, prepared), overwrite=overwrite)
 
@@ -182,7 +193,7 @@ def encode_and_save(run: Run, pipe: Any, texts: list[str], *, batch_size: int = 
 
 
 @writes("embed")
-def cache_embeddings(run: Run, pipe: Any, prepared: Prepared, *, overwrite: bool = False, batch_size: int = 8,
+def cache_embeddings(run: Run, pipe: Any, prepared: CheckedDataset, *, overwrite: bool = False, batch_size: int = 8,
                      progress: bool = True) -> CacheStats:
     """Encode what is not cached yet, save one file per text, then write samples.jsonl (the training set)."""
     start = time.perf_counter()
@@ -204,7 +215,7 @@ def cache_embeddings(run: Run, pipe: Any, prepared: Prepared, *, overwrite: bool
 
 def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 01 headless (`python -m fluxnb embed`): check, encode what is missing, free."""
-    prepared = prepare(run.config.data, load_tokenizer(run.config.model), progress=progress)
+    prepared = check_dataset(run.config.data, load_tokenizer(run.config.model), progress=progress)
     print(prepared.report)
     if not pending(run, prepared, overwrite=overwrite):
         return cache_embeddings(run, None, prepared, overwrite=overwrite, progress=progress)

@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..base.errors import FluxnbError
+from ..base.files import load_tensors, save_tensors
+from ..base.hub_errors import friendly_load
+from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
-from ..errors import FluxnbError
-from ..files import load_tensors, save_tensors
-from ..hardware import Hardware
-from ..hub_errors import friendly_load
-from ..memory import free, measure, report
 from ..run import Run, RunDir, writes
+from ..run.hardware import Hardware
 from . import embeddings
-from .checks import Item, Prepared, prepare, progress_bar
+from .checks import CheckedDataset, Item, check_dataset, progress_bar
 from .store import (
     CacheMismatch,
     CacheStats,
@@ -76,11 +76,13 @@ def cached_size(run: RunDir) -> tuple[int, int] | None:
     return (meta["width"], meta["height"]) if "width" in meta else None
 
 
-def stale(run: Run) -> list[Sample]:
-    """The samples of samples.jsonl whose latent is missing or was made with other settings than the config's,
-    e.g. by a `latents --overwrite` stopped midway (meta.json already new, half the files still old)."""
+def stale(run: Run, samples: list[Sample] | None = None) -> list[Sample]:
+    """The samples of samples.jsonl (or `samples`, read from it already) whose latent is missing or was made with
+    other settings than the config's, e.g. by a `latents --overwrite` stopped midway (meta.json already new, half
+    the files still old)."""
     tag = fingerprint(settings(run.config))
-    return [s for s in read_samples(run.dir) if not is_cached(latent_path(run.dir, s.id), tag, s.id)]
+    samples = read_samples(run.dir) if samples is None else samples
+    return [s for s in samples if not is_cached(latent_path(run.dir, s.id), tag, s.id)]
 
 
 def load_vae(model: ModelConfig, hw: Hardware) -> Any:
@@ -92,7 +94,7 @@ def load_vae(model: ModelConfig, hw: Hardware) -> Any:
     return vae.to(hw.device).eval().requires_grad_(False)
 
 
-def check_embeddings(run: Run, prepared: Prepared) -> None:
+def check_embeddings(run: Run, prepared: CheckedDataset) -> None:
     """Every sample's caption must have its embedding from notebook 01, made with today's settings."""
     try:
         check_meta(run.dir.embeddings, embeddings.settings(run.config))
@@ -106,7 +108,7 @@ def check_embeddings(run: Run, prepared: Prepared) -> None:
                           "(`python -m fluxnb embed`) first.")
 
 
-def pending(run: Run, prepared: Prepared, *, overwrite: bool = False) -> list[Item]:
+def pending(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> list[Item]:
     """Samples without a valid cached latent. Raises CacheMismatch if latents/ was made with other settings."""
     wanted = settings(run.config)
     if not overwrite:
@@ -138,7 +140,7 @@ def encode_checked(vae: Any, image: Image.Image, source: str) -> tuple[torch.Ten
 
 
 @writes("latents")
-def cache_latents(run: Run, vae: Any, prepared: Prepared, *, overwrite: bool = False,
+def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bool = False,
                   progress: bool = True) -> CacheStats:
     """Encode what is not cached yet (one file per sample id), then write samples.jsonl (the training set)."""
     start = time.perf_counter()
@@ -176,7 +178,7 @@ def decode(vae: Any, run: Run, sample_ids: list[str]) -> list[Image.Image]:
 
 def latents_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 02 headless (`python -m fluxnb latents`): check, encode what is missing, free."""
-    prepared = prepare(run.config.data, progress=progress)
+    prepared = check_dataset(run.config.data, progress=progress)
     print(prepared.report)
     check_embeddings(run, prepared)
     if not pending(run, prepared, overwrite=overwrite):

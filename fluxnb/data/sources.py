@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..base.errors import FluxnbError
+from ..base.hub_errors import LOGIN_HOWTO, explain
 from ..config import DataConfig
-from ..errors import FluxnbError
-from ..hub_errors import LOGIN_HOWTO, explain
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

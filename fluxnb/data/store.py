@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FluxnbError
-from ..files import atomic_write_text, tensors_metadata
+from ..base.errors import FluxnbError
+from ..base.files import atomic_write_text, tensors_metadata
 from ..run import RunDir
 
 CACHE_VERSION = 1
@@ -73,13 +73,13 @@ class CacheStats:
 
 
 def write_samples(run: RunDir, samples: list[Sample]) -> None:
-    atomic_write_text(run.samples, "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in samples))
+    atomic_write_text(run.samples_file, "".join(json.dumps(asdict(s), sort_keys=True) + "\n" for s in samples))
 
 
 def read_samples(run: RunDir) -> list[Sample]:
-    if not run.samples.is_file():
-        raise FluxnbError(f"{run.samples} is missing: run notebook 01 (text embeddings) for this run first.")
-    return [Sample(**json.loads(line)) for line in run.samples.read_text().splitlines() if line.strip()]
+    if not run.samples_file.is_file():
+        raise FluxnbError(f"{run.samples_file} is missing: run notebook 01 (text embeddings) for this run first.")
+    return [Sample(**json.loads(line)) for line in run.samples_file.read_text().splitlines() if line.strip()]
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:

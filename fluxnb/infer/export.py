@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..base.errors import FluxnbError
+from ..base.files import atomic_write_bytes, save_tensors
 from ..config import EXPORT_FORMATS as FORMATS
-from ..errors import FluxnbError
-from ..files import atomic_write_bytes, save_tensors
 from ..run import LORA_FILE, RunDir
 
 # diffusers module (inside transformer_blocks.N / single_transformer_blocks.N / the model) -> (BFL name, part).

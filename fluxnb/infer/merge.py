@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FluxnbError
-from ..files import atomic_write_text
-from ..hub_errors import hub_errors
-from ..memory import GiB, available_ram_gib
+from ..base.errors import FluxnbError
+from ..base.files import atomic_write_text
+from ..base.hub_errors import hub_errors
+from ..base.memory import GiB, available_ram_gib
 from ..model.quant import bnb_config, load_transformer
 from ..run import Run, writes
 from .sampling import load_lora

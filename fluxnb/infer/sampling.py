@@ -14,7 +14,6 @@ LoRA columns differ only by the adapter.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -24,15 +23,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..base.errors import FluxnbError
+from ..base.files import atomic_path
+from ..base.hub_errors import hub_errors
+from ..base.memory import GiB, free, trim_host_memory
+from ..base.plots import image_grid, save_figure
 from ..data import embeddings
-from ..errors import FluxnbError
-from ..files import atomic_path, atomic_write_text
-from ..hub_errors import hub_errors
-from ..memory import GiB, free, trim_host_memory
+from ..model.offload import stream_blocks, streamer_of, transformer_blocks
 from ..model.quant import load_transformer
-from ..plots import image_grid, save_figure
 from ..run import Run
-from ..train.offload import stream_blocks, streamer_of, transformer_blocks
+from ..run.records import write_gallery_index
 
 ADAPTER = "lora"
 
@@ -72,7 +72,7 @@ def default_settings(run: Run) -> SampleSettings:
 @dataclass(frozen=True)
 class Plan:
     quantize: bool  # NF4 transformer (6.7 GB) instead of 16-bit (23.8 GB)
-    offload: bool  # the transformer's blocks stream from CPU RAM (fluxnb.train.offload), two on the GPU at a time
+    offload: bool  # the transformer's blocks stream from CPU RAM (fluxnb.model.offload), two on the GPU at a time
     text_encoders: bool  # keep T5 + CLIP (9.7 GB in 16-bit) in the pipeline; else prompts come pre-encoded
     reason: str
 
@@ -230,5 +230,5 @@ def save_images(folder: Path, prompts: list[str], images: list[Image.Image], set
             image.save(tmp, format="PNG")
         rows.append({"file": f"{i:02d}.png", "prompt": prompt, "seed": settings.seed, "steps": settings.steps,
                      "lora_scale": settings.lora_scale, "guidance_scale": settings.guidance_scale})
-    atomic_write_text(folder / "prompts.json", json.dumps(rows, indent=2) + "\n")
+    write_gallery_index(folder, rows)
     return folder

@@ -4,7 +4,14 @@
     lora    add the LoRA adapter; owner of the LoRA files (stock diffusers format)
 """
 
-from .lora import add_lora, count_trainable, describe, load_lora_, lora_state_dict, save_lora
+from .lora import (
+           add_lora,
+           count_trainable,
+           describe,
+           load_lora_,
+           lora_state_dict,
+           save_lora,
+)
 from .quant import float8_, load_transformer, quantize_nf4_, save_nf4
 
 __all__ = ["add_lora", "count_trainable", "describe", "float8_", "load_lora_", "load_transformer", "lora_state_dict",

@@ -5,7 +5,7 @@ FLUX.1-dev's attention projections (the blog's recipe) that is 4,669,440 trainab
 ones: 19 double blocks x 4 projections (q, k, v, out) + 38 single blocks x 3 (q, k, v), each 3072 -> 3072, each
 adding r * (3072 + 3072) = 24,576 parameters: (76 + 114) * 24,576 = 4,669,440.
 
-Presets (LoRAConfig.targets, defined in fluxnb.config.LORA_PRESETS):
+Presets (LoRAConfig.targets, defined in fluxnb.config.LORA_TARGETS):
   "attention"      the blog's to_q, to_k, to_v, to_out.0 (image-stream attention of every block)
   "all-linear"     every Linear layer (peft's shorthand): attention, MLPs, modulation, embedders; ~40x more params
   "single-blocks"  every projection of the 38 single-stream blocks (q, k, v, proj_mlp, proj_out), nothing in the
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from ..config import LORA_PRESETS, LoRAConfig
-from ..errors import FluxnbError
-from ..files import atomic_path
+from ..base.errors import FluxnbError
+from ..base.files import atomic_path
+from ..config import LORA_TARGETS, LoRAConfig
 from ..run import LORA_FILE
 
 _INITS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
@@ -53,7 +53,7 @@ def add_lora(transformer: torch.nn.Module, cfg: LoRAConfig, *, seed: int | None 
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             raise FluxnbError(f"LoRA targets {cfg.targets!r} match no layer of this transformer ({err}); use a preset "
-                              f"({', '.join(LORA_PRESETS)}) or module names such as to_q,to_v.") from None
+                              f"({', '.join(LORA_TARGETS)}) or module names such as to_q,to_v.") from None
         raise
     cast_training_params(transformer, dtype=torch.float32)
     return count_trainable(transformer)

@@ -28,10 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from ..budget import pick_blocks  # the policy estimates memory with the same choice of blocks
+__all__ = ["BlockStreamer", "HostArena", "pick_blocks", "stream_blocks", "streamer_of", "transformer_blocks"]
+ATTRIBUTE = "_fluxnb_streamer"  # where a model keeps its streamer (fluxnb.base.memory.free looks for it by name)
 
-__all__ = ["BlockStreamer", "HostArena", "stream_blocks", "streamer_of", "transformer_blocks"]
-ATTRIBUTE = "_fluxnb_streamer"  # where a model keeps its streamer (fluxnb.memory.free looks for it by name)
+
+def pick_blocks(total: int, count: int) -> list[int]:
+    """`count` of `total` block indices, spread evenly, so each transfer has resident blocks' compute to hide in
+    (fluxnb.train.budget estimates memory with the same choice)."""
+    count = min(max(count, 0), total)
+    return sorted({round(k * total / count) for k in range(count)}) if count else []
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -237,7 +242,7 @@ class BlockStreamer:
 
     def close(self) -> None:
         """Drop the hooks and the CPU copies without putting anything back: for a model that is being freed
-        (fluxnb.memory.free calls it), whose streamed weights would otherwise stay in pinned RAM."""
+        (fluxnb.base.memory.free calls it), whose streamed weights would otherwise stay in pinned RAM."""
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -5,7 +5,7 @@ Memory of FLUX.1-dev's transformer (11.9 B parameters) by format:
     NF4                    6.7 GB   (4 bits / param + one fp32 scale per 64 weights = 4.5 bits / param)
     NF4 + double quant     6.2 GB   (the scales themselves quantized to 8 bits: 0.37 bits / param less)
 
-Paths (all return a FluxTransformer2DModel ready for `fluxnb.lora.add_lora`):
+Paths (all return a FluxTransformer2DModel ready for `fluxnb.model.lora.add_lora`):
   - GPU, NF4: `from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4))`, the blog's path. It downloads
     23.8 GB and streams the ~10 GB bf16 shards through system RAM while quantizing: on Colab's 12.7 GB of RAM
     that is where sessions get killed. Do it once, `save_nf4` the result to Drive, and use the next path.
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..base.errors import FluxnbError
+from ..base.hub_errors import hub_errors
 from ..config import ModelConfig
-from ..errors import FluxnbError
-from ..hardware import Hardware
-from ..hub_errors import hub_errors
+from ..run.hardware import Hardware
 
 TRANSFORMER = "transformer"
 
@@ -48,7 +48,7 @@ def load_transformer(model: ModelConfig, hw: Hardware, *, prepare_kbit: bool = F
     parameter (done here anyway) and casts the non-quantized ones (Linear4bit biases, RMSNorm scales: a few MB on
     FLUX, all frozen) from bf16/fp16 to fp32. Frozen weights get no gradient, so fp32 buys no optimizer precision;
     the forward runs under autocast in the compute dtype anyway; bitsandbytes casts each bias back to the input
-    dtype on first use. The LoRA weights, the ones that learn, are fp32 either way (fluxnb.lora.add_lora).
+    dtype on first use. The LoRA weights, the ones that learn, are fp32 either way (fluxnb.model.lora.add_lora).
     """
     if model.quantization == "none":
         transformer = _from_pretrained(model, dtype=hw.dtype).to(hw.device)
@@ -126,7 +126,7 @@ def save_nf4(transformer, folder: str | Path) -> Path:
     with no 23.8 GB download and no quantizing in 12.7 GB of system RAM. Loadable by stock diffusers on a GPU.
     """
     if getattr(transformer, "peft_config", None):
-        raise FluxnbError("save_nf4 saves the frozen base only: call it before adding LoRA (fluxnb.lora.add_lora).")
+        raise FluxnbError("save_nf4 saves the frozen base only: call it before adding LoRA (fluxnb.model.lora.add_lora).")
     if not getattr(transformer, "is_loaded_in_4bit", False):
         raise FluxnbError("this transformer is not NF4-quantized; load it with quantization='nf4' first.")
     folder = Path(folder)

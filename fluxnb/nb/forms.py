@@ -1,7 +1,7 @@
 """Notebook 03's settings form: a hardware preset chooser, the layout its memory budget chose and why (one
 short table), then the LoRA, training and resolution fields.
 
-The presets and the budget policy are fluxnb.presets and fluxnb.budget; this is only their form.
+The presets and the budget policy are fluxnb.train.presets and fluxnb.train.budget; this is only their form.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..config import LORA_PRESETS, RunConfig
-from ..hardware import Hardware
-from ..presets import PRESETS, TINY, apply_in_place, matching, plan
+from ..config import LORA_TARGETS, RunConfig
+from ..run.hardware import Hardware
+from ..train.presets import PRESETS, TINY, apply_in_place, matching, plan, plan_if_unplanned
 from .widgets import config_form
 
 TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
@@ -23,7 +23,7 @@ TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accu
 def training_form(config: RunConfig, hw: Hardware):
     """The notebook's settings form: preset, LoRA rank/alpha/targets, lr, steps, accumulation, resolution,
     sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
-    current = matching(config, hw)
+    current = plan_if_unplanned(config, hw) or matching(config, hw)  # a new run gets this machine's preset
     options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
     chooser = W.Dropdown(options=options, value=current, description="hardware preset",
                          style={"description_width": "200px"}, layout=W.Layout(width="520px"))
@@ -39,8 +39,8 @@ def training_form(config: RunConfig, hw: Hardware):
             note.value = f"<i>{html.escape(hw.describe())}</i>"
         forms.children = [
             config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
-                        choices={"targets": (*LORA_PRESETS, *([config.lora.targets]
-                                                              if config.lora.targets not in LORA_PRESETS else []))}),
+                        choices={"targets": (*LORA_TARGETS, *([config.lora.targets]
+                                                              if config.lora.targets not in LORA_TARGETS else []))}),
             config_form(config.train, TRAIN_FIELDS, "Training"),
             config_form(config.data, ["width", "height"],
                         "Resolution (the latents of notebook 02 were cached at this size; change it there)"),

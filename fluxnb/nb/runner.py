@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import FluxnbError
+from ..base.errors import FluxnbError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # What ipykernel itself picks when MPLBACKEND is unset: figures become PNG outputs of their cell. A shell's
@@ -73,8 +73,8 @@ def _running_cell(nb) -> str:
 
 
 def run_notebooks(run_dir: Path | None = None, *, only: list[str] | None = None, timeout: int = 3600) -> int:
-    from ..hardware import detect
     from ..run import RUN_DIR_ENV, default_run_dir
+    from ..run.hardware import detect
 
     nbformat, NotebookClient, (CellExecutionError, DeadKernelError), config = _client_parts()
     paths = notebook_paths(only)

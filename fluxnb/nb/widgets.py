@@ -15,7 +15,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..errors import FluxnbError
+from ..base.errors import FluxnbError
 
 _STYLE = {"description_width": "200px"}
 _LAYOUT = W.Layout(width="520px")

@@ -2,7 +2,7 @@
 
 - "real": FLUX.1-dev on a CUDA GPU. bf16 where the GPU has it (compute capability >= 8.0: A100, 30/40-series,
   H100), fp16 on a T4 / 20-series / V100 (7.x: no bf16 tensor cores).
-- "tiny": the offline tiny FLUX (fluxnb.tiny) on the CPU in fp32. Chosen with FLUXNB_PROFILE=tiny, and
+- "tiny": the offline tiny FLUX (fluxnb.tiny.flux) on the CPU in fp32. Chosen with FLUXNB_PROFILE=tiny, and
   automatically when there is no CUDA GPU (FLUX.1-dev on 2 CPU cores would take days per step).
 
 A smaller GPU can be emulated on a bigger one: FLUXNB_GPU_MEMORY_GIB=14.7 caps this process's PyTorch allocations
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PROFILES
-from .errors import FluxnbError
+from ..base.errors import FluxnbError
+from ..config import PROFILES
 
 PROFILE_ENV = "FLUXNB_PROFILE"
 GPU_MEMORY_ENV = "FLUXNB_GPU_MEMORY_GIB"

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import FluxnbError
+from ..base.errors import FluxnbError
 
 try:
     import fcntl

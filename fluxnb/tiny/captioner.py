@@ -6,7 +6,7 @@ The same classes as the real captioner (BlipForConditionalGeneration, BlipProces
 BertTokenizerFast), tiny widths, random seeded weights, a word-level WordPiece vocabulary built here: so
 fluxnb.data.captions loads and runs it through exactly the real code path. Its captions are random words.
 `full_size_config()` is the real checkpoint's architecture (for the GPU memory benchmark: random weights).
-Kept apart from fluxnb.tiny so that the tiny FLUX and the tiny captioner can change independently.
+Kept apart from fluxnb.tiny.flux so that the tiny FLUX and the tiny captioner can change independently.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .files import build_into
+from ..base.files import build_into
 
 TINY_CAPTIONER_VERSION = 1
 STAMP_NAME = "tiny_captioner_stamp.json"
@@ -33,7 +33,9 @@ def _vocab() -> list[str]:
 
 
 def _tokenizer():
-    from transformers import BertTokenizerFast  # an alias of BertTokenizer in transformers 5
+    from transformers import (
+        BertTokenizerFast,  # an alias of BertTokenizer in transformers 5
+    )
 
     vocab = {token: i for i, token in enumerate(_vocab())}
     return BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=512, bos_token="[DEC]")
@@ -63,7 +65,11 @@ def full_size_config():
 def build_tiny_captioner(out: str | Path, *, seed: int = 0) -> Path:
     """Write (overwriting) the tiny BLIP captioner into `out`; same seed -> same weights."""
     import torch
-    from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     out = Path(out).expanduser().resolve()
     shutil.rmtree(out, ignore_errors=True)

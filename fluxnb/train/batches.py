@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..base.errors import FluxnbError
 from ..data import embeddings, latents
 from ..data.store import read_samples
-from ..errors import FluxnbError
 from ..run import RunDir
 
 
@@ -29,11 +29,11 @@ class CachedDataset(torch.utils.data.Dataset):
     (mean, std), unscaled; training draws a fresh sample from it every time (fluxnb.train.flow).
     """
 
-    def __init__(self, run: RunDir | str) -> None:
+    def __init__(self, run: RunDir | str, samples: list | None = None) -> None:
         self.run = run if isinstance(run, RunDir) else RunDir(run)
-        self.samples = read_samples(self.run)
+        self.samples = read_samples(self.run) if samples is None else samples  # samples.jsonl, maybe read already
         if not self.samples:
-            raise FluxnbError(f"{self.run.samples} lists no samples: re-run notebook 01 on a non-empty dataset.")
+            raise FluxnbError(f"{self.run.samples_file} lists no samples: re-run notebook 01 on a non-empty dataset.")
         missing = [s.source for s in self.samples if not latents.latent_path(self.run, s.id).is_file()]
         if missing:
             raise FluxnbError(
@@ -84,8 +84,8 @@ class TrainingData:
     """
 
     def __init__(self, run: RunDir, batch_size: int, seed: int, *, accumulation: int = 1, processes: int = 1,
-                 only: Collection[str] | None = None) -> None:
-        dataset = CachedDataset(run)
+                 only: Collection[str] | None = None, samples: list | None = None) -> None:
+        dataset = CachedDataset(run, samples)
         # only: the sample ids to serve (fluxnb.train.validation keeps held-out images out); None = all
         self.items = [dataset[i] for i in range(len(dataset)) if only is None or dataset.samples[i].id in only]
         self.batch_size, self.seed, self.accumulation, self.processes = batch_size, seed, accumulation, processes

@@ -5,7 +5,7 @@
     print(plan.table())                            # what was chosen and why (notebook 03)
 
 Per block of the 57, three choices: its frozen weights resident on the GPU or streamed from CPU RAM
-(fluxnb.train.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
+(fluxnb.model.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
 and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs, each per token (image
 + text tokens of a batch): weights are NF4 bytes (0.5 + 4/64 per parameter); a checkpointed block keeps its two
 inputs (6 KiB per token); the rest (LoRA, optimizer, embeddings, the output layers, gradients in flight) grows
@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .config import LoRAConfig
+from ..config import LoRAConfig
+from ..model.offload import pick_blocks
 
 GiB = 2**30
 SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
@@ -61,12 +62,6 @@ def block_gib() -> list[float]:
     double = sum(i * o for i, o in DOUBLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
     single = sum(i * o for i, o in SINGLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
     return [double] * DOUBLE + [single] * SINGLE
-
-
-def pick_blocks(total: int, count: int) -> list[int]:
-    """`count` of `total` block indices, spread evenly, so each transfer has resident blocks' compute to hide in."""
-    count = min(max(count, 0), total)
-    return sorted({round(k * total / count) for k in range(count)}) if count else []
 
 
 def lora_params(lora: LoRAConfig) -> int:
@@ -192,7 +187,7 @@ def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: 
            lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True) -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
-    the blocks run compiled (fluxnb.hardware.Hardware.compiles); eager, no block keeps its activations."""
+    the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     size = f"{width}x{height}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from ..base.files import atomic_path, atomic_write_text, disk_errors
 from ..config import RunConfig
-from ..files import atomic_path, atomic_write_text, disk_errors
 from ..model.lora import load_lora_, save_lora
 from ..run import RunDir
 from .state import TrainState

@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 
 
 @dataclass(frozen=True)

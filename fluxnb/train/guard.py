@@ -1,8 +1,8 @@
 """Never lose a run: what `train` checks before it touches anything, and how it stops.
 
-    guard.check_inputs(run)                          # caches complete and made with today's settings
+    guard.check_inputs(run, samples)                 # caches complete and made with today's settings
     start = guard.start_point(run, resume, overwrite)   # refuses to clobber an earlier run; deletes nothing
-    guard.check_resumable(run, start)                # same LoRA, same model, same training set
+    guard.check_resumable(run, start, samples)       # same LoRA, same model, same training set
     ...                                              # everything else that can fail: model, LoRA targets
     guard.clear_previous(run)                        # --overwrite: last, saying what it removes
     guard.check_interrupted()                        # in the loop: a Ctrl-C that a __del__ swallowed
@@ -20,40 +20,39 @@ import signal
 import threading
 from collections.abc import Callable
 
+from ..base.errors import FluxnbError
 from ..data import embeddings, latents
-from ..data.store import fingerprint, read_samples
-from ..errors import FluxnbError
+from ..data.store import Sample, fingerprint
 from ..run import Run
 from . import checkpoint
 
 RESUME_IN_PYTHON = "train(run, resume=True)"
 
 
-def check_inputs(run: Run) -> None:
-    """The caches training reads are complete and were made with the config's settings, file by file."""
+def check_inputs(run: Run, samples: list[Sample]) -> None:
+    """The caches training reads (`samples`: samples.jsonl) are complete and made with the config's settings."""
     cached, now = latents.cached_size(run.dir), (run.config.data.width, run.config.data.height)
     if cached is not None and cached != now:
         raise FluxnbError(f"the latents in {run.dir.latents} were cached at {cached[0]}x{cached[1]}, but the config "
                           f"now says {now[0]}x{now[1]}: put the resolution back, or re-run notebook 02 "
                           "(python -m fluxnb latents --overwrite) at the new size.")
-    samples = read_samples(run.dir)
-    bad = latents.stale(run)  # meta.json alone is not enough: a stopped `latents --overwrite` leaves a mix
+    bad = latents.stale(run, samples)  # meta.json alone is not enough: a stopped `latents --overwrite` leaves a mix
     if bad:
         raise FluxnbError(f"{len(bad)} of {len(samples)} samples have no latent made with this run's settings "
                           f"(first: {bad[0].source}): notebook 02 did not finish (e.g. a `latents --overwrite` was "
                           "stopped), or the image settings changed since. Run notebook 02 (`python -m fluxnb latents "
                           f"--run-dir {run.dir.root}`) again to finish it; training never mixes them.")
-    texts = embeddings.stale(run)
+    texts = embeddings.stale(run, samples)
     if texts:
         raise FluxnbError(f"{len(texts)} caption(s) have no embedding made with this run's settings (first: "
                           f"{texts[0][:60]!r}): re-run notebook 01 (`python -m fluxnb embed --run-dir "
                           f"{run.dir.root}`), then notebook 02.")
 
 
-def data_fingerprint(run: Run) -> dict[str, object]:
+def data_fingerprint(run: Run, samples: list[Sample]) -> dict[str, object]:
     """What a checkpoint was trained on: {"data": hash of the ordered (sample id, caption id) pairs and the caches'
     settings, "samples": how many}. Editing a caption, adding or removing an image, or re-caching changes it."""
-    rows = [(s.id, s.caption_id) for s in read_samples(run.dir)]
+    rows = [(s.id, s.caption_id) for s in samples]
     settings = {"samples": rows, "latents": latents.settings(run.config), "embeddings": embeddings.settings(run.config)}
     return {"data": fingerprint(settings), "samples": len(rows)}
 
@@ -79,7 +78,7 @@ def start_point(run: Run, resume: bool, overwrite: bool) -> checkpoint.Checkpoin
     return None
 
 
-def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None) -> None:
+def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[Sample]) -> None:
     """Resuming continues the very run of `ckpt`: same adapter, same base model, same training set."""
     if ckpt is None:
         return
@@ -88,7 +87,7 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None) -> None:
         raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
                           f"asks for {run.config.lora} on {run.config.model.model_id}. Put the old values back to "
                           "resume, or start over with overwrite=True (--overwrite).")
-    recorded, now = ckpt.info().get("data"), data_fingerprint(run)
+    recorded, now = ckpt.info().get("data"), data_fingerprint(run, samples)
     if recorded is not None and recorded != now["data"]:  # checkpoints from before fluxnb recorded it: unchecked
         raise FluxnbError(f"{ckpt.path} was trained on another training set ({ckpt.info().get('samples', '?')} "
                           f"samples) than the one cached now ({now['samples']} samples): a caption was edited, an "

@@ -1,4 +1,5 @@
-"""What you watch while training: a progress bar with ETA, metrics.jsonl, a live loss plot, sample grids.
+"""What you watch while training: a progress bar with ETA, a live loss plot, sample grids (metrics.jsonl, which
+the loop appends to, is fluxnb.run.records').
 
 In a notebook the loss plot redraws in place every few seconds and each sample grid appears under the cell;
 headless (`python -m fluxnb train`) the same figures are written to RUN/samples/ (loss.png, step-000100.png).
@@ -6,16 +7,14 @@ headless (`python -m fluxnb train`) the same figures are written to RUN/samples/
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..base.plots import image_grid, loss_plot, save_figure
 from ..data.embeddings import load_prompts
-from ..files import atomic_path, disk_errors
-from ..plots import image_grid, loss_plot, save_figure
 from ..run import RunDir
 
 
@@ -27,37 +26,6 @@ def in_notebook() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and "IPKernelApp" in shell.config
-
-
-class MetricsLog:
-    """RUN/metrics.jsonl: one JSON line per optimizer step. Appended line by line (a crash can cut only the last
-    line, which `read` skips); on resume the lines after the checkpoint's step are dropped first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        return rows
-
-    def truncate(self, after_step: int) -> list[dict[str, Any]]:
-        """Keep only the rows up to `after_step` (rewritten atomically); return them."""
-        rows = [r for r in self.read() if r.get("step", 0) <= after_step]
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        return rows
-
-    def append(self, row: dict[str, Any]) -> None:
-        with disk_errors(self.path.parent), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
 
 
 class Progress:

@@ -3,7 +3,7 @@ fluxnb.nb.forms, edits them).
 
 A preset is a budget in GiB (the card's memory as torch reports it) and a sentence for the form; the layout that
 fits it (blocks resident or streamed from CPU RAM, checkpointed or keeping their activations, the batch split,
-the optimizer) is chosen by fluxnb.budget for the image size, and shown with its reasons. Every preset trains the
+the optimizer) is chosen by fluxnb.train.budget for the image size, and shown with its reasons. Every preset trains the
 same NF4 base and the same LoRA on 4 samples per optimizer step. Compute dtype is not part of a preset: the
 hardware decides it (bf16 where the GPU has it, fp16 on a T4). What each costs in memory and time, measured, is
 in BENCHMARKS.md.
@@ -13,21 +13,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import RunConfig
+from ..run.hardware import Hardware
 from . import budget
-from .config import RunConfig
-from .hardware import Hardware
 
 
 @dataclass(frozen=True)
 class Preset:
     description: str
-    budget_gib: float  # the card's memory; the policy keeps a margin under it (fluxnb.budget.margin_gib)
+    budget_gib: float  # the card's memory; the policy keeps a margin under it (fluxnb.train.budget.margin_gib)
     host_gib: float | None = None  # CPU RAM that streamed weights may take (None: no limit; 0: none streamed)
     compiled: bool = True  # how its GPUs run the blocks when no GPU is at hand to ask (a T4: eager)
 
 
 SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
-_QLORA = {"quantization": "nf4", "prequantized": None, "double_quant": False}
+_QLORA = {"quantization": "nf4", "double_quant": False}  # a pre-quantized NF4 folder (model.prequantized) stays
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
                      "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.61 s per 4-sample step in a "
@@ -68,12 +68,12 @@ def budget_for(name: str, hw: Hardware | None = None) -> float:
 
 def compiles(name: str, hw: Hardware | None = None) -> bool:
     """Whether the preset's training runs compiled blocks: as this machine decides for train.compile="auto",
-    which every preset sets (fluxnb.hardware.Hardware.compiles), or, with no machine to ask, as its GPUs do."""
+    which every preset sets (fluxnb.run.hardware.Hardware.compiles), or, with no machine to ask, as its GPUs do."""
     return hw.compiles("auto") if hw is not None and hw.gpu is not None else PRESETS[name].compiled
 
 
 def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Plan:
-    """fluxnb.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
+    """fluxnb.train.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
     d = config.data
     return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
                          PRESETS[name].host_gib, compiles(name, hw))
@@ -85,6 +85,20 @@ def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig
         return config
     settings = plan(config, name, hw).settings()
     return config.replace(model=_QLORA | settings["model"], train={"compile": "auto"} | settings["train"])
+
+
+def unplanned(config: RunConfig) -> bool:
+    """A real run whose training settings are still the blog recipe's defaults: no preset was chosen yet (a new
+    run directory; opening a run plans nothing, notebook 03's form and the CLI's `train` do)."""
+    return config.profile == "real" and config.train == RunConfig(profile="real").train
+
+
+def plan_if_unplanned(config: RunConfig, hw: Hardware) -> str | None:
+    """The machine's preset applied to an unplanned config (in place), and its name; None when already planned."""
+    if not unplanned(config):
+        return None
+    apply_in_place(config, pick(hw), hw)
+    return pick(hw)
 
 
 def matching(config: RunConfig, hw: Hardware | None = None) -> str:

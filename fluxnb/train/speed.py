@@ -1,16 +1,16 @@
 """The training step's speed and memory levers, applied in one place (the training loop and benchmarks/train_step.py).
 
-    streamer = prepare(transformer, run.config.model, run.config.train, run.hw)   # after fluxnb.model.add_lora
+    streamer = configure(transformer, run.config.model, run.config.train, run.hw)   # after fluxnb.model.add_lora
 
 - Gradient checkpointing (train.gradient_checkpointing): keep each block's input, recompute its inside during
   the backward pass. Eager, about a third more compute for far less activation memory; the blog's setting. Per block:
-  the last train.keep_activations blocks keep their activations instead (fluxnb.budget decides how many fit).
+  the last train.keep_activations blocks keep their activations instead (fluxnb.train.budget decides how many fit).
   Compiled, a checkpointed block is not checkpointed at all: its graph is partitioned to keep only its inputs
   (torch's activation memory budget 0), so its compiled backward rebuilds, fused, just what the backward needs
   (checkpoint_inside). Measured on an H200: 0.61-0.63 s per step where checkpointing around each compiled
   block's call (diffusers' way, fluxnb's before) took 0.70-0.82 s, in the same memory. With a LoRA dropout,
   whose masks that recomputation would draw anew, fluxnb checkpoints around the calls instead.
-- Block offload (model.offload_blocks, fluxnb.train.offload): frozen weights of that many blocks wait in CPU RAM and
+- Block offload (model.offload_blocks, fluxnb.model.offload): frozen weights of that many blocks wait in CPU RAM and
   stream in while the previous block computes.
 - Regional compilation (train.compile): `torch.compile` of each of the 57 repeated blocks (as diffusers'
   `compile_repeated_blocks`, block by block: compile_block), not of the whole model: the blocks share a compiled
@@ -18,7 +18,7 @@
   batch size.
   It removes most of the per-layer Python and kernel launch overhead that bounds the NF4 + LoRA step. The loss
   is the eager step's (tests/test_speed.py). "auto" leaves it off below compute capability 8.0 (T4, 20-series:
-  fluxnb.hardware.Hardware.compiles); "on" still compiles.
+  fluxnb.run.hardware.Hardware.compiles); "on" still compiles.
 What each lever costs and buys, measured, is in BENCHMARKS.md.
 """
 
@@ -28,10 +28,14 @@ from dataclasses import replace
 
 import torch
 
-from .. import budget
 from ..config import ModelConfig, TrainConfig
-from .offload import BlockStreamer, stream_blocks, streamer_of, transformer_blocks
-
+from ..model.offload import (
+    BlockStreamer,
+    stream_blocks,
+    streamer_of,
+    transformer_blocks,
+)
+from . import budget
 
 RECOMPILE_LIMIT = 64  # compiled graphs per frame: ~6 per image size and batch size, so ~10 of those
 
@@ -40,7 +44,7 @@ def use_compile(train: TrainConfig, hw) -> bool:
     return hw.compiles(train.compile)
 
 
-def prepare(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose: bool = True) -> BlockStreamer | None:
+def configure(transformer, model: ModelConfig, train: TrainConfig, hw, *, verbose: bool = True) -> BlockStreamer | None:
     """Checkpointing, offload and compile as the config says; returns the streamer (None without offload).
 
     Safe to call again on the same transformer (a resumed run in the same notebook): what is already set up
@@ -168,7 +172,7 @@ def _wrapped_forward(block: torch.nn.Module):
 
 def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: int, peak_gib: float | None = None):
     """After the first optimizer step: if the peak so far (measured on CUDA) is over the plan's budget
-    (train.memory_budget_gib), move one notch toward memory (fluxnb.budget.adjust) and prepare again. `tokens`:
+    (train.memory_budget_gib), move one notch toward memory (fluxnb.train.budget.adjust) and configure again. `tokens`:
     image + text tokens of one sample. Returns the adjusted (model, train), or None when nothing changed. The
     config on disk keeps the plan; a resumed run measures again."""
     if peak_gib is None and hw.device.type == "cuda":
@@ -184,7 +188,7 @@ def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: 
     train = replace(train, keep_activations=smaller.kept, gradient_checkpointing=True)
     print(f"fluxnb: peak {peak_gib:.2f} GiB is over what the {train.memory_budget_gib:g} GiB budget leaves usable; "
           f"{smaller.kept} of {n} blocks keep their activations from now on ({layout.kept} before)")
-    prepare(transformer, model, train, hw, verbose=False)
+    configure(transformer, model, train, hw, verbose=False)
     return model, train
 
 

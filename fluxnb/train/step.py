@@ -1,4 +1,4 @@
-"""One training step, a fixed-noise evaluation, the optimizer.
+"""One training step, one optimizer step, a fixed-noise evaluation, the optimizer.
 
 `training_step` is the reference script's step (tests/reference_step.py transcribes the script and checks that
 both give the same loss); the math itself is in fluxnb.train.flow, the loop that calls this in fluxnb.train.loop.
@@ -7,6 +7,7 @@ both give the same loss); the math itself is in fluxnb.train.flow, the loop that
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +110,39 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=bool(params) and all(p.is_cuda for p in params), **kwargs)
+
+
+MAX_SKIPPED_FP16_STEPS = 20  # the fp16 loss scaler skips a step on inf gradients; this many in a row is divergence
+
+
+class Diverged(FloatingPointError):
+    """The loss or the gradient norm of a step stopped being a finite number (the loop says what to do)."""
+
+
+def optimizer_step(accelerator, wrapped, state, data: TrainingData, latent: LatentScale, table: flow.NoiseTable,
+                   cfg: TrainConfig, hw) -> tuple[float, float]:
+    """One optimizer step: this process's micro-batches of step `state.step`, forward + backward each, gradients
+    all-reduced across processes, clipped, applied. Returns (mean loss of the step's samples over all processes,
+    gradient norm); raises Diverged on a non-finite loss or gradient norm."""
+    total, grad_norm = torch.zeros(2, device=accelerator.device), float("nan")
+    for micro in data.micro_batches(state.step, accelerator.process_index, hw.device, hw.dtype):
+        with accelerator.accumulate(wrapped):  # no all-reduce until the last micro-batch of the step
+            loss = training_step(wrapped, micro.batch, table, cfg, latent, micro.generators, hw.dtype)
+            value = loss.item()
+            if not bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()):  # on any process
+                raise Diverged(f"the loss became {value if not math.isfinite(value) else 'non-finite on another process'}")
+            accelerator.backward(micro.scale * loss)  # every sample of the step weighs the same (MicroBatch)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(state.params, cfg.max_grad_norm).item()
+                state.skipped = state.skipped + 1 if not math.isfinite(grad_norm) else 0  # fp16: the scaler skips
+                if state.skipped and (state.scaler is None or state.skipped > MAX_SKIPPED_FP16_STEPS):
+                    raise Diverged(f"the gradient norm became {grad_norm}")
+            state.optimizer.step()  # a no-op before the last micro-batch (accelerate)
+            if accelerator.sync_gradients and not state.optimizer.step_was_skipped:
+                state.schedule.step()  # once per optimizer step, whatever the number of processes
+            state.optimizer.zero_grad(set_to_none=True)
+        samples = len(micro.ids) if micro.scale else 0
+        total += torch.stack([loss.detach().float() * samples, torch.tensor(float(samples), device=total.device)])
+    total = accelerator.reduce(total, "sum")  # (sum of per-sample losses, samples) over every process
+    state.step += 1
+    return (total[0] / total[1]).item(), grad_norm

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..base.errors import FluxnbError
 from ..data.store import read_samples
-from ..errors import FluxnbError
 from ..run import RunDir
+from ..run.records import MetricsLog
 from . import checkpoint
 from .batches import TrainingData
-from .monitor import MetricsLog
 from .step import evaluate
 
 VALIDATION_SEED = 4321  # the noise, timesteps and latent draws of every validation loss: one fixed set
@@ -51,10 +51,12 @@ def holdout(sample_ids: list[str], n: int, seed: int) -> tuple[list[str], list[s
 class Validation:
     """The held-out images and their loss at fixed noise, measured every train.validate_every steps."""
 
-    def __init__(self, run, table, latent, history: list[dict] | None = None, upto: int = 0) -> None:
+    def __init__(self, run, table, latent, history: list[dict] | None = None, upto: int = 0,
+                 samples: list | None = None) -> None:
         tc = run.config.train
         self.tc, self.table, self.latent, self.hw = tc, table, latent, run.hw
-        ids = [s.id for s in read_samples(run.dir)]
+        samples = read_samples(run.dir) if samples is None else samples  # samples.jsonl, maybe read already
+        ids = [s.id for s in samples]
         if tc.validation_samples:
             self.train_ids, held = holdout(ids, tc.validation_samples, tc.seed)
             self.note = f"validation: {len(held)} sample(s) held out of training ({len(self.train_ids)} train)"
@@ -63,7 +65,7 @@ class Validation:
             self.train_ids, held = None, [i for i in ids if _group(i) in subset]
             self.note = (f"validation: validation_samples=0, so the validation loss is measured on {len(held)} "
                          "TRAINING images: it shows the LoRA fitting them, not how it does on new ones")
-        self.data = TrainingData(run.dir, 1, tc.seed, only=held) if tc.validate_every else None
+        self.data = TrainingData(run.dir, 1, tc.seed, only=held, samples=samples) if tc.validate_every else None
         # (step, loss) measured so far: metrics.jsonl's rows up to the step training resumes from
         self.history = [(r["step"], r["val_loss"]) for r in history or [] if "val_loss" in r and r["step"] <= upto]
         self._hinted = False
@@ -107,9 +109,10 @@ def best_lora(run: RunDir) -> Path | None:
     return best.path / run.lora_file.name if best else None
 
 
-def summary(run: RunDir) -> str:
-    """Which checkpoint is best by validation loss, for the end of training."""
-    best = checkpoint.best(run)
+def summary(run: RunDir, best: checkpoint.Checkpoint | None = None) -> str:
+    """Which checkpoint is best by validation loss (`best`, if the caller found it already), for the end of
+    training."""
+    best = best or checkpoint.best(run)
     rows = [r for r in MetricsLog(run.metrics).read() if "val_loss" in r]
     if best is None or not rows:
         return "fluxnb: no validation loss was measured (train.validate_every = 0): no best checkpoint to name."
