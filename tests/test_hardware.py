@@ -96,3 +96,12 @@ def test_no_allocator_change_without_cuda_or_off_linux(gpu, allocator, monkeypat
     monkeypatch.setattr(hardware.sys, "platform", "win32")
     detect()
     assert allocator == []
+
+
+def test_a_real_t4_leaves_attention_kernels_to_pytorch(gpu):
+    """Only an emulated T4 (FLUXNB_GPU_CAPABILITY) switches flash and cuDNN attention off: the switches are
+    process-wide, and the flash one also picks the CPU's kernel, whose numbers then differ (a resumed run in the
+    same process once stopped matching an uninterrupted one)."""
+    gpu(T4)
+    assert detect().dtype == torch.float16
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.cudnn_sdp_enabled()

@@ -128,8 +128,10 @@ def emulated_capability(gpu: GPUInfo | None) -> GPUInfo | None:
 
 def limit_attention_kernels(gpu: GPUInfo) -> None:
     """Scaled-dot-product attention only through the kernels `gpu` has: below compute capability 8.0 (a T4)
-    memory-efficient attention and the math path, not flash or cuDNN attention. On such a GPU PyTorch skips
-    those kernels anyway; with FLUXNB_GPU_CAPABILITY on a newer one this makes attention's memory a T4's."""
+    memory-efficient attention and the math path, not flash or cuDNN attention. A real T4 needs no switch (PyTorch
+    skips those kernels there); with FLUXNB_GPU_CAPABILITY on a newer GPU this makes attention's memory a T4's.
+    The switches are process-wide and PyTorch's flash switch also picks the CPU's kernel, so only emulation
+    flips them."""
     if gpu.capability < FLASH_ATTENTION_CAPABILITY:
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -166,7 +168,8 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     requested = (profile or os.environ.get(PROFILE_ENV, "")).strip().lower() or None
     if requested is not None and requested not in PROFILES:
         raise FluxnbError(f"{PROFILE_ENV}={requested!r} is not a profile; use 'real' or 'tiny' (or leave it unset).")
-    gpu = emulated_capability(gpu_limit(cuda_info()))
+    real_gpu = gpu_limit(cuda_info())
+    gpu = emulated_capability(real_gpu)
     if requested == "tiny":
         profile_name, reason = "tiny", f"asked for ({PROFILE_ENV}=tiny or profile='tiny')"
     elif gpu is None and requested is None:
@@ -179,7 +182,8 @@ def detect(profile: str | None = None, dtype: str = "auto") -> Hardware:
     device = torch.device("cuda") if gpu is not None and profile_name == "real" else torch.device("cpu")
     if device.type == "cuda":
         use_expandable_segments()
-        limit_attention_kernels(gpu)
+        if gpu is not real_gpu:  # an emulated older GPU: the attention kernels it has (a real one has only those)
+            limit_attention_kernels(gpu)
     if dtype != "auto":
         chosen = dtype
         reason += f"; dtype {dtype} as configured"
