@@ -244,3 +244,15 @@ def test_card_writes_what_users_typed_as_text_never_as_markup(run):
     assert "my `style` <b>x</b> # h" in spans  # the trigger word, whole, verbatim
     code = re.search(r"(`{3,})python\n(.*?)\1", card, re.S).group(2)
     assert repr(hostile[0]) in code
+
+
+def test_the_card_shown_in_the_notebook_carries_its_images(run):
+    """Notebook 05 shows the card with its gallery images inside the page (relative links 404 in JupyterLab and in
+    HTML exports); the staged README.md, which the Hub reads, keeps images/NN.png."""
+    from fluxnb.share.card import inline_images
+
+    staged = hub.stage(run, hub.HubSettings(repo_id="me/x"))
+    assert staged.images and "](images/00.png)" in staged.card
+    shown = inline_images(staged.card, staged.folder)
+    assert "](images/" not in shown and shown.count("](data:image/jpeg;base64,") == len(staged.images)
+    assert (staged.folder / "README.md").read_text() == staged.card

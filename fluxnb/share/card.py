@@ -153,3 +153,27 @@ def _gallery_table(images: list[dict]) -> str:
     rows = [f"| ![{text(im['prompt'])}](images/{im['file']}) | {text(im['prompt'])} (seed {im['seed']}, "
             f"{im['steps']} steps, LoRA scale {im['lora_scale']}) |" for im in images]
     return "| image | prompt |\n|---|---|\n" + "\n".join(rows)
+
+
+def inline_images(markdown: str, folder: Path, width: int = 256) -> str:
+    """`markdown` with each `](images/NN.png)` of `folder` (RUN/hub/) replaced by the image itself, a JPEG thumbnail
+    `width` pixels wide as a data URI, for showing the card inside a notebook: a notebook's Markdown resolves
+    relative links against the notebook's own folder (JupyterLab, HTML exports), not the card's. The uploaded
+    README.md keeps the Hub's paths."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def thumbnail(match: re.Match) -> str:
+        path = folder / "images" / match.group(1)
+        if not path.is_file():
+            return match.group(0)
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((width, width * 4))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=85)
+        return f"](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+    return re.sub(r"\]\(images/([\w.-]+)\)", thumbnail, markdown)
