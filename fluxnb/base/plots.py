@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -35,6 +36,16 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def difference(before: Image.Image, after: Image.Image) -> tuple[Image.Image, float]:
+    """Where two images of one size differ: |after - before| per pixel, stretched so the largest change is white
+    (small changes stay visible), and the mean absolute difference in 0-255 units (what the stretch hides)."""
+    a = np.asarray(before.convert("RGB"), np.float64)
+    b = np.asarray(after.convert("RGB"), np.float64)
+    diff = np.abs(b - a)
+    stretched = diff * (255.0 / diff.max()) if diff.max() > 0 else diff
+    return Image.fromarray(stretched.astype(np.uint8)), float(diff.mean())
 
 
 def loss_plot(steps: Sequence[int], losses: Sequence[float], *, smooth: int = 10, ax: plt.Axes | None = None,
