@@ -174,9 +174,10 @@ def encode_prompts(run: Run, prompts: list[str]) -> int:
 
 
 def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None, *,
-             output_type: str = "pil") -> list[Image.Image]:
+             output_type: str = "pil", label: str = "") -> list[Image.Image]:
     """One image per prompt, each from `settings.seed`: the same prompt and seed give the same noise anywhere.
-    output_type="latent": the packed latents instead, (tokens, 64) each (fluxnb.infer.effect measures them)."""
+    output_type="latent": the packed latents instead, (tokens, 64) each (fluxnb.infer.effect measures them).
+    label: what the progress bar says is generating ("base model", "LoRA", ...)."""
     encoded = None
     if pipe.text_encoder is None:  # prompts come from the run's embedding cache (the T4 route, see plan_pipeline)
         if run is None:
@@ -186,10 +187,11 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
     # One progress bar per call: over the denoising steps for one image, over the images for several (the
     # pipeline's own unlabelled per-image bar, "0/4" each time, is switched off then).
     many = len(prompts) > 1
-    pipe.set_progress_bar_config(disable=many, desc=f"1 image, {settings.steps} steps", leave=False)
+    who = f"{label}: " if label else ""
+    pipe.set_progress_bar_config(disable=many, desc=f"{who}1 image, {settings.steps} steps", leave=False)
     images = []
-    for i, prompt in enumerate(tqdm(prompts, desc=f"{len(prompts)} images, {settings.steps} steps each", unit="image",
-                                    disable=not many)):
+    for i, prompt in enumerate(tqdm(prompts, desc=f"{who}{len(prompts)} images, {settings.steps} steps each",
+                                    unit="image", disable=not many)):
         device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also with streamed blocks
         text = {"prompt": prompt} if encoded is None else {
             "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)
@@ -207,10 +209,10 @@ def base_vs_lora(pipe, prompts: list[str], settings: SampleSettings, run: Run | 
                  name: str = ADAPTER) -> tuple[list[Image.Image], list[Image.Image]]:
     """The same prompts and seed with the adapter off, then on at settings.lora_scale."""
     pipe.disable_lora()
-    base = generate(pipe, prompts, settings, run)
+    base = generate(pipe, prompts, settings, run, label="base model")
     pipe.enable_lora()
     set_scale(pipe, settings.lora_scale, name)
-    return base, generate(pipe, prompts, settings, run)
+    return base, generate(pipe, prompts, settings, run, label=f"LoRA at scale {settings.lora_scale:g}")
 
 
 def save_grid(path: Path, prompts: list[str], base: list[Image.Image], styled: list[Image.Image], *,
