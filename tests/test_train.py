@@ -52,6 +52,9 @@ def test_tiny_training_cuts_the_training_loss_and_its_lora_loads_in_stock_diffus
     lora.load_lora_(trained, run.dir.lora)
     after = _fixed_noise_loss(run, trained)
     print(f"fixed-noise training-set loss {before:.4f} -> {after:.4f}")
+    # Measured 2.03 -> 1.06 (-48%): 200 steps at the tiny profile's learning rate fit its 16 drawn images. A third
+    # of the loss gone is far beyond what the fixed-noise measure moves by without learning (0: the same noise and
+    # timesteps before and after), and leaves room for another library version's random tiny weights.
     assert after <= 0.7 * before, f"training-set loss {before:.4f} -> {after:.4f}: less than a 30% drop"
     rows = [json.loads(line) for line in run.dir.metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, result.step + 1)) and all("loss" in r for r in rows)
