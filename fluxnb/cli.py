@@ -149,13 +149,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .share.hub import HubSettings, push, stage
+    from .share.hub import HubSettings, push, stage, upload_blocker
 
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
+    blocker = None if args.dry_run else upload_blocker()
     with run.dir.writing("push"):
         staged = stage(run, settings)
+        if blocker:  # the reason first and alone: not after the model card's hundred lines (it is in RUN/hub/)
+            print(f"nothing was uploaded: {blocker}.\n{staged}")
+            return 1
         print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
         result = push(run, staged, settings)
     print(result)

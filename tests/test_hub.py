@@ -244,3 +244,16 @@ def test_card_writes_what_users_typed_as_text_never_as_markup(run):
     assert "my `style` <b>x</b> # h" in spans  # the trigger word, whole, verbatim
     code = re.search(r"(`{3,})python\n(.*?)\1", card, re.S).group(2)
     assert repr(hostile[0]) in code
+
+
+def test_push_without_a_token_says_why_first_and_how_to_log_in(run, online, fake_api, capsys):
+    """The reason is the first line, `hf auth login` first among the ways to log in, and no model card above it
+    (issue 26.6: the whole card was printed before the reason)."""
+    capsys.readouterr()
+    assert main(["push", "--run-dir", str(run.path), "--repo-id", "tiny-lora"]) == 1
+    out = capsys.readouterr().out
+    first = next(line for line in out.splitlines() if not line.startswith("fluxnb: "))  # after open_run's lines
+    assert first.startswith("nothing was uploaded: not logged in: run `hf auth login`"), out
+    assert first.index("hf auth login") < first.index("notebook_login")
+    assert "model card" not in out and "pytorch_lora_weights.safetensors" in out  # the file list, not the card
+    assert fake_api.calls == []

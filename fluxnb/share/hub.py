@@ -125,8 +125,8 @@ def upload_blocker() -> str | None:
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return "the Hub is unreachable from here (offline mode: HF_HUB_OFFLINE is set)"
     if not get_token():
-        return ("not logged in: run `from huggingface_hub import notebook_login; notebook_login()` (or "
-                "`hf auth login`, or set HF_TOKEN) with a token that has write access")
+        return ("not logged in: run `hf auth login` in a terminal (in a notebook `from huggingface_hub import "
+                "notebook_login; notebook_login()`, or set HF_TOKEN) with a token that has write access")
     return None
 
 
