@@ -1,31 +1,22 @@
 """`python -m fluxnb`: the headless mirror of the notebooks, one subcommand per step.
 
-    python -m fluxnb tiny --out DIR          build the offline tiny FLUX model + dataset
-    python -m fluxnb notebooks               run notebooks 01-05 top to bottom (the whole series)
-    python -m fluxnb caption --run-dir RUN --dataset FOLDER [--all]   notebook 01: caption images (metadata.jsonl)
-    python -m fluxnb embed --run-dir RUN --model MODEL --dataset DATASET   notebook 01: check data, cache text embeddings
-    python -m fluxnb latents --run-dir RUN   notebook 02: cache VAE latents (model and dataset from RUN/config.json)
-    python -m fluxnb train --run-dir RUN [--max-steps N] [--resume | --overwrite]   notebook 03: QLoRA training
-    python -m fluxnb export --run-dir RUN --format comfyui|diffusers   notebook 04: LoRA file for ComfyUI/Forge/kohya
-    python -m fluxnb push --run-dir RUN --repo-id ID [--dry-run]       notebook 05: model card + upload (private)
+`python -m fluxnb --help` lists the subcommands, `python -m fluxnb SUBCOMMAND --help` their options; README,
+"Command line", shows them in the order they run. Only what a subcommand runs is imported, when it runs: help and
+argument errors answer at once, without loading torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import functools
 import shutil
 import sys
 from pathlib import Path
 
+from . import config
 from .base.errors import FluxnbError
-from .config import (
-    BAD_IMAGE_POLICIES,
-    CROPS,
-    EXPORT_FORMATS,
-    PROFILES,
-    SMALL_IMAGE_POLICIES,
-)
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -54,7 +45,8 @@ def _open_step_run(args: argparse.Namespace):
 
     run = open_run(args.run_dir, profile=args.profile, create=False)
     data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
-    model = {k: v for k, v in (("model_id", args.model), ("revision", args.revision)) if v is not None}
+    given = (("model_id", getattr(args, "model", None)), ("revision", getattr(args, "revision", None)))
+    model = {k: v for k, v in given if v is not None}
     run.config = run.config.replace(data=data, model=model).with_local_paths_resolved()
     return run
 
@@ -89,7 +81,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.captioner:
         run.config = run.config.replace(data={"captioner": args.captioner})
     with _first_step(run.dir.root), run.dir.writing("caption"):
-        print(caption_step(run, overwrite=args.all or args.overwrite, trigger=args.trigger))
+        print(caption_step(run, overwrite=args.all, trigger=args.trigger))
         run.save()  # the folder captioned is the dataset the next steps read
     return 0
 
@@ -157,98 +149,144 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .share.hub import HubSettings, push, stage
+    from .share.hub import HubSettings, push, stage, upload_blocker
 
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
+    blocker = None if args.dry_run else upload_blocker()
     with run.dir.writing("push"):
         staged = stage(run, settings)
+        if blocker:  # the reason first and alone: not after the model card's hundred lines (it is in RUN/hub/)
+            print(f"nothing was uploaded: {blocker}.\n{staged}")
+            return 1
         print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
         result = push(run, staged, settings)
     print(result)
     return 0 if result.uploaded or args.dry_run else 1
 
 
-def _step_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by embed and latents; each one given is saved in the run's config.json."""
-    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
-    p.add_argument("--profile", choices=PROFILES, default=None, help="force a profile (default: detect)")
-    p.add_argument("--model", default=None, help="FLUX checkpoint: Hub id or local diffusers folder")
-    p.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
-    p.add_argument("--dataset", default=None, help="Hub dataset id or local folder")
-    p.add_argument("--image-column", dest="image_column", default=None)
-    p.add_argument("--caption-column", dest="caption_column", default=None)
-    p.add_argument("--instance-prompt", dest="instance_prompt", default=None, help="trigger words put before captions")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None, help="aspect-ratio buckets")
-    p.add_argument("--bucket-step", dest="bucket_step", type=int, default=None)
-    p.add_argument("--crop", choices=CROPS, default=None)
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="also cache mirrored copies")
-    p.add_argument("--small-images", dest="small_images", choices=SMALL_IMAGE_POLICIES, default=None)
-    p.add_argument("--bad-images", dest="bad_images", choices=BAD_IMAGE_POLICIES, default=None)
-    p.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made with other settings")
+_RUN_DIR = "run directory (default: $FLUXNB_RUN_DIR, else runs/mucha, or runs/tiny on the tiny profile)"
+# Every option of embed, caption and latents, once, with its help line; each of them takes the ones it reads (_USES).
+# Not given, an option keeps the value in RUN/config.json (or fluxnb.config's default); given, it is saved there.
+_STEP_OPTIONS: dict[str, dict] = {
+    "--run-dir": dict(type=Path, help=_RUN_DIR),
+    "--profile": dict(choices=config.PROFILES, help="force a profile (default: detect; 'tiny' = the offline stand-in)"),
+    "--model": dict(help="FLUX checkpoint: Hub id or local diffusers folder (default: black-forest-labs/FLUX.1-dev)"),
+    "--revision": dict(help="model revision on the Hub: branch, tag or commit (default: main)"),
+    "--dataset": dict(help="Hub dataset id or local folder of images (default: derekl35/alphonse-mucha-style)"),
+    "--image-column": dict(help="dataset column holding the images (default: image)"),
+    "--caption-column": dict(help="dataset column (or metadata.jsonl field) holding the captions (default: text)"),
+    "--instance-prompt": dict(help="trigger words put before every caption, e.g. 'mucha style' (default: none)"),
+    "--width": dict(type=int, help="training width in pixels, a multiple of 16 (default: 512)"),
+    "--height": dict(type=int, help="training height in pixels, a multiple of 16 (default: 768)"),
+    "--buckets": dict(action=argparse.BooleanOptionalAction, help="aspect-ratio buckets of ~width x height pixels "
+                      "(default); --no-buckets: every image at width x height"),
+    "--bucket-step": dict(type=int, help="bucket sides are multiples of this many pixels, of 16 (default: 64)"),
+    "--crop": dict(choices=config.CROPS, help="cut images to their bucket in the middle, or at a spot fixed per image "
+                   "(default: center)"),
+    "--flip": dict(action=argparse.BooleanOptionalAction, help="also cache a mirrored copy of each image"),
+    "--small-images": dict(choices=config.SMALL_IMAGE_POLICIES, help="images smaller than their bucket: upscale them "
+                           "and warn, or skip them (default: warn)"),
+    "--bad-images": dict(choices=config.BAD_IMAGE_POLICIES, help="unreadable image files: skip them (listed in the "
+                         "report), or stop (default: skip)"),
+    "--max-sequence-length": dict(type=int, help="T5 tokens per caption, 1-512 (default: 77)"),
+    "--overwrite": dict(action="store_true", help="rebuild a cache made with other settings"),
+}
+_USES = {
+    "embed": list(_STEP_OPTIONS),
+    "caption": ["--run-dir", "--profile", "--model", "--revision", "--dataset", "--caption-column",
+                "--instance-prompt", "--max-sequence-length"],
+    "latents": ["--run-dir", "--profile", "--width", "--height", "--buckets", "--bucket-step", "--crop", "--flip",
+                "--small-images", "--bad-images", "--overwrite"],
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fluxnb", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# No abbreviations: argparse's default takes any unique prefix, so `--max-step 5` ran as --max-steps 5.
+_Parser = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 
+
+def _step_parser(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=f"{help}. Options not given keep their value in RUN/config.json; "
+                                                    "those given are saved there.")
+    for option in _USES[name]:
+        p.add_argument(option, default=None, **_STEP_OPTIONS[option])
+    p.set_defaults(func=func, parser=p)
+    return p
+
+
+def _front_parsers(sub) -> None:
+    """The subcommands that are no notebook step: tiny and notebooks."""
     p = sub.add_parser("tiny", help="build the offline tiny FLUX pipeline and dataset")
     p.add_argument("--out", type=Path, required=True, help="folder to write model/ and dataset/ into")
-    p.set_defaults(func=cmd_tiny)
+    p.set_defaults(func=cmd_tiny, parser=p)
 
     p = sub.add_parser("notebooks", help="execute notebooks 01-05 in order (tiny profile without a GPU)")
-    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
     p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 01 02")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may take")
-    p.set_defaults(func=cmd_notebooks)
+    p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may take (default: 3600)")
+    p.set_defaults(func=cmd_notebooks, parser=p)
 
-    p = sub.add_parser("embed", help="notebook 01: check the dataset, cache CLIP + T5 caption embeddings")
-    _step_options(p)
-    p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("caption", help="notebook 01: caption the images of a local folder that have no caption")
-    _step_options(p)
-    p.add_argument("--all", action="store_true", help="caption every image, replacing the captions already there")
-    p.add_argument("--trigger", default=None, help="words put before each new caption (default: --instance-prompt)")
-    p.add_argument("--captioner", default=None, help="captioning model (default: Salesforce/blip-image-captioning-large)")
-    p.set_defaults(func=cmd_caption)
-
-    p = sub.add_parser("latents", help="notebook 02: cache VAE latents of every training image")
-    _step_options(p)
-    p.set_defaults(func=cmd_latents)
-
+def _later_parsers(sub) -> None:
+    """train, export and push: they read everything else from the trained run's config.json."""
     p = sub.add_parser("train", help="notebook 03: train the LoRA on the cached latents and embeddings")
-    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=None,
+    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest RUN/checkpoints/step-N")
     mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("export", help="notebook 04: write the LoRA for ComfyUI/Forge/kohya, or a diffusers copy")
-    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="comfyui")
+    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--format", choices=config.EXPORT_FORMATS, default="comfyui",
+                   help="comfyui: kohya's key names, which ComfyUI, Forge and kohya's sd-scripts load (default); "
+                        "diffusers: a copy of the trained file")
     p.add_argument("--lora", type=Path, default=None, help="LoRA file (default: RUN/lora/pytorch_lora_weights.safetensors)")
     p.add_argument("--out", type=Path, default=None, help="output file (default: RUN/export/<run>_comfyui.safetensors)")
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=cmd_export, parser=p)
 
     p = sub.add_parser("push", help="notebook 05: model card + upload to the Hub (private; --dry-run lists the files)")
-    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/<profile name>)")
+    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
     p.add_argument("--repo-id", required=True, help="'name' (your account) or 'user-or-org/name'")
     p.add_argument("--dry-run", action="store_true", help="only list the files and print the card")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     p.add_argument("--trigger-word", default=None, help="trigger word for the card (default: from the captions)")
-    p.set_defaults(func=cmd_push)
+    p.set_defaults(func=cmd_push, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fluxnb", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _front_parsers(sub)
+    _step_parser(sub, "caption", "notebook 01: caption the images of a local folder that have no caption", cmd_caption)
+    p = sub.choices["caption"]
+    p.add_argument("--all", action="store_true", help="caption every image, replacing the captions already there")
+    p.add_argument("--trigger", default=None, help="words put before each new caption (default: --instance-prompt)")
+    p.add_argument("--captioner", default=None, help="captioning model (default: Salesforce/blip-image-captioning-large)")
+    _step_parser(sub, "embed", "notebook 01: check the dataset, cache CLIP + T5 caption embeddings", cmd_embed)
+    _step_parser(sub, "latents", "notebook 02: cache VAE latents of every training image (model and dataset "
+                                 "from RUN/config.json)", cmd_latents)
+    _later_parsers(sub)
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The subcommand's arguments. An unknown option prints the subcommand's usage (argparse's would be the top
+    level's, which lists no option) with the nearest option it has, and exits with status 2."""
+    args, extras = build_parser().parse_known_args(argv)
+    if extras:
+        options = [o for action in args.parser._actions for o in action.option_strings]
+        near = [difflib.get_close_matches(e.split("=")[0], options, n=1) for e in extras if e.startswith("-")]
+        args.parser.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(f" (did you mean {n[0]}?)"
+                                                                                 for n in near if n))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except FluxnbError as err:

@@ -27,7 +27,10 @@ LORA_TARGETS: dict[str, list[str] | str] = {
     # every projection of the 38 single-stream blocks; peft reads a string as a regex of the whole module name
     "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
 }
-LORA_INITS = ("gaussian", "default", "pissa", "olora")
+LORA_INITS = ("gaussian", "default")
+# peft's inits that start the adapter from the weight's own decomposition and subtract that start from the frozen
+# base: the LoRA a run saves then belongs to that changed base, and every tool applies it to the original one.
+BASE_CHANGING_INITS = ("pissa", "olora")
 QUANTIZATIONS = ("nf4", "none", "fp8")
 COMPILE_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -148,6 +151,10 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         _check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}.")
         _check_positive("alpha", self.alpha)
+        _check(self.init not in BASE_CHANGING_INITS,
+               f"init={self.init!r} changes the base model's weights while training, so ComfyUI, Forge, kohya, "
+               f"diffusers and fluxnb's merge would apply the saved LoRA to the wrong base: use 'gaussian' (the "
+               f"default) or 'default'.")
         _check_choice("init", self.init, LORA_INITS)
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")

@@ -6,12 +6,19 @@ quantization and LoRA cases raised plain ValueErrors that the CLI's handler did 
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from fluxnb.cli import main
+from fluxnb.cli import build_parser, main
 from train_helpers import make_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _no_nf4_folder(run, tmp_path):
@@ -57,3 +64,75 @@ def test_cli_says_one_line_and_no_traceback(case, tmp_path, tmp_path_factory, mo
     assert code == 2, err
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+# --help and argument mistakes answer at once: nothing heavy is imported before a subcommand runs (issue 26.5).
+_QUICK = [["--help"], *([sub, "--help"] for sub in ("tiny", "notebooks", "caption", "embed", "latents", "train",
+                                                      "export", "push")),
+          ["train", "--max-step", "5"], ["latents", "--with", "96"], ["export", "--format", "kohya"],
+          ["notebooks", "--only", "06"]]
+_PROBE = """
+import contextlib, io, json, sys
+from fluxnb.cli import main
+heavy = {}
+for argv in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+    heavy[" ".join(argv)] = [m for m in ("torch", "diffusers", "transformers", "peft") if m in sys.modules]
+print(json.dumps(heavy))
+"""
+
+
+def test_help_and_argument_errors_import_no_torch():
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(_QUICK)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    heavy = {argv: mods for argv, mods in json.loads(proc.stdout).items() if mods}
+    assert not heavy, f"imported before the subcommand ran: {heavy}"
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert all(choice.help for choice in action._choices_actions), "a subcommand has no help line"
+    return dict(action.choices)
+
+
+def test_every_subcommand_and_option_has_a_help_line():
+    bare = [f"{name} {action.option_strings[-1]}" for name, parser in _subparsers().items()
+            for action in parser._actions if action.option_strings and not action.help]
+    assert not bare, f"options without a help line: {bare}"
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for action in parser._actions for o in action.option_strings}
+
+
+def test_latents_and_caption_list_only_the_options_they_read():
+    parsers = _subparsers()
+    assert not _options(parsers["latents"]) & {"--model", "--dataset", "--instance-prompt", "--image-column",
+                                               "--caption-column", "--max-sequence-length"}
+    assert not _options(parsers["caption"]) & {"--width", "--height", "--crop", "--flip", "--buckets",
+                                               "--bucket-step", "--small-images", "--bad-images", "--overwrite",
+                                               "--image-column"}
+    assert {"--flip", "--crop", "--width"} <= _options(parsers["latents"])
+
+
+@pytest.mark.parametrize("argv, meant", [(["train", "--max-step", "5"], "--max-steps"),  # was taken as --max-steps
+                                         (["train", "--res"], "--resume"),
+                                         (["latents", "--with", "96"], "--width")])
+def test_no_abbreviations_and_a_mistyped_option_gets_its_subcommands_usage_and_a_suggestion(argv, meant, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"usage: python -m fluxnb {argv[0]} " in err, err
+    assert f"unrecognized arguments: {' '.join(argv[1:])} (did you mean {meant}?)" in err, err
+
+
+def test_notebooks_only_an_unknown_prefix_says_which_notebooks_exist(capsys):
+    assert main(["notebooks", "--only", "06"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no notebook's name starts with '06'") and "01_embeddings" in err
+    assert "05_share_to_hub" in err and len(err.splitlines()) == 1

@@ -72,3 +72,15 @@ def test_load_rejects_unknown_keys_and_bad_json(tmp_path):
 def test_missing_config_says_which_step_to_run(tmp_path):
     with pytest.raises(Exception, match="notebook 01"):
         RunConfig.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_lora_inits_that_change_the_base_weights_are_refused(init, tmp_path):
+    """Issue 26.8: peft's pissa/olora subtract the adapter's start from the frozen base while training, so every
+    exported or merged LoRA was applied to the wrong base. Refused, also in a config.json written before."""
+    with pytest.raises(ConfigError, match=f"init='{init}' changes the base model's weights") as err:
+        LoRAConfig(init=init)
+    assert "'gaussian'" in str(err.value) and len(str(err.value).splitlines()) == 1
+    (tmp_path / "config.json").write_text(json.dumps({"lora": {"init": init}}))
+    with pytest.raises(ConfigError, match="changes the base model's weights"):
+        RunConfig.load(tmp_path)

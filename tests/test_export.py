@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from fluxnb.infer.export import (
     to_comfyui,
 )
 from fluxnb.run import open_run
+from fluxnb.share.hub import HubSettings, stage
 
 DOUBLE_ONLY = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"  # peft full-matches: skips single_...
 
@@ -155,3 +158,26 @@ def test_cli_export_both_formats(tiny_assets, tmp_path, capsys):
     assert main(["export", "--run-dir", str(run.path), "--format", "diffusers"]) == 0
     assert export_path(run.dir, "diffusers").read_bytes() == lora.read_bytes()
     assert main(["export", "--run-dir", str(tmp_path / "nowhere")]) == 2
+
+
+# The module names kohya's FLUX LoRA creates (sd-scripts, networks/lora_flux.py: every Linear inside the double and
+# single blocks, plus the input embedders), which its strict loader (flux_minimal_inference) accepts.
+KOHYA_SLOTS = re.compile(r"lora_unet_(double_blocks_\d+_(img|txt)_(attn_qkv|attn_proj|mlp_0|mlp_2|mod_lin)"
+                         r"|single_blocks_\d+_(linear1|linear2|modulation_lin)|img_in|txt_in"
+                         r"|(time|vector|guidance)_in_(in|out)_layer)")
+
+
+def test_all_linear_export_holds_only_what_kohya_loads_and_names_what_it_left_out(tiny_assets, tmp_path, capsys):
+    """Issue 26.8: kohya's inference refused an all-linear export ("Unexpected key(s) ... lora_unet_final_layer_*")."""
+    run = open_run(tmp_path / "run", profile="tiny", verbose=False)
+    lora = make_lora(tiny_assets.model, run.dir.lora, targets="all-linear")
+    assert {"proj_out", "norm_out.linear"} <= set(read_lora(lora))  # peft's all-linear adapts the final layer
+    assert main(["export", "--run-dir", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    modules = {key.split(".")[0] for key in load_file(export_path(run.dir, "comfyui"))}
+    assert modules and not [m for m in modules if not KOHYA_SLOTS.fullmatch(m)]
+    assert "lora_unet_img_in" in modules and "lora_unet_double_blocks_0_img_mod_lin" in modules
+    said = [line for line in out.splitlines() if "left out" in line]
+    assert len(said) == 1 and "norm_out.linear, proj_out" in said[0] and "diffusers file keeps them" in said[0]
+    staged = stage(run, HubSettings(repo_id="tiny-lora"))  # the Hub's copy and its card say so too
+    assert any("left out" in note for note in staged.notes) and "leaves out the LoRA on FLUX's final layer" in staged.card

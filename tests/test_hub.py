@@ -256,3 +256,16 @@ def test_the_card_shown_in_the_notebook_carries_its_images(run):
     shown = inline_images(staged.card, staged.folder)
     assert "](images/" not in shown and shown.count("](data:image/jpeg;base64,") == len(staged.images)
     assert (staged.folder / "README.md").read_text() == staged.card
+
+
+def test_push_without_a_token_says_why_first_and_how_to_log_in(run, online, fake_api, capsys):
+    """The reason is the first line, `hf auth login` first among the ways to log in, and no model card above it
+    (issue 26.6: the whole card was printed before the reason)."""
+    capsys.readouterr()
+    assert main(["push", "--run-dir", str(run.path), "--repo-id", "tiny-lora"]) == 1
+    out = capsys.readouterr().out
+    first = next(line for line in out.splitlines() if not line.startswith("fluxnb: "))  # after open_run's lines
+    assert first.startswith("nothing was uploaded: not logged in: run `hf auth login`"), out
+    assert first.index("hf auth login") < first.index("notebook_login")
+    assert "model card" not in out and "pytorch_lora_weights.safetensors" in out  # the file list, not the card
+    assert fake_api.calls == []

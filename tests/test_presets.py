@@ -119,3 +119,46 @@ def test_form_applies_a_preset_and_edits_the_config():
     labels = {w.description for f in forms for w in f.children if hasattr(w, "description")}
     assert {"learning rate", "max train steps", "gradient accumulation steps", "sample every", "checkpoint every",
             "width", "height", "alpha", "targets"} <= labels
+
+
+def _notebook_03_table() -> dict[str, str]:
+    """Notebook 03's markdown table of the presets: preset name -> its "layout at 512x768" cell."""
+    import json
+    import re
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "03_qlora_train.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    return {m[1]: m[2] for m in re.finditer(r"^\| `([\w-]+)` \| [^|]+ \| ([^|]+) \|", text, re.M)}
+
+
+def _claims(layout: str) -> dict[str, int]:
+    """What a layout cell says, as numbers: batch, blocks streamed, blocks keeping their activations (of 57)."""
+    import re
+
+    said = {"batch": int(re.search(r"batch (\d+)", layout)[1])}
+    said |= {"streamed": 57} if "every block streamed" in layout else {"streamed": 0} if "resident" in layout else {}
+    if m := re.search(r"(\d+) of 57 recomputed", layout):
+        said["kept"] = 57 - int(m[1])
+    elif m := re.search(r"last (\d+) (?:blocks )?keep", layout):
+        said["kept"] = int(m[1])
+    elif "nothing recomputed" in layout or "recomputed" in layout:
+        said["kept"] = 57 if "nothing recomputed" in layout else 0
+    return said
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_notebook_03_table_says_what_the_policy_plans_at_512x768(name):
+    """Issue 26.7: the table said the 8-12gb preset streams and recomputes every block; the policy keeps one."""
+    layout, plan = _notebook_03_table()[name], presets.plan(RunConfig(profile="real"), name)
+    lay = plan.layout
+    assert _claims(layout) == {"batch": lay.batch, "streamed": lay.streamed, "kept": lay.kept}, layout
+
+
+def test_the_form_names_the_size_it_planned_for():
+    """The form plans for the run's own images: on the tiny profile's 64x96 the 8-12gb budget gets another layout
+    than the notebook's 512x768 table, and the table's head says so."""
+    from fluxnb.nb.forms import plan_table
+
+    cfg = RunConfig(profile="real").replace(data={"width": 64, "height": 96})
+    assert "<th>budget 6 GiB, planned for 64x96 images</th>" in plan_table(cfg, "8-12gb", _hw("RTX 3060", 12.0))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import matplotlib
 from PIL import Image
 
@@ -67,3 +69,23 @@ def test_caption_table_edits_the_plan_and_writes_only_when_asked(tmp_path):
     assert "edited" not in (tmp_path / "metadata.jsonl").read_text()  # nothing written until asked
     captions.write_metadata(plan)
     assert json.loads((tmp_path / "metadata.jsonl").read_text().splitlines()[1])["text"] == "a red square, edited"
+
+
+def test_a_finished_progress_bar_reads_finished_where_widgets_do_not_render(monkeypatch):
+    """Issue 26.3: a notebook saves, beside tqdm's widget, the text the bar had when it appeared ("0%| 0/16"), which
+    is all GitHub's viewer, nbconvert's HTML and the JSON show. fluxnb's bars end with their last line there."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the kernel inherits the environment: bars on
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
+        "from fluxnb.data.checks import progress_bar\nfor _ in progress_bar(range(16), desc='checking images'): pass",
+        "from fluxnb.base.progress import Bar\nfor _ in Bar(range(4), desc='passing', leave=False): pass",
+        "bar = Bar(total=10, desc='stopped')\nbar.update(3)\nbar.close()")])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    finished, passing, stopped = (["".join(o["data"]["text/plain"]) for o in cell.outputs] for cell in nb.cells)
+    assert len(finished) == 1 and "checking images: 100%" in finished[0] and "16/16" in finished[0], finished
+    assert "application/vnd.jupyter.widget-view+json" in nb.cells[0].outputs[0]["data"]  # still a widget live
+    assert passing == [""]  # leave=False: the widget hides itself, and its text goes too
+    assert "3/10" in stopped[0]  # a stopped bar says where it stopped

@@ -1,8 +1,9 @@
-"""What every floor of fluxnb may use: errors, file writing, memory reports, plots, Hub error messages.
+"""What every floor of fluxnb may use: errors, file writing, memory reports, plots, progress bars, Hub error messages.
 
     errors      FluxnbError: one line saying what is wrong and what to do
     files       atomic writes, safetensors I/O, disk-full as one message
     memory      GPU and RAM reports, freeing models, the rehearsal's peak log
     plots       loss curves and image grids (matplotlib)
+    progress    tqdm bars whose saved notebook text ends finished, not at 0%
     hub_errors  Hugging Face Hub failures (gated, offline, missing) as one FluxnbError
 """

@@ -16,11 +16,12 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import torch
-from safetensors.torch import load, save
+from typing import TYPE_CHECKING
 
 from .errors import FluxnbError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written: config (and the CLI's --help) need none of it
+    import torch
 
 _UMASK = os.umask(0)  # read the process umask once (os.umask can only read it by setting it) ...
 os.umask(_UMASK)  # ... and put it back
@@ -95,11 +96,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors file, written atomically (tensors moved to the CPU and made contiguous first)."""
+    from safetensors.torch import save
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save(cpu, metadata=metadata))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
     # Read the bytes ourselves: a memory-mapped file would stay open and block deletes on Windows and Drive.
     return load(Path(path).read_bytes())
 

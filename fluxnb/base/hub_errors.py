@@ -10,12 +10,18 @@ diffusers with a long traceback that wraps huggingface_hub's real error. Wrap an
 and a GatedRepoError / RepositoryNotFoundError / LocalEntryNotFoundError (or an offline error) anywhere in the
 exception chain becomes a HubAccessError (a FluxnbError) naming the repo, how to log in and where to accept the
 licence. Other errors pass through untouched.
+
+When the Hub cannot be reached, the block runs in huggingface_hub's offline mode: what is cached loads, what is
+not fails at once. Otherwise huggingface_hub retries every file it cannot fetch five times, 23 s apart in all,
+before it looks in the cache: `embed` printed 12 "Retrying in Ns" lines over a minute before its message.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from huggingface_hub.errors import (
@@ -76,11 +82,54 @@ def explain(err: BaseException, repo_id: str, repo_type: str = "model") -> str |
     return None
 
 
+PROBE_TIMEOUT = 5.0  # seconds the Hub has to answer at all; a reachable Hub answers in well under one
+_PROBE_MEMORY = 60.0  # seconds a probe's answer is kept: a notebook kernel may outlive a network outage
+_probed: dict[str, tuple[float, bool]] = {}  # Hub endpoint -> (when, reachable)
+
+
+def hub_reachable() -> bool:
+    """Whether the Hub answers one request (any HTTP status: a refusal is an answer); False at once when
+    HF_HUB_OFFLINE is set. One attempt, no retries: remembered for a minute."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.is_offline_mode():
+        return False
+    when, reachable = _probed.get(constants.ENDPOINT, (float("-inf"), True))
+    if time.monotonic() - when > _PROBE_MEMORY:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT)
+            reachable = True
+        except Exception:  # no DNS, no route, a proxy or firewall, a timeout: all mean "not from here"
+            reachable = False
+        _probed[constants.ENDPOINT] = (time.monotonic(), reachable)
+    return reachable
+
+
 @contextlib.contextmanager
-def hub_errors(repo_id: str, repo_type: str = "model") -> Iterator[None]:
-    """Re-raise hub access failures inside the block as HubAccessError with a what-to-do message."""
+def offline_unless_reachable(repo_id: str) -> Iterator[None]:
+    """The block in huggingface_hub's offline mode when `repo_id` is no local folder and the Hub cannot be
+    reached: cached files load, a missing one raises LocalEntryNotFoundError at once instead of after retries."""
+    from huggingface_hub import constants
+
+    if Path(repo_id).expanduser().exists() or hub_reachable():
+        yield
+        return
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets; huggingface_hub reads it at every request
     try:
         yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, repo_type: str = "model") -> Iterator[None]:
+    """Re-raise hub access failures inside the block as HubAccessError with a what-to-do message; an unreachable
+    Hub fails at once (offline_unless_reachable)."""
+    try:
+        with offline_unless_reachable(repo_id):
+            yield
     except FluxnbError:
         raise
     except Exception as err:

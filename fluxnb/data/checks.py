@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from ..base.errors import FluxnbError
+from ..base.progress import Bar
 from ..config import DataConfig
 from .buckets import (
     MODE_NOTES,
@@ -44,9 +44,9 @@ SHOW = 5  # how many offending rows a message names before "... and N more"
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (~89 MP, ~270 MB as RGB): refused beyond it
 
 
-def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> tqdm:
-    """tqdm.auto (a widget in notebooks); `show=False` silences it, and TQDM_DISABLE=1 (tests, CI) still works."""
-    return tqdm(iterable, **kwargs) if show else tqdm(iterable, disable=True, **kwargs)
+def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> Bar:
+    """base.progress.Bar, a widget in notebooks; show=False silences it (TQDM_DISABLE=1, as in tests, still works)."""
+    return Bar(iterable, **kwargs) if show else Bar(iterable, disable=True, **kwargs)
 
 
 class DataError(FluxnbError, ValueError):

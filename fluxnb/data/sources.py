@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.errors import FluxnbError
-from ..base.hub_errors import LOGIN_HOWTO, explain
+from ..base.hub_errors import LOGIN_HOWTO, explain, offline_unless_reachable
 from ..config import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -156,7 +156,8 @@ def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
     import datasets
 
     try:
-        ds = datasets.load_dataset(dataset_id, split="train")
+        with offline_unless_reachable(dataset_id):  # no minute of retries when there is no network
+            ds = datasets.load_dataset(dataset_id, split="train")
     except Exception as err:  # network, auth, a typo: all end here, and all need the same advice
         why = explain(err, dataset_id, "dataset") or _first_line(err)
         raise FluxnbError(

@@ -14,6 +14,8 @@ columns), alpha = 3 * alpha so that alpha / R stays alpha / r. A missing part (m
 diffusers' reader (`_convert_kohya_flux_lora_to_diffusers`) then sees the block-diagonal layout and splits it
 back into the exact rank-r q, k, v LoRAs, and ComfyUI adds B @ A to the fused weight, which is the same delta.
 The zero blocks cost space: the blog's rank-4 attention LoRA is 18.7 MB in diffusers' layout, ~73 MB in this one.
+
+kohya's FLUX LoRA has no slot in the final layer, so this file leaves LoRAs there out (`left_out` names them).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ _TOP = {
     "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
     "proj_out": "final_layer_linear", "norm_out.linear": "final_layer_adaLN_modulation_1",
 }
+# kohya's FLUX LoRA (sd-scripts' networks/lora_flux.py) has slots in the blocks and the input embedders only: its
+# inference (flux_minimal_inference) loads strictly and refuses these keys ("Unexpected key(s) ...
+# lora_unet_final_layer_*"), its merge tool skips them without a word. The kohya/ComfyUI file leaves them out.
+NO_KOHYA_SLOT = ("final_layer_linear", "final_layer_adaLN_modulation_1")
 _PARTS = {"img_attn_qkv": 3, "txt_attn_qkv": 3, "linear1": 4}
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 
@@ -172,23 +178,29 @@ def _fuse(parts: dict[int, LoraPair], n: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(downs), torch.block_diag(*ups), scale * n * r
 
 
-def to_comfyui(loras: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
-    """diffusers-named LoRA pairs -> kohya state dict with BFL names (lora_unet_*.lora_down/lora_up/alpha)."""
-    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+def left_out(loras: dict[str, LoraPair]) -> list[str]:
+    """The modules of `loras` that the kohya/ComfyUI file leaves out: kohya's FLUX LoRA has no slot for them."""
+    return sorted(m for m in loras if bfl_name(m)[0] in NO_KOHYA_SLOT)
 
+
+def left_out_note(modules: list[str]) -> str:
+    return (f"left out of the ComfyUI/kohya file: {', '.join(modules)} (FLUX's final layer: kohya's LoRA has no slot "
+            "there and its loader refuses the keys); the diffusers file keeps them")
+
+
+def to_comfyui(loras: dict[str, LoraPair]) -> dict[str, torch.Tensor]:
+    """diffusers-named LoRA pairs -> kohya state dict with BFL names (lora_unet_*.lora_down/lora_up/alpha), without
+    the modules kohya has no slot for (`left_out`)."""
     groups: dict[str, dict[int | None, LoraPair]] = {}
     for module, pair in loras.items():
         name, part = bfl_name(module)
-        groups.setdefault(name, {})[part] = pair
+        if name not in NO_KOHYA_SLOT:
+            groups.setdefault(name, {})[part] = pair
     out = {}
     for name, parts in sorted(groups.items()):
         if None in parts:
             pair = parts[None]
             down, up, alpha = pair.down, pair.up, pair.scale * pair.rank
-            if name.startswith("final_layer"):  # diffusers ignores alpha there: bake the scale into B
-                up, alpha = up * pair.scale, float(pair.rank)
-                if name.endswith("adaLN_modulation_1"):  # BFL orders this Linear (shift, scale), diffusers (scale, shift)
-                    up = swap_scale_shift(up)
         else:
             down, up, alpha = _fuse(parts, next(n for suffix, n in _PARTS.items() if name.endswith(suffix)))
         key = f"lora_unet_{name}"
@@ -239,18 +251,20 @@ class RoundTrip:
     max_error: float  # max over modules of ||dW_export - dW_original||_F / ||dW_original||_F
     zero_extras: int  # modules only in the export (zero padding of fused Linears), all verified to be zero
     unchecked: dict[str, list[str]]  # why diffusers cannot read some modules back -> those modules
+    left_out: list[str]  # modules the export does not hold (left_out): kohya has no slot for them
 
     def __str__(self) -> str:
         text = f"{self.checked} modules match after the round trip (max relative error {self.max_error:.1e})"
         if self.zero_extras:
             text += f"; {self.zero_extras} zero padding blocks read back as zero"
-        return text + "".join(f"; {len(mods)} modules not checked: {why}" for why, mods in self.unchecked.items())
+        text += "".join(f"; {len(mods)} modules not checked: {why}" for why, mods in self.unchecked.items())
+        return text + (f"\n{left_out_note(self.left_out)}" if self.left_out else "")
 
 
 _NARROW = (f"diffusers' kohya reader assumes FLUX.1-dev's single-block widths ({FLUX_DEV_LINEAR1_ROWS} rows in "
            "linear1), which this model does not have; ComfyUI reads them")
-_TOP_LEVEL = ("diffusers' kohya reader drops LoRAs on the top-level layers (img_in, txt_in, time/vector/guidance_in, "
-              "final_layer); ComfyUI reads them")
+_TOP_LEVEL = ("diffusers' kohya reader drops LoRAs on the input embedders (img_in, txt_in, time/vector/guidance_in); "
+              "ComfyUI and kohya read them")
 
 
 def check_round_trip(original: str | Path, exported: str | Path) -> RoundTrip:
@@ -261,14 +275,15 @@ def check_round_trip(original: str | Path, exported: str | Path) -> RoundTrip:
     from safetensors.torch import load_file
 
     want, state = read_lora(original), load_file(str(exported))
-    top = {f"lora_unet_{name}" for name in _TOP.values()}
+    dropped = left_out(want)
+    top = {f"lora_unet_{name}" for name in _TOP.values() if name not in NO_KOHYA_SLOT}
     narrow = {k.split(".")[0] for k, v in state.items()
               if re.fullmatch(r"lora_unet_single_blocks_\d+_linear1\.lora_up\.weight", k) and v.shape[0] != FLUX_DEV_LINEAR1_ROWS}
     got = read_lora({k: v for k, v in state.items() if k.split(".")[0] not in narrow | top})
     unchecked = {why: sorted(m for m in want if f"lora_unet_{bfl_name(m)[0]}" in groups)
                  for why, groups in ((_NARROW, narrow), (_TOP_LEVEL, top))}
     unchecked = {why: mods for why, mods in unchecked.items() if mods}
-    skipped = {m for mods in unchecked.values() for m in mods}
+    skipped = {m for mods in unchecked.values() for m in mods} | set(dropped)
     missing = sorted(set(want) - set(got) - skipped)
     if missing:
         raise FluxnbError(f"{Path(exported).name} lost {len(missing)} modules in the round trip, e.g. {missing[0]}.")
@@ -278,4 +293,4 @@ def check_round_trip(original: str | Path, exported: str | Path) -> RoundTrip:
     if max(errors, default=0.0) > tol or not all(got[m].is_zero() for m in extras):
         raise FluxnbError(f"{Path(exported).name} does not read back as the same LoRA (max relative error "
                           f"{max(errors, default=0.0):.2e} > {tol:.1e}, or a padding block is not zero).")
-    return RoundTrip(len(errors), max(errors, default=0.0), len(extras), unchecked)
+    return RoundTrip(len(errors), max(errors, default=0.0), len(extras), unchecked, dropped)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..base.errors import FluxnbError
 from ..base.files import atomic_path
 from ..base.hub_errors import hub_errors
 from ..base.memory import GiB, free, trim_host_memory
 from ..base.plots import image_grid, save_figure
+from ..base.progress import Bar
 from ..data import embeddings
 from ..model.offload import stream_blocks, streamer_of, transformer_blocks
 from ..model.quant import load_transformer
@@ -190,8 +190,8 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
     who = f"{label}: " if label else ""
     pipe.set_progress_bar_config(disable=many, desc=f"{who}1 image, {settings.steps} steps", leave=False)
     images = []
-    for i, prompt in enumerate(tqdm(prompts, desc=f"{who}{len(prompts)} images, {settings.steps} steps each",
-                                    unit="image", disable=not many)):
+    for i, prompt in enumerate(Bar(prompts, desc=f"{who}{len(prompts)} images, {settings.steps} steps each",
+                                   unit="image", disable=not many)):
         device = getattr(pipe, "_execution_device", pipe.device)  # the GPU, also with streamed blocks
         text = {"prompt": prompt} if encoded is None else {
             "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)

@@ -26,7 +26,7 @@ from ..base.files import atomic_path
 from ..config import LORA_TARGETS, LoRAConfig
 from ..run import LORA_FILE
 
-_INITS = {"gaussian": "gaussian", "default": True, "pissa": "pissa", "olora": "olora"}
+_INITS = {"gaussian": "gaussian", "default": True}  # not pissa/olora: they change the base (config.BASE_CHANGING_INITS)
 
 
 def peft_config(cfg: LoRAConfig) -> LoraConfig:

@@ -56,4 +56,6 @@ def plan_table(config: RunConfig, name: str, hw: Hardware) -> str:
     chosen = plan(config, name, hw)
     rows = "".join(f"<tr><td>{a}</td><td><b>{html.escape(b)}</b></td><td>{html.escape(c)}</td></tr>"
                    for a, b, c in chosen.rows())
-    return f"<table><tr><th>budget {chosen.budget_gib:g} GiB</th><th>chosen</th><th>why</th></tr>{rows}</table>"
+    size = f"{config.data.width}x{config.data.height}"  # the layout depends on it: say which one it is for
+    return (f"<table><tr><th>budget {chosen.budget_gib:g} GiB, planned for {size} images</th><th>chosen</th>"
+            f"<th>why</th></tr>{rows}</table>")

@@ -23,7 +23,12 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
+    """The series in order, or those whose names start with one of `only`; a prefix that names none is an error."""
     paths = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    unknown = [prefix for prefix in only or () if not any(p.name.startswith(prefix) for p in paths)]
+    if unknown:
+        raise FluxnbError(f"no notebook's name starts with {', '.join(map(repr, unknown))}: the notebooks are "
+                          f"{', '.join(p.stem for p in paths)}; give prefixes such as 01 02.")
     if only:
         paths = [p for p in paths if any(p.name.startswith(prefix) for prefix in only)]
     return paths
@@ -73,11 +78,11 @@ def _running_cell(nb) -> str:
 
 
 def run_notebooks(run_dir: Path | None = None, *, only: list[str] | None = None, timeout: int = 3600) -> int:
+    paths = notebook_paths(only)  # first: a mistyped --only is told at once, before torch is imported
     from ..run import RUN_DIR_ENV, default_run_dir
     from ..run.hardware import detect
 
     nbformat, NotebookClient, (CellExecutionError, DeadKernelError), config = _client_parts()
-    paths = notebook_paths(only)
     if not paths:
         print(f"no notebooks found in {NOTEBOOK_DIR}")
         return 1

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ..data.store import read_samples
+from ..infer.export import left_out, read_lora
 from ..run import LORA_FILE, Run
 from ..run.records import MetricsLog, read_gallery_index
 
@@ -106,6 +107,8 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
         instance_prompt=trigger, widget=[{"text": " ".join(im["prompt"].split()), "output": {"url": f"images/{im['file']}"}}
                                          for im in images])
     link = f"[{text(base)}](https://huggingface.co/{base})" if on_hub else "a local base model"
+    lora = run.dir.lora_file
+    dropped = left_out(read_lora(lora)) if lora.is_file() else []
     tiny = ("\n\n**Test artifact**: trained on fluxnb's offline tiny model (random weights, a few layers) to check the "
             "pipeline end to end; it is not a usable style." if c.profile == "tiny" else "")
     body = "\n\n".join([
@@ -120,7 +123,8 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
         "## ComfyUI, Forge, kohya",
         f"{code(comfy_file)} holds the same LoRA in kohya's layout with FLUX's own layer names "
         "(`lora_unet_double_blocks_0_img_attn_qkv`, ...): put it in `ComfyUI/models/loras/` and load it with a "
-        "LoraLoader node.",
+        "LoraLoader node." + (f" It leaves out the LoRA on FLUX's final layer ({', '.join(map(code, dropped))}): "
+                              f"kohya's layout has no slot there; {code(LORA_FILE)} has it." if dropped else ""),
         "## Samples", _gallery_table(images),
         "## Training", "| setting | value |\n|---|---|\n" + "\n".join(
             f"| {text(k)} | {text(v)} |" for k, v in training_summary(run).items() if v is not None),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_bytes, atomic_write_text
-from ..infer.export import comfyui_name, export_lora
+from ..infer.export import comfyui_name, export_lora, left_out, left_out_note, read_lora
 from ..run import LORA_FILE, Run, writes
 from .card import card_text, gallery
 
@@ -89,6 +89,8 @@ def stage(run: Run, settings: HubSettings) -> Staged:
         _copy(run.dir.comparison, folder / "images" / run.dir.comparison.name)
     if not images:
         notes.append("no sample images yet: run notebook 04 to add a gallery to the card")
+    if dropped := left_out(read_lora(lora)):
+        notes.append(left_out_note(dropped))
     card = card_text(run, settings.trigger_word, comfy, images, settings.repo_id)
     atomic_write_text(folder / "README.md", card)
     files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
@@ -125,8 +127,8 @@ def upload_blocker() -> str | None:
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return "the Hub is unreachable from here (offline mode: HF_HUB_OFFLINE is set)"
     if not get_token():
-        return ("not logged in: run `from huggingface_hub import notebook_login; notebook_login()` (or "
-                "`hf auth login`, or set HF_TOKEN) with a token that has write access")
+        return ("not logged in: run `hf auth login` in a terminal (in a notebook `from huggingface_hub import "
+                "notebook_login; notebook_login()`, or set HF_TOKEN) with a token that has write access")
     return None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..base.plots import image_grid, loss_plot, save_figure
+from ..base.progress import Bar
 from ..data.embeddings import load_prompts
 from ..run import RunDir
 
@@ -33,13 +34,11 @@ class Progress:
 
     def __init__(self, run: RunDir, total: int, initial: int, history: list[dict[str, Any]], live: bool,
                  redraw_seconds: float = 3.0) -> None:
-        from tqdm.auto import tqdm
-
         self.run, self.live, self.redraw_seconds = run, live, redraw_seconds
         self.steps = [r["step"] for r in history]
         self.losses = [r["loss"] for r in history]
         self.val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]  # (step, held-out loss)
-        self.bar = tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+        self.bar = Bar(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
         self._handle, self._last_draw = None, 0.0
 
     def update(self, row: dict[str, Any]) -> None:
