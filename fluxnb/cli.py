@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .base.errors import FluxnbError
+from .base.interrupts import check_interrupted, watching_interrupts
 from .config import (
     BAD_IMAGE_POLICIES,
     CROPS,
@@ -247,10 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@watching_interrupts  # from the first line: a Ctrl-C swallowed by a __del__ at start-up still stops the command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0:
+            check_interrupted()  # one swallowed after the step's last check: not a success
+        return code
     except FluxnbError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

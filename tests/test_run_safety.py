@@ -222,14 +222,15 @@ def test_resume_on_a_changed_training_set_is_refused(tmp_path, tmp_path_factory)
 
 
 # 7. Ctrl-C
+class Finalized:
+    def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+
 def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_path, tmp_path_factory, monkeypatch):
     from fluxnb.train import session
-
-    class Finalized:
-        def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):
-                pass
 
     real = session.load_scales
 
@@ -241,6 +242,41 @@ def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_pa
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
     result = train(run, live=False)
     assert result.interrupted and result.step == 0 and not run.dir.lora_file.exists()
+
+
+def test_a_ctrl_c_swallowed_before_overwrite_deletes_nothing(tmp_path, tmp_path_factory, monkeypatch):
+    from fluxnb.train import session
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    before, real = _finished(run), session.load_for_training
+
+    def load_for_training(run):  # the model loads last before --overwrite's deletion
+        Finalized()
+        return real(run)
+
+    monkeypatch.setattr(session, "load_for_training", load_for_training)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, overwrite=True, live=False)
+    assert _finished(run) == before, "--overwrite deleted the run after a Ctrl-C"
+
+
+def test_cli_ctrl_c_swallowed_at_start_up_stops_the_command_and_deletes_nothing(tmp_path, tmp_path_factory,
+                                                                               monkeypatch, capsys):
+    import fluxnb.run
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    before, real = _finished(run), fluxnb.run.open_run
+
+    def open_run(*args, **kwargs):  # before train() itself watches for Ctrl-C
+        Finalized()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fluxnb.run, "open_run", open_run)
+    assert main(["train", "--run-dir", str(run.dir.root), "--overwrite"]) == 130
+    assert _finished(run) == before, "--overwrite deleted the run after a Ctrl-C"
+    assert capsys.readouterr().err.strip().endswith("interrupted")
 
 
 def test_cli_ctrl_c_names_the_checkpoint_written_last_and_says_resume(tmp_path, tmp_path_factory, monkeypatch, capsys):

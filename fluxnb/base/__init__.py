@@ -1,7 +1,8 @@
-"""What every floor of fluxnb may use: errors, file writing, memory reports, plots, Hub error messages.
+"""What every floor of fluxnb may use: errors, file writing, Ctrl-C, memory reports, plots, Hub error messages.
 
     errors      FluxnbError: one line saying what is wrong and what to do
     files       atomic writes, safetensors I/O, disk-full as one message
+    interrupts  a Ctrl-C is never lost, not even one a __del__ swallowed
     memory      GPU and RAM reports, freeing models, the rehearsal's peak log
     plots       loss curves and image grids (matplotlib)
     hub_errors  Hugging Face Hub failures (gated, offline, missing) as one FluxnbError
