@@ -77,7 +77,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .data.embeddings import embed_step
 
     run = _open_step_run(args)
-    with _first_step(run.dir.root), run.dir.writing("embed"):
+    with _first_step(run.dir.root), run.writing("embed"):
         print(embed_step(run, overwrite=args.overwrite))
         run.save()  # config.json describes the caches it sits next to
     return 0
@@ -89,7 +89,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     run = _open_step_run(args)
     if args.captioner:
         run.config = run.config.replace(data={"captioner": args.captioner})
-    with _first_step(run.dir.root), run.dir.writing("caption"):
+    with _first_step(run.dir.root), run.writing("caption"):
         print(caption_step(run, overwrite=args.all or args.overwrite, trigger=args.trigger))
         run.save()  # the folder captioned is the dataset the next steps read
     return 0
@@ -102,7 +102,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
     if not run.dir.config.is_file():
         raise FluxnbError(f"{run.dir.root} has no config.json: run notebook 01 first (`python -m fluxnb embed "
                           f"--run-dir {run.dir.root} --dataset ...`), which checks the data and creates it.")
-    with run.dir.writing("latents"):
+    with run.writing("latents"):
         print(latents_step(run, overwrite=args.overwrite))
         run.save()
     return 0
@@ -149,7 +149,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = _existing_run(args.run_dir)
     lora = args.lora or run.dir.lora_file
-    with run.dir.writing("export"):
+    with run.writing("export"):
         out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
     print(f"{args.format}: {out}")
     if args.format == "comfyui":
@@ -163,7 +163,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     run = _existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
-    with run.dir.writing("push"):
+    with run.writing("push"):
         staged = stage(run, settings)
         print(f"{staged}\n\n--- README.md (the model card) ---\n{staged.card}")
         result = push(run, staged, settings)

@@ -72,6 +72,37 @@ def test_overwrite_checks_everything_before_deleting_and_says_what_it_removes(tm
     assert "removing the earlier run's 2 checkpoint(s) (step-1, step-2), its LoRA" in capsys.readouterr().out
 
 
+def test_overwrite_deletes_only_the_files_fluxnb_wrote(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    theirs = {run.dir.images / "00_sun.png": b"a user's image", run.dir.images / "step-final.png": b"theirs too",
+              run.dir.gallery / "favourite.jpg": b"kept", run.dir.lora / "other_lora.safetensors": b"another LoRA",
+              run.dir.checkpoints / "notes.txt": b"mine", run.dir.checkpoints / "step-best" / "x.bin": b"a copy"}
+    ours = [run.dir.images / "step-000050.png", run.dir.comparison, run.dir.gallery / "00.png",  # an older grid, 04's
+            run.dir.gallery / "prompts.json", run.dir.checkpoints / "step-7.tmp" / "state.json"]  # and a killed save's
+    for path, content in [*theirs.items(), *((p, b"fluxnb's") for p in ours)]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    train(run, overwrite=True, live=False)
+    assert {p: p.read_bytes() for p in theirs if p.is_file()} == theirs, "--overwrite deleted a user's file"
+    assert not [p for p in ours if p.exists()] and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1, 2]
+
+
+@pytest.mark.parametrize("layout", ["the dataset folder", "inside the dataset", "around the dataset"])
+def test_a_run_directory_overlapping_the_dataset_is_refused_before_anything_is_written(layout, tmp_path, tiny_assets,
+                                                                                       capsys):
+    import shutil
+
+    data = tmp_path / "run" / "data" if layout == "around the dataset" else tmp_path / "data"
+    shutil.copytree(tiny_assets.dataset, data)
+    root = {"the dataset folder": data, "inside the dataset": data / "run"}.get(layout, tmp_path / "run")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["embed", "--run-dir", str(root), "--dataset", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "must be apart from your images" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # 2. one writer per run directory
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken(tmp_path, tmp_path_factory,
                                                                                           capsys):

@@ -33,6 +33,7 @@ from .state import TrainState
 
 STATE_FILE = "training_state.pt"
 _NAME = re.compile(r"^step-(\d+)$")
+_OWN = re.compile(r"^step-\d+(\.tmp|\.old)?$")  # a checkpoint, or what a killed save left of one
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ def list_checkpoints(run: RunDir) -> list[Checkpoint]:
         if match and path.is_dir() and (path / "state.json").is_file():
             found.append(Checkpoint(path, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
+
+
+def own_folders(run: RunDir) -> list[Path]:
+    """Every folder fluxnb wrote in checkpoints/: complete checkpoints and leftovers of a stopped save."""
+    if not run.checkpoints.is_dir():
+        return []
+    return sorted(p for p in run.checkpoints.iterdir() if _OWN.match(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def latest(run: RunDir) -> Checkpoint | None:

@@ -14,6 +14,7 @@ before `clear_previous`, even one a __del__ swallowed, stops it before it delete
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 from ..base.errors import FluxnbError
@@ -98,16 +99,22 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[
 
 def clear_previous(run: Run) -> None:
     """--overwrite, once every check passed: say what goes, then delete the earlier run's checkpoints, LoRA,
-    sample images and metrics. A Ctrl-C pressed before this (even one a __del__ swallowed) stops it here."""
+    sample images and metrics. A Ctrl-C pressed before this (even one a __del__ swallowed) stops it here.
+
+    Only what fluxnb wrote goes, by name: a file of the user's in samples/, lora/ or checkpoints/ stays."""
     check_interrupted()
     steps = [c.path.name for c in checkpoint.list_checkpoints(run.dir)]
-    images = [p for p in run.dir.images.rglob("*") if p.is_file()] if run.dir.images.is_dir() else []
+    images = run.dir.own_images()
     parts = ([f"{len(steps)} checkpoint(s) ({', '.join(steps)})"] if steps else []) + (
         ["its LoRA"] if run.dir.lora_file.is_file() else []) + (
         [f"{len(images)} file(s) in {run.dir.images.name}/"] if images else []) + (
         [run.dir.metrics.name] if run.dir.metrics.is_file() else [])
     if parts:
         print(f"fluxnb: overwrite: removing the earlier run's {', '.join(parts)} from {run.dir.root}.")
-    for path in (run.dir.checkpoints, run.dir.lora, run.dir.images):
-        shutil.rmtree(path, ignore_errors=True)
-    run.dir.metrics.unlink(missing_ok=True)
+    for folder in checkpoint.own_folders(run.dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in [*images, run.dir.lora_file, run.dir.metrics]:
+        path.unlink(missing_ok=True)
+    for folder in (run.dir.gallery, run.dir.images, run.dir.checkpoints, run.dir.lora):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty now: a folder holding the user's files stays
