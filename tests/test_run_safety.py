@@ -195,6 +195,27 @@ def test_a_full_disk_while_training_is_one_message_and_resume_continues(tmp_path
     assert train(run, resume=True, live=False).lora is not None
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_inside_torch_save_is_the_same_one_line_message(tmp_path, tmp_path_factory, monkeypatch):
+    import contextlib
+
+    real = checkpoint.atomic_path
+
+    @contextlib.contextmanager
+    def on_a_full_disk(path, needed=None):  # the optimizer state's file lands on a full disk (torch's own writer)
+        with real(path, needed) as part:
+            part.unlink()
+            part.symlink_to("/dev/full")
+            yield part
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    monkeypatch.setattr(checkpoint, "atomic_path", on_a_full_disk)
+    with pytest.raises(DiskError, match=r"could not write to .*checkpoints: the disk is full"):
+        train(run, live=False)
+    monkeypatch.undo()
+    assert not _temp_files(run.dir.root) and not checkpoint.list_checkpoints(run.dir)
+
+
 def test_a_loss_plot_that_cannot_be_written_never_stops_the_lora_being_saved(tmp_path, tmp_path_factory, monkeypatch,
                                                                              capsys):
     from fluxnb.train import monitor
@@ -357,7 +378,7 @@ def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_lora
     script = ("import sys, time, torch\nfrom pathlib import Path\nfrom fluxnb.run import open_run\n"
               "from fluxnb.train import checkpoint, train\nreal = torch.save\n"
               "def slow(obj, f, *a, **k):\n    real(obj, f, *a, **k)\n"
-              "    if 'step-3.tmp' in str(Path(f).parent):\n        Path(sys.argv[2]).touch(); time.sleep(120)\n"
+              "    if 'step-3.tmp' in str(getattr(f, 'name', f)):\n        Path(sys.argv[2]).touch(); time.sleep(120)\n"
               "checkpoint.torch.save = slow\ntrain(open_run(sys.argv[1], verbose=False), resume=False, live=False)\n")
     log = tmp_path / "subprocess.log"
     with log.open("w") as out:

@@ -101,8 +101,9 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
         with disk_errors(run.checkpoints, folder_size(previous.path) if previous else None):
             tmp.mkdir(parents=True)
             save_lora(state.model, tmp)
-            with atomic_path(tmp / STATE_FILE) as part:
-                torch.save(state.state_dict(), part)
+            # Through a Python file: torch's own writer (given a path) reports a full disk as a bare RuntimeError.
+            with atomic_path(tmp / STATE_FILE) as part, open(part, "wb") as f:
+                torch.save(state.state_dict(), f)
             config.save(tmp)
             atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
     except BaseException:
