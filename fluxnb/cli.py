@@ -148,9 +148,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .infer.export import check_round_trip, export_lora, export_path
 
     run = _existing_run(args.run_dir)
-    lora = args.lora or run.dir.lora_file
-    with run.writing("export"):
-        out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
+    lora, out = args.lora or run.dir.lora_file, args.out or export_path(run.dir, args.format)
+    inside = out.resolve().is_relative_to(run.dir.root.resolve())  # elsewhere, the run is only read: no lock
+    with run.writing("export") if inside else contextlib.nullcontext():
+        out = export_lora(lora, args.format, out)
     print(f"{args.format}: {out}")
     if args.format == "comfyui":
         print(check_round_trip(lora, out))

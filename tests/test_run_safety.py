@@ -142,6 +142,29 @@ def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monk
     assert capsys.readouterr().out.count("filesystem without file locks") == 1
 
 
+def test_a_read_only_run_directory_is_one_line_and_export_elsewhere_still_works(tmp_path, tmp_path_factory,
+                                                                                 monkeypatch, capsys):
+    from fluxnb.run import lock
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 1})
+    train(run, live=False)
+    real = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # the run directory is on a read-only mount
+        if str(path).startswith(str(run.dir.root)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(lock.os, "open", read_only)
+    capsys.readouterr()
+    for args in (["latents"], ["train", "--resume"], ["export"], ["push", "--repo-id", "name", "--dry-run"]):
+        assert main([args[0], "--run-dir", str(run.dir.root), *args[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "cannot be written (Read-only file system)" in err and len(err.splitlines()) == 1, err
+    out = tmp_path / "elsewhere" / "mine.safetensors"
+    assert main(["export", "--run-dir", str(run.dir.root), "--out", str(out)]) == 0 and out.is_file()
+
+
 # 3. a stopped `latents --overwrite` leaves a mix: training refuses it
 def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_path, tmp_path_factory, monkeypatch):
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)

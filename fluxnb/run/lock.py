@@ -41,6 +41,10 @@ class RunBusy(FluxnbError):
     """Another process is writing this run directory now."""
 
 
+class RunReadOnly(FluxnbError):
+    """The run directory cannot be written (a read-only mount, no permission): no step that writes can run there."""
+
+
 def _holder(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0) or b"{}")
@@ -59,8 +63,15 @@ def _busy(path: Path, holder: dict, what: str) -> RunBusy:
 
 def _lock(path: Path, what: str) -> int | None:
     """Open and flock `path` (no waiting); the fd, or None when this filesystem cannot lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise RunReadOnly(f"{path.parent} cannot be written ({os.strerror(err.errno)}), so {what} cannot run there: "
+                          "give a run directory you can write (--run-dir, FLUXNB_RUN_DIR; copy this one there to "
+                          "carry on with it). Reading it works as it is, e.g. `export --out` to another folder.") from None
     try:
         if fcntl is None:
             raise OSError(errno.ENOSYS, "no fcntl")
