@@ -57,3 +57,12 @@ def test_cli_says_one_line_and_no_traceback(case, tmp_path, tmp_path_factory, mo
     assert code == 2, err
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["embed", "caption", "train"])
+def test_a_run_dir_that_is_a_file_is_one_line(command, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert main([command, "--run-dir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "notes.txt" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "not a run"

@@ -67,6 +67,9 @@ def _lock(path: Path, what: str) -> int | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir met a file where a folder should be
+            raise FluxnbError(f"the run directory {path.parent} is a file, or inside one, not a folder: give a folder "
+                              "(--run-dir, FLUXNB_RUN_DIR); fluxnb creates it if it does not exist.") from None
         if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         raise RunReadOnly(f"{path.parent} cannot be written ({os.strerror(err.errno)}), so {what} cannot run there: "
