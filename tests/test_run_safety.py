@@ -129,6 +129,24 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
     assert "locked by" not in capsys.readouterr().out  # released cleanly: nothing stale the second time
 
 
+def test_a_holder_that_has_not_written_its_name_is_never_called_pid_question_mark(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    script = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)")  # between flock and write
+    proc = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy) as err:
+            with hold(lock, "train"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    message = str(err.value)
+    assert "?" not in message and "is being written by another process, so train cannot run now" in message, message
+
+
 def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
     from fluxnb.run import lock
 
