@@ -314,6 +314,16 @@ def test_resume_on_a_changed_training_set_is_refused(tmp_path, tmp_path_factory)
         train(run, resume=True, live=False)
 
 
+def test_max_steps_below_the_step_reached_is_refused_not_step_20_of_10(tmp_path, tmp_path_factory, capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run.dir.root), "--resume", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_train_steps=1 is below step 2" in err and "--max-steps 2" in err and len(err.splitlines()) == 1, err
+    assert run.config.train.max_train_steps == open_run(run.dir.root, verbose=False).config.train.max_train_steps
+
+
 # 7. Ctrl-C
 class Finalized:
     def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"

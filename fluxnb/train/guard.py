@@ -80,6 +80,11 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[
     """Resuming continues the very run of `ckpt`: same adapter, same base model, same training set."""
     if ckpt is None:
         return
+    if run.config.train.max_train_steps < ckpt.step:  # not "step 20 of 10": it cannot go back to step 10
+        raise FluxnbError(f"train.max_train_steps={run.config.train.max_train_steps} is below step {ckpt.step}, which "
+                          f"this run has reached ({ckpt.path}): to resume or finish it set at least {ckpt.step} "
+                          f"(--max-steps {ckpt.step}, max_steps={ckpt.step}), or start over with overwrite=True "
+                          "(--overwrite).")
     then = ckpt.config()
     if then.lora != run.config.lora or then.model.model_id != run.config.model.model_id:
         raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
