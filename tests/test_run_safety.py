@@ -382,6 +382,21 @@ def test_cli_ctrl_c_swallowed_at_start_up_stops_the_command_and_deletes_nothing(
     assert capsys.readouterr().err.strip().endswith("interrupted")
 
 
+def test_cli_ctrl_c_swallowed_after_the_loop_is_not_a_success(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    from fluxnb.train import validation
+
+    real = validation.summary
+
+    def summary(*args):  # the last thing train() does
+        Finalized()
+        return real(*args)
+
+    monkeypatch.setattr(validation, "summary", summary)
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    assert main(["train", "--run-dir", str(run.dir.root)]) == 130
+    assert run.dir.lora_file.is_file() and capsys.readouterr().err.strip().endswith("interrupted")
+
+
 def test_cli_ctrl_c_names_the_checkpoint_written_last_and_says_resume(tmp_path, tmp_path_factory, monkeypatch, capsys):
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4})
     real = checkpoint.save
