@@ -56,8 +56,8 @@ def check_apart(root: Path, config: RunConfig) -> None:
     """A run directory never is, holds, or sits inside the local dataset folder: fluxnb writes (and --overwrite
     deletes) its own files there, which must never meet the user's images."""
     data = Path(config.data.dataset).expanduser()
-    if not data.is_dir():
-        return  # a Hub id
+    if not config.data.dataset or not data.is_dir():
+        return  # a Hub id (or a form's empty field, which the config's own check refuses: not the working directory)
     run, data = Path(root).expanduser().resolve(), data.resolve()
     how = ("is the dataset folder" if run == data else "is inside the dataset folder" if run.is_relative_to(data)
            else "holds the dataset folder" if data.is_relative_to(run) else None)
