@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import config
 from .base.errors import FluxnbError
+from .base.interrupts import check_interrupted, watching_interrupts
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -68,7 +69,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .data.embeddings import embed_step
 
     run = _open_step_run(args)
-    with _first_step(run.dir.root), run.dir.writing("embed"):
+    with _first_step(run.dir.root), run.writing("embed"):
         print(embed_step(run, overwrite=args.overwrite))
         run.save()  # config.json describes the caches it sits next to
     return 0
@@ -80,7 +81,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     run = _open_step_run(args)
     if args.captioner:
         run.config = run.config.replace(data={"captioner": args.captioner})
-    with _first_step(run.dir.root), run.dir.writing("caption"):
+    with _first_step(run.dir.root), run.writing("caption"):
         print(caption_step(run, overwrite=args.all, trigger=args.trigger))
         run.save()  # the folder captioned is the dataset the next steps read
     return 0
@@ -93,38 +94,18 @@ def cmd_latents(args: argparse.Namespace) -> int:
     if not run.dir.config.is_file():
         raise FluxnbError(f"{run.dir.root} has no config.json: run notebook 01 first (`python -m fluxnb embed "
                           f"--run-dir {run.dir.root} --dataset ...`), which checks the data and creates it.")
-    with run.dir.writing("latents"):
+    with run.writing("latents"):
         print(latents_step(run, overwrite=args.overwrite))
         run.save()
     return 0
 
 
 # What a folder without config.json still needs before each command can run there (the steps make config.json).
-_MISSING_STEPS = {
-    "train": "notebooks 01 and 02 have not run there: cache the text embeddings and latents first "
-             "(`python -m fluxnb embed --run-dir {root} --model MODEL --dataset DATASET`, then "
-             "`python -m fluxnb latents --run-dir {root}`), or pass the --run-dir they were made in",
-    "trained": "no run was trained there: run notebooks 01-03 first (embed, latents, train), or pass the --run-dir "
-               "of a trained run",
-}
-
-
-def _existing_run(run_dir: Path | None, needs: str = "trained"):
-    """open_run on a run directory that earlier steps made (never creates a fresh one); `needs` names what is missing."""
-    from .run import default_run_dir, open_run
-    from .run.hardware import detect
-
-    root = run_dir or default_run_dir(detect().profile)
-    if not (root / "config.json").is_file():
-        raise FluxnbError(f"{root} is not a run directory yet (no config.json): "
-                          + _MISSING_STEPS[needs].format(root=root) + ".")
-    return open_run(root)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from .run import open_existing_run
     from .train import presets, train
 
-    run = _existing_run(args.run_dir, "train")
+    run = open_existing_run(args.run_dir, "train")
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
@@ -137,11 +118,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .infer.export import check_round_trip, export_lora, export_path
+    from .run import open_existing_run
 
-    run = _existing_run(args.run_dir)
-    lora = args.lora or run.dir.lora_file
-    with run.dir.writing("export"):
-        out = export_lora(lora, args.format, args.out or export_path(run.dir, args.format))
+    run = open_existing_run(args.run_dir)
+    lora, out = args.lora or run.dir.lora_file, args.out or export_path(run.dir, args.format)
+    inside = out.resolve().is_relative_to(run.dir.root.resolve())  # elsewhere, the run is only read: no lock
+    with run.writing("export") if inside else contextlib.nullcontext():
+        out = export_lora(lora, args.format, out)
     print(f"{args.format}: {out}")
     if args.format == "comfyui":
         print(check_round_trip(lora, out))
@@ -149,13 +132,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
+    from .run import open_existing_run
     from .share.hub import HubSettings, push, stage, upload_blocker
 
-    run = _existing_run(args.run_dir)
+    run = open_existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
                            trigger_word=args.trigger_word or "")
     blocker = None if args.dry_run else upload_blocker()
-    with run.dir.writing("push"):
+    with run.writing("push"):
         staged = stage(run, settings)
         if blocker:  # the reason first and alone: not after the model card's hundred lines (it is in RUN/hub/)
             print(f"nothing was uploaded: {blocker}.\n{staged}")
@@ -285,10 +269,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@watching_interrupts  # from the first line: a Ctrl-C swallowed by a __del__ at start-up still stops the command
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0:
+            check_interrupted()  # one swallowed after the step's last check: not a success
+        return code
     except FluxnbError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

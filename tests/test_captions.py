@@ -66,6 +66,24 @@ def test_user_captions_are_kept_unless_overwrite(tmp_path, tiny_assets):
     assert rows(folder)[names[0]]["text"].startswith(f"{TRIGGER}, a picture") and rows(folder)[names[0]]["rating"] == 5
 
 
+def test_every_row_the_user_wrote_is_kept_as_written(tmp_path, tiny_assets):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    names = sorted(p.name for p in folder.glob("*.png"))
+    theirs = [json.dumps({"file_name": "later.png", "text": "an image not copied in yet"}),
+              json.dumps({"text": "my own words", "file_name": f"./{names[0]}"}),  # the same file as names[0]
+              json.dumps({"file_name": names[1], "text": "the first of two rows"}),
+              json.dumps({"file_name": names[1], "text": "the second of two rows"}),
+              '{"file_name":"%s","text":"caf\\u00e9", "rating": 5}' % names[2]]  # spacing and escapes as typed
+    (folder / "metadata.jsonl").write_text("\n".join(theirs) + "\n")
+    plan = captions.plan_captions(folder, DataConfig(dataset=str(folder)))
+    assert plan.kept == 4 and len(plan.todo) == 13
+    captions.caption_folder(plan, fake_captioner, trigger=TRIGGER, progress=False)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    assert lines[:5] == theirs, "a row the user wrote was dropped or changed"
+    new = [json.loads(line) for line in lines[5:]]  # only the images without a row get one
+    assert [r["file_name"] for r in new] == names[3:] and all(r["text"].startswith(TRIGGER) for r in new)
+
+
 def test_txt_captions_beside_the_images_are_copied_in(tmp_path, tiny_assets):
     folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
     first = sorted(folder.glob("*.png"))[0]

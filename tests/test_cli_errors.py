@@ -136,3 +136,12 @@ def test_notebooks_only_an_unknown_prefix_says_which_notebooks_exist(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no notebook's name starts with '06'") and "01_embeddings" in err
     assert "05_share_to_hub" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["embed", "caption", "train"])
+def test_a_run_dir_that_is_a_file_is_one_line(command, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert main([command, "--run-dir", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "notes.txt" in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "notes.txt").read_text() == "not a run"

@@ -125,6 +125,54 @@ def test_missing_local_folder(tmp_path):
         check_dataset(DataConfig(dataset=str(tmp_path / "nope" / "here")), progress=False)
 
 
+def _reads(monkeypatch) -> list[str]:
+    """The names of the files read from now on."""
+    read, real = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    return read
+
+
+def test_files_outside_the_dataset_folder_are_refused_unread(tmp_path, monkeypatch):
+    (tmp_path / "outside").mkdir()
+    secret = tmp_path / "outside" / "secret.png"
+    secret.write_bytes(png(color=(1, 2, 3)))
+    root = folder(tmp_path, [("a.png", png(), "inside"), ("sub/../b.png", png(), "inside too")])
+    (root / "link.png").symlink_to(secret)
+    escapes = ["../outside/secret.png", str(secret), "link.png", "../" * 30 + "etc/passwd"]
+    with open(root / "metadata.jsonl", "a") as f:
+        f.writelines(json.dumps({"file_name": name, "text": "escape"}) + "\n" for name in escapes)
+    read = _reads(monkeypatch)
+    with pytest.raises(DataError, match=r"4 row\(s\) name a file outside the dataset folder .*: metadata.jsonl line 3 "
+                                        r"\(\.\./outside/secret.png\), metadata.jsonl line 4 .* copy those images"):
+        check(root)
+    assert sorted(read) == ["a.png", "b.png"]
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    (pairs / "link.png").symlink_to(secret)
+    (pairs / "link.txt").write_text("a caption")
+    with pytest.raises(DataError, match=r"1 row\(s\) name a file outside the dataset folder .*: link.png"):
+        check(pairs)
+
+
+def test_a_hub_dataset_must_hold_images_not_paths_to_local_files(tmp_path, monkeypatch):
+    import datasets
+
+    local = tmp_path / "private.png"
+    local.write_bytes(png())
+    paths = datasets.Dataset.from_dict({"image": [str(local)], "text": ["a path as text"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: paths)
+    with pytest.raises(FluxnbError, match=r"column 'image' holds Value\('string'\), not images"):
+        check(Path("user/paths"))
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    images = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": str(local)}, {"bytes": png(), "path": None}],
+                                         "text": ["a path as an image", "an image"]}, features=features)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: images)
+    read = _reads(monkeypatch)
+    p = check(Path("user/paths"))
+    assert [s.source for s in p.samples] == ["row 1"] and not read
+    assert "row 0: its image is the path of a local file" in "\n".join(p.report.skipped)
+
+
 # --- bad images ------------------------------------------------------------------------------------------------
 
 

@@ -161,6 +161,13 @@ def test_bad_repo_id_is_refused():
         hub.HubSettings(repo_id="two words/and/more")
 
 
+@pytest.mark.parametrize("folder, repo_id", [("my run (v2)", "my-run-v2-flux-lora"), ("--.x..y--", "x.y-flux-lora"),
+                                             ("é" * 3, "flux-lora"), ("a" * 120, "a" * 86 + "-flux-lora")])
+def test_the_default_repo_id_is_a_valid_hub_name_for_any_run_folder(folder, repo_id, tmp_path):
+    run = Run(RunDir(tmp_path / folder), RunConfig(), detect("tiny"))
+    assert hub.default_settings(run).repo_id == repo_id  # notebook 05's settings cell, before its form
+
+
 def _all_bytes(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 

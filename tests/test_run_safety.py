@@ -72,6 +72,37 @@ def test_overwrite_checks_everything_before_deleting_and_says_what_it_removes(tm
     assert "removing the earlier run's 2 checkpoint(s) (step-1, step-2), its LoRA" in capsys.readouterr().out
 
 
+def test_overwrite_deletes_only_the_files_fluxnb_wrote(tmp_path, tmp_path_factory):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    theirs = {run.dir.images / "00_sun.png": b"a user's image", run.dir.images / "step-final.png": b"theirs too",
+              run.dir.gallery / "favourite.jpg": b"kept", run.dir.lora / "other_lora.safetensors": b"another LoRA",
+              run.dir.checkpoints / "notes.txt": b"mine", run.dir.checkpoints / "step-best" / "x.bin": b"a copy"}
+    ours = [run.dir.images / "step-000050.png", run.dir.comparison, run.dir.gallery / "00.png",  # an older grid, 04's
+            run.dir.gallery / "prompts.json", run.dir.checkpoints / "step-7.tmp" / "state.json"]  # and a killed save's
+    for path, content in [*theirs.items(), *((p, b"fluxnb's") for p in ours)]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    train(run, overwrite=True, live=False)
+    assert {p: p.read_bytes() for p in theirs if p.is_file()} == theirs, "--overwrite deleted a user's file"
+    assert not [p for p in ours if p.exists()] and [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1, 2]
+
+
+@pytest.mark.parametrize("layout", ["the dataset folder", "inside the dataset", "around the dataset"])
+def test_a_run_directory_overlapping_the_dataset_is_refused_before_anything_is_written(layout, tmp_path, tiny_assets,
+                                                                                       capsys):
+    import shutil
+
+    data = tmp_path / "run" / "data" if layout == "around the dataset" else tmp_path / "data"
+    shutil.copytree(tiny_assets.dataset, data)
+    root = {"the dataset folder": data, "inside the dataset": data / "run"}.get(layout, tmp_path / "run")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["embed", "--run-dir", str(root), "--dataset", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "must be apart from your images" in err and len(err.splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # 2. one writer per run directory
 def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken(tmp_path, tmp_path_factory,
                                                                                           capsys):
@@ -98,6 +129,24 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
     assert "locked by" not in capsys.readouterr().out  # released cleanly: nothing stale the second time
 
 
+def test_a_holder_that_has_not_written_its_name_is_never_called_pid_question_mark(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    lock.parent.mkdir()
+    script = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)")  # between flock and write
+    proc = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy) as err:
+            with hold(lock, "train"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    message = str(err.value)
+    assert "?" not in message and "is being written by another process, so train cannot run now" in message, message
+
+
 def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
     from fluxnb.run import lock
 
@@ -109,6 +158,29 @@ def test_a_filesystem_without_file_locks_says_so_once_and_goes_on(tmp_path, monk
         with hold(tmp_path / "run" / ".lock", "train"):
             pass
     assert capsys.readouterr().out.count("filesystem without file locks") == 1
+
+
+def test_a_read_only_run_directory_is_one_line_and_export_elsewhere_still_works(tmp_path, tmp_path_factory,
+                                                                                 monkeypatch, capsys):
+    from fluxnb.run import lock
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 1})
+    train(run, live=False)
+    real = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # the run directory is on a read-only mount
+        if str(path).startswith(str(run.dir.root)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(lock.os, "open", read_only)
+    capsys.readouterr()
+    for args in (["latents"], ["train", "--resume"], ["export"], ["push", "--repo-id", "name", "--dry-run"]):
+        assert main([args[0], "--run-dir", str(run.dir.root), *args[1:]]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "cannot be written (Read-only file system)" in err and len(err.splitlines()) == 1, err
+    out = tmp_path / "elsewhere" / "mine.safetensors"
+    assert main(["export", "--run-dir", str(run.dir.root), "--out", str(out)]) == 0 and out.is_file()
 
 
 # 3. a stopped `latents --overwrite` leaves a mix: training refuses it
@@ -162,6 +234,27 @@ def test_a_full_disk_while_training_is_one_message_and_resume_continues(tmp_path
     assert not _temp_files(run.dir.root)
     assert [c.step for c in checkpoint.list_checkpoints(run.dir)] == [1]
     assert train(run, resume=True, live=False).lora is not None
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_inside_torch_save_is_the_same_one_line_message(tmp_path, tmp_path_factory, monkeypatch):
+    import contextlib
+
+    real = checkpoint.atomic_path
+
+    @contextlib.contextmanager
+    def on_a_full_disk(path, needed=None):  # the optimizer state's file lands on a full disk (torch's own writer)
+        with real(path, needed) as part:
+            part.unlink()
+            part.symlink_to("/dev/full")
+            yield part
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    monkeypatch.setattr(checkpoint, "atomic_path", on_a_full_disk)
+    with pytest.raises(DiskError, match=r"could not write to .*checkpoints: the disk is full"):
+        train(run, live=False)
+    monkeypatch.undo()
+    assert not _temp_files(run.dir.root) and not checkpoint.list_checkpoints(run.dir)
 
 
 def test_a_loss_plot_that_cannot_be_written_never_stops_the_lora_being_saved(tmp_path, tmp_path_factory, monkeypatch,
@@ -221,15 +314,26 @@ def test_resume_on_a_changed_training_set_is_refused(tmp_path, tmp_path_factory)
         train(run, resume=True, live=False)
 
 
+def test_max_steps_below_the_step_reached_is_refused_not_step_20_of_10(tmp_path, tmp_path_factory, capsys):
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run.dir.root), "--resume", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_train_steps=1 is below step 2" in err and "--max-steps 2" in err and len(err.splitlines()) == 1, err
+    assert run.config.train.max_train_steps == open_run(run.dir.root, verbose=False).config.train.max_train_steps
+
+
 # 7. Ctrl-C
+class Finalized:
+    def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+
 def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_path, tmp_path_factory, monkeypatch):
     from fluxnb.train import session
-
-    class Finalized:
-        def __del__(self):  # like regex's Group.__del__: a SIGINT landing here is "Exception ignored"
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):
-                pass
 
     real = session.load_scales
 
@@ -241,6 +345,56 @@ def test_a_ctrl_c_swallowed_by_a_del_during_start_up_still_stops_training(tmp_pa
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
     result = train(run, live=False)
     assert result.interrupted and result.step == 0 and not run.dir.lora_file.exists()
+
+
+def test_a_ctrl_c_swallowed_before_overwrite_deletes_nothing(tmp_path, tmp_path_factory, monkeypatch):
+    from fluxnb.train import session
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    before, real = _finished(run), session.load_for_training
+
+    def load_for_training(run):  # the model loads last before --overwrite's deletion
+        Finalized()
+        return real(run)
+
+    monkeypatch.setattr(session, "load_for_training", load_for_training)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, overwrite=True, live=False)
+    assert _finished(run) == before, "--overwrite deleted the run after a Ctrl-C"
+
+
+def test_cli_ctrl_c_swallowed_at_start_up_stops_the_command_and_deletes_nothing(tmp_path, tmp_path_factory,
+                                                                               monkeypatch, capsys):
+    import fluxnb.run
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    train(run, live=False)
+    before, real = _finished(run), fluxnb.run.open_run
+
+    def open_run(*args, **kwargs):  # before train() itself watches for Ctrl-C
+        Finalized()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fluxnb.run, "open_run", open_run)
+    assert main(["train", "--run-dir", str(run.dir.root), "--overwrite"]) == 130
+    assert _finished(run) == before, "--overwrite deleted the run after a Ctrl-C"
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+
+
+def test_cli_ctrl_c_swallowed_after_the_loop_is_not_a_success(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    from fluxnb.train import validation
+
+    real = validation.summary
+
+    def summary(*args):  # the last thing train() does
+        Finalized()
+        return real(*args)
+
+    monkeypatch.setattr(validation, "summary", summary)
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    assert main(["train", "--run-dir", str(run.dir.root)]) == 130
+    assert run.dir.lora_file.is_file() and capsys.readouterr().err.strip().endswith("interrupted")
 
 
 def test_cli_ctrl_c_names_the_checkpoint_written_last_and_says_resume(tmp_path, tmp_path_factory, monkeypatch, capsys):
@@ -290,7 +444,7 @@ def test_kill_during_a_checkpoint_write_then_resume_gives_the_uninterrupted_lora
     script = ("import sys, time, torch\nfrom pathlib import Path\nfrom fluxnb.run import open_run\n"
               "from fluxnb.train import checkpoint, train\nreal = torch.save\n"
               "def slow(obj, f, *a, **k):\n    real(obj, f, *a, **k)\n"
-              "    if 'step-3.tmp' in str(Path(f).parent):\n        Path(sys.argv[2]).touch(); time.sleep(120)\n"
+              "    if 'step-3.tmp' in str(getattr(f, 'name', f)):\n        Path(sys.argv[2]).touch(); time.sleep(120)\n"
               "checkpoint.torch.save = slow\ntrain(open_run(sys.argv[1], verbose=False), resume=False, live=False)\n")
     log = tmp_path / "subprocess.log"
     with log.open("w") as out:

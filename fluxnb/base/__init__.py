@@ -1,7 +1,9 @@
-"""What every floor of fluxnb may use: errors, file writing, memory reports, plots, progress bars, Hub error messages.
+"""What every floor of fluxnb may use: errors, file writing, Ctrl-C, memory reports, plots, progress bars, Hub
+error messages.
 
     errors      FluxnbError: one line saying what is wrong and what to do
     files       atomic writes, safetensors I/O, disk-full as one message
+    interrupts  a Ctrl-C is never lost, not even one a __del__ swallowed
     memory      GPU and RAM reports, freeing models, the rehearsal's peak log
     plots       loss curves and image grids (matplotlib)
     progress    tqdm bars whose saved notebook text ends finished, not at 0%

@@ -43,15 +43,25 @@ def _size(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{max(1, round(n / 2**10))} KiB"
 
 
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`: itself, or the one a library wrapped (torch.save turns a failed write into
+    RuntimeError "unexpected pos ...", raised while handling the OSError)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 @contextlib.contextmanager
 def disk_errors(folder: str | Path, needed: int | None = None) -> Iterator[None]:
-    """Turn a disk-level OSError (full, quota, EIO, read-only) raised in the block into one DiskError. Nested,
-    the outermost block speaks (e.g. checkpoints/ and the checkpoint's size, not one file in step-N.tmp/)."""
+    """Turn a disk-level OSError (full, quota, EIO, read-only) raised in the block, or wrapped by a library, into
+    one DiskError. Nested, the outermost block speaks (e.g. checkpoints/ and the checkpoint's size, not one file in
+    step-N.tmp/)."""
     _OPEN.append(Path(folder))
     try:
         yield
-    except OSError as err:
-        if err.errno not in _DISK_TROUBLE or len(_OPEN) > 1:
+    except Exception as raised:
+        err = _os_error(raised)
+        if err is None or err.errno not in _DISK_TROUBLE or len(_OPEN) > 1:
             raise
         free = None
         with contextlib.suppress(OSError):

@@ -9,15 +9,19 @@ The model is Salesforce/blip-image-captioning-large (BlipForConditionalGeneratio
 trust_remote_code; 470 M parameters, under 1 GB in fp16, so a T4 holds it with room to spare). The captions go to
 the folder's metadata.jsonl in the imagefolder layout that fluxnb.data.sources reads (file_name + the caption
 column), written atomically; captions the user wrote (metadata rows, or .txt files beside the images) are kept
-and copied in, unless overwrite. The tiny profile's captioner (fluxnb.tiny.captioner) goes through the same code.
+and copied in, unless overwrite. Every row the user wrote stays, as typed, where it was: one for an image not
+copied in yet, a second row for one image, `./a.png` (the same file as `a.png`, so it gets no second row); fluxnb
+only adds rows for images that have none and fills in captions. The tiny profile's captioner
+(fluxnb.tiny.captioner) goes through the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import torch
@@ -35,58 +39,85 @@ GENERATION = {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.3}  
 
 @dataclass
 class CaptionPlan:
-    """What captioning a folder will do: every image's row (kept in folder order) and which rows get a caption."""
+    """What captioning a folder will do: the rows of its metadata.jsonl and which of them get a caption."""
 
     folder: Path
     column: str  # the caption column (cfg.caption_column)
-    rows: list[dict[str, Any]]  # metadata.jsonl rows to write, one per image: {"file_name": ..., column: ...}
+    rows: list[dict[str, Any]]  # metadata.jsonl rows to write: the user's own, in their order, then one per new image
     todo: list[int] = field(default_factory=list)  # indices into rows to caption
     kept: int = 0  # user-written captions kept as they are
+    files: dict[int, str] = field(default_factory=dict)  # row index -> the image in the folder it names
+    typed: dict[int, str] = field(default_factory=dict)  # row index -> the user's line, written back if unchanged
 
     def __str__(self) -> str:
-        return (f"{self.folder}: {len(self.rows)} images, {len(self.todo)} to caption, {self.kept} captions of yours "
-                f"kept")
+        elsewhere = len(self.typed) - len(set(self.typed) & set(self.files))
+        other = f", {elsewhere} row(s) naming no image in the folder kept as they are" if elsewhere else ""
+        return (f"{self.folder}: {len(set(self.files.values()))} images, {len(self.todo)} to caption, {self.kept} "
+                f"captions of yours kept{other}")
 
 
-def _user_captions(folder: Path, column: str) -> dict[str, Any]:
-    """file_name -> caption the user wrote, from metadata.jsonl or from .txt files beside the images."""
+def _same_file(name: Any) -> str | None:
+    """'./a.png', 'a.png', 'sub/../a.png' -> 'a.png': the one key of a file named relative to the folder."""
+    return PurePath(os.path.normpath(name)).as_posix() if isinstance(name, str) and name else None
+
+
+def _metadata_lines(folder: Path) -> list[tuple[dict, str]]:
+    """The user's metadata.jsonl rows, each with its line as written; refused whole if a line is broken."""
     if (folder / "metadata.csv").is_file() and not (folder / METADATA).is_file():
         raise FluxnbError(f"{folder} has a metadata.csv: captioning writes {METADATA}; convert the CSV to "
                           f"{METADATA} (one JSON object per line) or caption a copy of the images without it.")
-    if (folder / METADATA).is_file():
-        rows, errors = metadata_rows(folder / METADATA)
-        if errors:
-            raise FluxnbError(f"{folder / METADATA} has problems ({errors[0]}); fix it before captioning, so that "
-                              "none of your captions is lost.")
-        return {row["file_name"]: row for _, row in rows if isinstance(row.get("file_name"), str)}
+    if not (folder / METADATA).is_file():
+        return []
+    rows, errors = metadata_rows(folder / METADATA)
+    if errors:
+        raise FluxnbError(f"{folder / METADATA} has problems ({errors[0]}); fix it before captioning, so that "
+                          "none of your captions is lost.")
+    lines = [line for line in (folder / METADATA).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return [(row, line) for (_, row), line in zip(rows, lines)]  # metadata_rows skips only blank lines
+
+
+def _txt_captions(folder: Path, images: list[str], column: str) -> dict[str, dict]:
+    """file name -> {column: caption} from the .txt files beside the images (a folder without metadata.jsonl)."""
     found = {}
-    for image in images_in(folder):
-        txt = image.with_suffix(".txt")
+    for name in images:
+        txt = (folder / name).with_suffix(".txt")
         if txt.is_file():
-            found[image.relative_to(folder).as_posix()] = {column: txt.read_text(encoding="utf-8-sig").strip()}
+            found[name] = {column: txt.read_text(encoding="utf-8-sig").strip()}
     return found
 
 
 def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool = False) -> CaptionPlan:
-    """Every image in the folder; those with no usable caption (all of them with overwrite) are to be captioned."""
+    """Every row the user wrote stays as written; each image with no row gets one. Rows naming an image in the
+    folder with no usable caption (all of them with overwrite) are to be captioned."""
     folder = Path(cfg.dataset if folder is None else folder).expanduser()
     if not folder.is_dir():
         raise FluxnbError(f"captioning needs a local folder of images; {str(folder)!r} is not one (a Hub dataset "
                           "comes with its captions: set caption_column, or download its images to a folder).")
-    users = _user_captions(folder, cfg.caption_column)
+    theirs = _metadata_lines(folder)
     names = [p.relative_to(folder).as_posix() for p in images_in(folder)]
     if not names:
         raise FluxnbError(f"{folder} holds no images ({', '.join(('png', 'jpg', 'webp'))}, ...): nothing to caption.")
-    plan = CaptionPlan(folder, cfg.caption_column, [])
+    plan, present = CaptionPlan(folder, cfg.caption_column, []), set(names)
+    for row, line in theirs:  # a row for a file not there (yet), or a second row for one, is the user's to keep
+        plan.typed[len(plan.rows)] = line
+        name = _same_file(row.get("file_name", row.get(cfg.image_column)))  # the loader's rule (fluxnb.data.sources)
+        _add(plan, row, name if name in present else None, overwrite)
+    listed, texts = set(plan.files.values()), {} if theirs else _txt_captions(folder, names, cfg.caption_column)
     for name in names:
-        row = {**users.get(name, {}), "file_name": name}
-        usable = caption_problem(row.get(cfg.caption_column)) is None
-        if usable and not overwrite:
+        if name not in listed:
+            _add(plan, {"file_name": name, **texts.get(name, {})}, name, overwrite)
+    return plan
+
+
+def _add(plan: CaptionPlan, row: dict, image: str | None, overwrite: bool) -> None:
+    """Append a row; one naming an image in the folder (`image`) is captioned if it has no usable caption."""
+    if image is not None:
+        plan.files[len(plan.rows)] = image
+        if caption_problem(row.get(plan.column)) is None and not overwrite:
             plan.kept += 1
         else:
             plan.todo.append(len(plan.rows))
-        plan.rows.append(row)
-    return plan
+    plan.rows.append(row)
 
 
 @dataclass
@@ -142,9 +173,12 @@ class CaptionResult:
 
 
 def write_metadata(plan: CaptionPlan) -> Path:
-    """The folder's metadata.jsonl, whole or not at all; every other key of a user's rows is kept."""
+    """The folder's metadata.jsonl, whole or not at all: a row of the user's that nothing changed goes back as it
+    was typed; a changed one keeps every other key, in its order."""
     path = plan.folder / METADATA
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in plan.rows))
+    lines = [plan.typed[i] if i in plan.typed and json.loads(plan.typed[i]) == row else
+             json.dumps(row, ensure_ascii=False) for i, row in enumerate(plan.rows)]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
     return path
 
 
@@ -173,12 +207,12 @@ def caption_folder(plan: CaptionPlan, captioner: Captioner, *, trigger: str = ""
     todo = plan.todo
     bar = progress_bar(total=len(todo), desc="captioning", unit="image", show=progress)
     for start in range(0, len(todo), batch_size):
-        rows = [plan.rows[i] for i in todo[start : start + batch_size]]
-        images = [open_image((plan.folder / r["file_name"]).read_bytes())[0] for r in rows]
-        for row, text in zip(rows, captioner(images)):
-            row[plan.column] = with_instance_prompt(trigger, text)
-            result.captioned.append(row["file_name"])
-        bar.update(len(rows))
+        batch = todo[start : start + batch_size]
+        images = [open_image((plan.folder / plan.files[i]).read_bytes())[0] for i in batch]
+        for i, text in zip(batch, captioner(images)):
+            plan.rows[i][plan.column] = with_instance_prompt(trigger, text)
+            result.captioned.append(plan.files[i])
+        bar.update(len(batch))
     bar.close()
     if todo:
         result.written = write_metadata(plan)

@@ -37,7 +37,7 @@ from .buckets import (
     nearest_bucket,
     to_rgb,
 )
-from .sources import Record, load_records
+from .sources import NotInDataset, Record, load_records
 from .store import Sample, caption_id, sample_id
 
 SHOW = 5  # how many offending rows a message names before "... and N more"
@@ -94,7 +94,7 @@ def why_unreadable(err: BaseException) -> str:
         return "not an image PIL can read (corrupt, or not an image format): re-export it as PNG/JPEG or delete it"
     if any(w in text.lower() for w in ("truncated", "broken data stream", "end of file")):
         return "truncated (the file ends early, e.g. an interrupted download): re-download it or delete it"
-    if isinstance(err, TooManyPixels):
+    if isinstance(err, (TooManyPixels, NotInDataset)):
         return text
     if isinstance(err, Image.DecompressionBombError):
         return "far too many pixels to open safely: downscale it first"

@@ -3,10 +3,15 @@
     load_records(cfg.data) -> Loaded(records=[Record(source="03_cat.png", caption="a cat", read=<bytes>), ...])
 
 - Hub id (`derekl35/alphonse-mucha-style`): `datasets.load_dataset(id, split="train")`, columns
-  `cfg.image_column` / `cfg.caption_column`.
+  `cfg.image_column` / `cfg.caption_column`. The image column must hold images (the `datasets` Image feature):
+  a column of text naming files on this machine is refused, and so is an image given only as the path of a
+  local file that `datasets` did not download.
 - Local folder, imagefolder layout: images + `metadata.jsonl` (or `metadata.csv`) with a `file_name` column and
   the caption column, as `datasets` expects it.
 - Local folder of pairs: `cat.png` + `cat.txt` (the caption), in any sub-folder.
+
+Only files inside a local dataset folder are ever read: a row whose file, followed through '..', an absolute path
+or a link, lies outside it is a data error naming the row, and is never opened.
 
 Nothing here decodes images or judges captions: Records keep the raw bytes reader and the raw caption value, so
 that fluxnb.data.checks can check every row and report all problems at once. Images are read lazily (a big dataset
@@ -87,6 +92,19 @@ def _missing(path: Path) -> Callable[[], bytes]:
     return read
 
 
+def _outside(folder: Path, path: Path) -> bool:
+    """Whether `path` (followed through '..' and links) leads out of `folder`: fluxnb never reads such a file."""
+    return not path.resolve().is_relative_to(folder.resolve())
+
+
+def _refuse_outside(loaded: Loaded, folder: Path, rows: list[str]) -> None:
+    if rows:
+        more = f" ... and {len(rows) - 5} more" if len(rows) > 5 else ""
+        loaded.errors.append(f"{len(rows)} row(s) name a file outside the dataset folder {folder} (through '..', an "
+                             f"absolute path or a link): {', '.join(rows[:5])}{more}. fluxnb reads only files inside "
+                             "the dataset folder: copy those images into it, or remove the rows.")
+
+
 def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
     rows, errors = metadata_rows(meta)
     loaded = Loaded(f"local folder {folder} ({meta.name})", [], errors=errors)
@@ -94,16 +112,20 @@ def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
     if rows and cfg.caption_column not in keys and not cfg.instance_prompt:
         loaded.errors.append(f"{meta.name} has no '{cfg.caption_column}' column (it has: {', '.join(sorted(keys))}): "
                              "set caption_column to the column holding the captions, or give an instance_prompt.")
-    listed = set()
+    listed, outside = set(), []
     for where, row in rows:
         name = row.get("file_name", row.get(cfg.image_column))
         if not isinstance(name, str) or not name:
             loaded.errors.append(f"{where} has no 'file_name': add the image's file name (relative to {folder}).")
             continue
         path = folder / name
+        if _outside(folder, path):  # never opened: not even to say it is not an image
+            outside.append(f"{where} ({name})")
+            continue
         listed.add(path.resolve())
         read = _file_reader(path) if path.is_file() else _missing(path)
         loaded.records.append(Record(name, row.get(cfg.caption_column), read))
+    _refuse_outside(loaded, folder, outside)
     unlisted = [p for p in images_in(folder) if p.resolve() not in listed]
     if unlisted:
         loaded.notes.append(f"{len(unlisted)} image(s) in the folder are not in {meta.name} and are left out "
@@ -126,10 +148,15 @@ def _read_caption(path: Path) -> Any:
 
 
 def _load_pairs(folder: Path) -> Loaded:
-    images = images_in(folder)
-    records = [Record(p.relative_to(folder).as_posix(), _read_caption(p.with_suffix(".txt")), _file_reader(p))
-               for p in images]
-    return Loaded(f"local folder {folder} (images + .txt captions)", records)
+    loaded, outside = Loaded(f"local folder {folder} (images + .txt captions)", []), []
+    for image in images_in(folder):
+        name, txt = image.relative_to(folder).as_posix(), image.with_suffix(".txt")
+        if _outside(folder, image) or _outside(folder, txt):  # a link leading out of the folder
+            outside.append(name)
+            continue
+        loaded.records.append(Record(name, _read_caption(txt), _file_reader(image)))
+    _refuse_outside(loaded, folder, outside)
+    return loaded
 
 
 def load_local(folder: Path, cfg: DataConfig) -> Loaded:
@@ -140,14 +167,30 @@ def load_local(folder: Path, cfg: DataConfig) -> Loaded:
     return _load_imagefolder(folder, meta, cfg) if meta else _load_pairs(folder)
 
 
+class NotInDataset(OSError):
+    """A Hub dataset row whose image is a path to a local file that `datasets` did not download: never read."""
+
+
+def _downloaded(path: str) -> bool:
+    """Whether a path-only image (a Hub dataset of image files) lies in the caches `datasets` downloads into."""
+    import datasets
+    from huggingface_hub import constants
+
+    roots = (datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE)
+    return any(not _outside(Path(root).expanduser(), Path(path)) for root in roots)
+
+
 def _hub_reader(ds: Any, index: int, column: str) -> Callable[[], bytes]:
     def read() -> bytes:
-        value = ds[index][column]
+        value = ds[index][column]  # {"bytes", "path"}: the column is an Image feature (load_hub)
         if isinstance(value, dict) and value.get("bytes"):
             return value["bytes"]
-        path = value.get("path") if isinstance(value, dict) else value
-        if isinstance(path, str) and path:
+        path = value.get("path") if isinstance(value, dict) else None
+        if isinstance(path, str) and path and _downloaded(path):
             return Path(path).read_bytes()
+        if isinstance(path, str) and path:
+            raise NotInDataset(f"its image is the path of a local file ({path}), not an image in the dataset: "
+                               "refused; put the image itself into the dataset")
         raise OSError(f"column '{column}' holds {type(value).__name__}, not an image")
     return read
 
@@ -169,8 +212,12 @@ def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
     if cfg.image_column not in columns:
         raise FluxnbError(f"{dataset_id} has no image column '{cfg.image_column}' (columns: {', '.join(columns)}): "
                           "set image_column.")
-    if isinstance(ds.features[cfg.image_column], datasets.Image):
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # raw bytes: we decode and check
+    feature = ds.features[cfg.image_column]
+    if not isinstance(feature, datasets.Image):  # e.g. strings: paths to files on this machine, never read
+        raise FluxnbError(f"{dataset_id}'s column '{cfg.image_column}' holds {feature!r}, not images: fluxnb trains "
+                          "only on images stored in a dataset (the `datasets` Image feature). Set image_column to "
+                          "the column holding the images.")
+    ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # raw bytes: we decode and check
     if cfg.caption_column in columns:
         captions = ds[cfg.caption_column]
     elif cfg.instance_prompt:

@@ -10,6 +10,7 @@ written until you say so. Headless (nbval, CLI) it is simply displayed.
 
 from __future__ import annotations
 
+import html
 import io
 
 import ipywidgets as W
@@ -36,14 +37,15 @@ def _row(plan: CaptionPlan, index: int, new: bool) -> W.HBox:
         row[plan.column] = change["new"].strip()
 
     box.observe(on_change, names="value")
-    label = W.HTML(f"<small>{row['file_name']}<br>{'new' if new else 'yours'}</small>",
+    label = W.HTML(f"<small>{html.escape(plan.files[index])}<br>{'new' if new else 'yours'}</small>",
                    layout=W.Layout(width="140px"))
-    return W.HBox([W.Image(value=_thumbnail(plan.folder / row["file_name"]), format="png"), label, box])
+    return W.HBox([W.Image(value=_thumbnail(plan.folder / plan.files[index]), format="png"), label, box])
 
 
 def caption_table(plan: CaptionPlan, *, limit: int | None = 50) -> W.VBox:
-    """One row per image (the first `limit`, new captions first): thumbnail, file name, editable caption."""
-    order = list(plan.todo) + [i for i in range(len(plan.rows)) if i not in set(plan.todo)]
+    """One row per metadata row naming an image (the first `limit`, new captions first): thumbnail, file name,
+    editable caption. Rows naming no image in the folder are not shown, and are written back as they were."""
+    order = list(plan.todo) + [i for i in plan.files if i not in set(plan.todo)]
     shown = order[:limit] if limit else order
     more = f" (first {len(shown)} of {len(order)})" if len(shown) < len(order) else ""
     header = W.HTML(f"<b>Captions{more}</b>: edit any box, then run the next cell to save them.")

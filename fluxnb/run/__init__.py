@@ -8,6 +8,7 @@
 """
 
 from .dir import LORA_FILE, RUN_DIR_ENV, RunDir, default_run_dir
-from .open import Run, default_config, open_run, writes
+from .open import Run, default_config, open_existing_run, open_run, writes
 
-__all__ = ["LORA_FILE", "RUN_DIR_ENV", "Run", "RunDir", "default_config", "default_run_dir", "open_run", "writes"]
+__all__ = ["LORA_FILE", "RUN_DIR_ENV", "Run", "RunDir", "default_config", "default_run_dir", "open_existing_run", "open_run",
+           "writes"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,13 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 
 from ..config import CONFIG_FILE
 from .lock import hold
+from .records import GALLERY_INDEX
 
 RUN_DIR_ENV = "FLUXNB_RUN_DIR"
 SAMPLES_FILE = "samples.jsonl"  # one line per training sample; its owner is fluxnb.data.store
 LORA_FILE = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors": what load_lora_weights(folder) looks for
+_GRID = re.compile(r"step-\d+\.png")  # samples/step-000100.png: training's sample grids
+_GALLERY = re.compile(r"\d+\.png|" + re.escape(GALLERY_INDEX))  # samples/final/00.png ..., prompts.json
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class RunDir:
     lora = property(lambda self: self.root / "lora")
     lora_file = property(lambda self: self.root / "lora" / LORA_FILE)
     images = property(lambda self: self.root / "samples")
+    loss_plot = property(lambda self: self.root / "samples" / "loss.png")  # training's loss curve
     comparison = property(lambda self: self.root / "samples" / "base_vs_lora.png")  # notebook 04's grid
     gallery = property(lambda self: self.root / "samples" / "final")  # notebook 04's images + prompts.json
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -60,6 +65,17 @@ class RunDir:
     def writing(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Hold this run's lock while `what` ("train", "embed", ...) writes; RunBusy if another process does."""
         return hold(self.lock, what)
+
+    def grid(self, step: int) -> Path:
+        """samples/step-000100.png: the sample grid made at an optimizer step."""
+        return self.images / f"step-{step:06d}.png"
+
+    def own_images(self) -> list[Path]:
+        """The files fluxnb wrote in samples/ (grids, loss plot, notebook 04's comparison and gallery), by their
+        names: a file the user put there is never among them."""
+        found = [p for p in self.images.glob("step-*.png") if _GRID.fullmatch(p.name)]
+        found += [p for p in self.gallery.glob("*") if _GALLERY.fullmatch(p.name)]
+        return sorted(p for p in [*found, self.loss_plot, self.comparison] if p.is_file())
 
     @property
     def name(self) -> str:

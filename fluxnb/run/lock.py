@@ -35,10 +35,15 @@ except ImportError:  # Windows: no flock; fluxnb runs unlocked there (see _lock)
 _HELD: dict[Path, list] = {}  # resolved lock file -> [fd, depth]: the locks this process holds
 _WARNED: set[Path] = set()
 _NO_FLOCK = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # the filesystem cannot lock
+_TRIES = 10  # ~0.5 s: a holder that has not written its name yet, or is releasing the lock, is usually done by then
 
 
 class RunBusy(FluxnbError):
     """Another process is writing this run directory now."""
+
+
+class RunReadOnly(FluxnbError):
+    """The run directory cannot be written (a read-only mount, no permission): no step that writes can run there."""
 
 
 def _holder(fd: int) -> dict:
@@ -49,30 +54,64 @@ def _holder(fd: int) -> dict:
 
 
 def _busy(path: Path, holder: dict, what: str) -> RunBusy:
-    pid = holder.get("pid", "?")
-    since = time.strftime("%H:%M", time.localtime(holder["since"])) if "since" in holder else "?"
-    return RunBusy(f"{path.parent} is being written by another process (PID {pid} on {holder.get('host', '?')}, "
-                   f"{holder.get('step', '?')} since {since}), so {what} cannot run now: wait until it ends, or "
-                   f"stop it (interrupt that notebook's kernel, or `kill {pid}`), then run this again; or use "
-                   "another run directory. Reading the run (samples, checkpoints) is fine meanwhile.")
+    """RunBusy naming the holder; one caught taking or releasing the lock has not written its name (yet)."""
+    pid, who, stop = holder.get("pid"), "another process", "interrupt that notebook or command"
+    if pid is not None:
+        since = time.strftime(" since %H:%M", time.localtime(holder["since"])) if "since" in holder else ""
+        who += f" (PID {pid} on {holder.get('host', 'this machine')}, {holder.get('step', 'a step')}{since})"
+        stop = f"interrupt that notebook's kernel, or `kill {pid}`"
+    return RunBusy(f"{path.parent} is being written by {who}, so {what} cannot run now: wait until it ends, or "
+                   f"stop it ({stop}), then run this again; or use another run directory. Reading the run "
+                   "(samples, checkpoints) is fine meanwhile.")
+
+
+def _open(path: Path, what: str) -> int:
+    """The lock file, opened for writing (created with its folder if need be); one line when that cannot be."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir met a file where a folder should be
+            raise FluxnbError(f"the run directory {path.parent} is a file, or inside one, not a folder: give a folder "
+                              "(--run-dir, FLUXNB_RUN_DIR); fluxnb creates it if it does not exist.") from None
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise RunReadOnly(f"{path.parent} cannot be written ({os.strerror(err.errno)}), so {what} cannot run there: "
+                          "give a run directory you can write (--run-dir, FLUXNB_RUN_DIR; copy this one there to "
+                          "carry on with it). Reading it works as it is, e.g. `export --out` to another "
+                          "folder.") from None
+
+
+def _flock(fd: int, path: Path, what: str) -> bool:
+    """flock `fd` without waiting: True; False when this filesystem cannot lock; RunBusy naming the holder."""
+    for _ in range(_TRIES):
+        try:
+            if fcntl is None:
+                raise OSError(errno.ENOSYS, "no fcntl")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as err:
+            if err.errno in _NO_FLOCK:
+                return False
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        holder = _holder(fd)
+        if holder:
+            raise _busy(path, holder, what)
+        time.sleep(0.05)  # an empty lock file: its holder is taking or releasing the lock this moment
+    raise _busy(path, {}, what)
 
 
 def _lock(path: Path, what: str) -> int | None:
     """Open and flock `path` (no waiting); the fd, or None when this filesystem cannot lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open(path, what)
     try:
-        if fcntl is None:
-            raise OSError(errno.ENOSYS, "no fcntl")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            holder = _holder(fd)
-            os.close(fd)
-            raise _busy(path, holder, what) from None
+        locked = _flock(fd, path, what)
+    except BaseException:
         os.close(fd)
-        if err.errno not in _NO_FLOCK:
-            raise
+        raise
+    if not locked:
+        os.close(fd)
         if path not in _WARNED:
             _WARNED.add(path)
             print(f"note: {path.parent} is on a filesystem without file locks: make sure only one notebook or "

@@ -11,11 +11,13 @@ notebook and the CLI, never write one run at once; a process re-running its own 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..base.errors import FluxnbError
 from ..config import RunConfig
 from .dir import RunDir, default_run_dir
 from .hardware import Hardware, detect, dtype_from_name
@@ -39,16 +41,39 @@ class Run:
         wanted = self.config.model.dtype
         if wanted != "auto" and dtype_from_name(wanted) != self.hw.dtype:
             self.hw = detect(self.hw.profile, wanted)
-        with self.dir.writing("save the config"):
+        with self.writing("save the config"):
             return self.config.save(self.dir.root)
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """RunDir.writing (the run's lock), once the run directory is known to be apart from the dataset."""
+        check_apart(self.dir.root, self.config)
+        with self.dir.writing(what):
+            yield
+
+
+def check_apart(root: Path, config: RunConfig) -> None:
+    """A run directory never is, holds, or sits inside the local dataset folder: fluxnb writes (and --overwrite
+    deletes) its own files there, which must never meet the user's images."""
+    data = Path(config.data.dataset).expanduser()
+    if not config.data.dataset or not data.is_dir():
+        return  # a Hub id (or a form's empty field, which the config's own check refuses: not the working directory)
+    run, data = Path(root).expanduser().resolve(), data.resolve()
+    how = ("is the dataset folder" if run == data else "is inside the dataset folder" if run.is_relative_to(data)
+           else "holds the dataset folder" if data.is_relative_to(run) else None)
+    if how:
+        raise FluxnbError(f"the run directory {run} {how} {data}: fluxnb writes and deletes its own files in a run "
+                          "directory, so it must be apart from your images. Choose a run directory outside the "
+                          "dataset folder and not around it (--run-dir, FLUXNB_RUN_DIR, open_run(path)).")
 
 
 def writes(what: str) -> Callable:
-    """Decorator for a step `fn(run: Run | RunDir, ...)` that writes the run: it holds the run's lock meanwhile."""
+    """Decorator for a step `fn(run: Run | RunDir, ...)` that writes the run: it holds the run's lock meanwhile
+    (Run.writing: after checking that the run directory is apart from the dataset)."""
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def step(run, *args, **kwargs):
-            with (run.dir if isinstance(run, Run) else run).writing(what):
+            with run.writing(what):
                 return fn(run, *args, **kwargs)
         return step
     return wrap
@@ -95,6 +120,7 @@ def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, v
     else:
         config = default_config(hw)
         if create:
+            check_apart(run.root, config)
             with run.writing("create the run"):
                 config.save(run.root)
     if verbose:
@@ -105,3 +131,23 @@ def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, v
             print(f"note: PID {busy.get('pid')} is writing this run now ({busy.get('step')!r}); steps that write "
                   "will refuse until it ends (reading is fine).")
     return Run(run, config, hw)
+
+
+# What a folder without config.json still needs before each command can run there (the steps make config.json).
+_MISSING_STEPS = {
+    "train": "notebooks 01 and 02 have not run there: cache the text embeddings and latents first "
+             "(`python -m fluxnb embed --run-dir {root} --model MODEL --dataset DATASET`, then "
+             "`python -m fluxnb latents --run-dir {root}`), or pass the --run-dir they were made in",
+    "trained": "no run was trained there: run notebooks 01-03 first (embed, latents, train), or pass the --run-dir "
+               "of a trained run",
+}
+
+
+def open_existing_run(run_dir: Path | None, needs: str = "trained") -> Run:
+    """open_run on a run directory that earlier steps made (never creates a fresh one: the CLI's later steps);
+    `needs` names what is missing ("train": notebooks 01-02, "trained": 01-03)."""
+    root = run_dir or default_run_dir(detect().profile)
+    if not RunDir(root).config.is_file():
+        raise FluxnbError(f"{root} is not a run directory yet (no config.json): "
+                          + _MISSING_STEPS[needs].format(root=root) + ".")
+    return open_run(root)

@@ -13,6 +13,7 @@ scrubs it out of error messages.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,12 @@ class HubSettings:
 
 
 def default_settings(run: Run) -> HubSettings:
-    return HubSettings(repo_id=f"{run.path.resolve().name}-flux-lora")
+    """A repo name from the run folder's ("my run (v2)" -> "my-run-v2-flux-lora"), valid on the Hub whatever the
+    folder is called (letters, digits, '-', '_', '.', no '--' or '..', 96 at most), so notebook 05 reaches its form."""
+    suffix = "-flux-lora"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run.path.resolve().name)
+    name = re.sub(r"[-.]{2,}", lambda m: m.group()[0], name)[: 96 - len(suffix)].strip("-.")
+    return HubSettings(repo_id=f"{name}{suffix}" if name else suffix.lstrip("-"))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .state import TrainState
 
 STATE_FILE = "training_state.pt"
 _NAME = re.compile(r"^step-(\d+)$")
+_OWN = re.compile(r"^step-\d+(\.tmp|\.old)?$")  # a checkpoint, or what a killed save left of one
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ def list_checkpoints(run: RunDir) -> list[Checkpoint]:
         if match and path.is_dir() and (path / "state.json").is_file():
             found.append(Checkpoint(path, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
+
+
+def own_folders(run: RunDir) -> list[Path]:
+    """Every folder fluxnb wrote in checkpoints/: complete checkpoints and leftovers of a stopped save."""
+    if not run.checkpoints.is_dir():
+        return []
+    return sorted(p for p in run.checkpoints.iterdir() if _OWN.match(p.name) and p.is_dir() and not p.is_symlink())
 
 
 def latest(run: RunDir) -> Checkpoint | None:
@@ -93,8 +101,9 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
         with disk_errors(run.checkpoints, folder_size(previous.path) if previous else None):
             tmp.mkdir(parents=True)
             save_lora(state.model, tmp)
-            with atomic_path(tmp / STATE_FILE) as part:
-                torch.save(state.state_dict(), part)
+            # Through a Python file: torch's own writer (given a path) reports a full disk as a bare RuntimeError.
+            with atomic_path(tmp / STATE_FILE) as part, open(part, "wb") as f:
+                torch.save(state.state_dict(), f)
             config.save(tmp)
             atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
     except BaseException:

@@ -4,23 +4,21 @@
     start = guard.start_point(run, resume, overwrite)   # refuses to clobber an earlier run; deletes nothing
     guard.check_resumable(run, start, samples)       # same LoRA, same model, same training set
     ...                                              # everything else that can fail: model, LoRA targets
-    guard.clear_previous(run)                        # --overwrite: last, saying what it removes
-    guard.check_interrupted()                        # in the loop: a Ctrl-C that a __del__ swallowed
+    guard.clear_previous(run)                        # --overwrite: last, saying what it removes; never after a Ctrl-C
 
 A checkpoint records the fingerprint of the training set it was trained on (`data_fingerprint`): the ordered
 sample ids (image bytes + caption), caption ids and the caches' settings. Resuming on anything else would not
-continue that run, so it is refused. `@watching_interrupts` keeps a Ctrl-C from being lost (see Interrupts).
+continue that run, so it is refused. A Ctrl-C is never lost (fluxnb.base.interrupts): one pressed at any moment
+before `clear_previous`, even one a __del__ swallowed, stops it before it deletes anything.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import shutil
-import signal
-import threading
-from collections.abc import Callable
 
 from ..base.errors import FluxnbError
+from ..base.interrupts import check_interrupted
 from ..data import embeddings, latents
 from ..data.store import Sample, fingerprint
 from ..run import Run
@@ -82,6 +80,11 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[
     """Resuming continues the very run of `ckpt`: same adapter, same base model, same training set."""
     if ckpt is None:
         return
+    if run.config.train.max_train_steps < ckpt.step:  # not "step 20 of 10": it cannot go back to step 10
+        raise FluxnbError(f"train.max_train_steps={run.config.train.max_train_steps} is below step {ckpt.step}, which "
+                          f"this run has reached ({ckpt.path}): to resume or finish it set at least {ckpt.step} "
+                          f"(--max-steps {ckpt.step}, max_steps={ckpt.step}), or start over with overwrite=True "
+                          "(--overwrite).")
     then = ckpt.config()
     if then.lora != run.config.lora or then.model.model_id != run.config.model.model_id:
         raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
@@ -101,62 +104,22 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[
 
 def clear_previous(run: Run) -> None:
     """--overwrite, once every check passed: say what goes, then delete the earlier run's checkpoints, LoRA,
-    sample images and metrics."""
+    sample images and metrics. A Ctrl-C pressed before this (even one a __del__ swallowed) stops it here.
+
+    Only what fluxnb wrote goes, by name: a file of the user's in samples/, lora/ or checkpoints/ stays."""
+    check_interrupted()
     steps = [c.path.name for c in checkpoint.list_checkpoints(run.dir)]
-    images = [p for p in run.dir.images.rglob("*") if p.is_file()] if run.dir.images.is_dir() else []
+    images = run.dir.own_images()
     parts = ([f"{len(steps)} checkpoint(s) ({', '.join(steps)})"] if steps else []) + (
         ["its LoRA"] if run.dir.lora_file.is_file() else []) + (
         [f"{len(images)} file(s) in {run.dir.images.name}/"] if images else []) + (
         [run.dir.metrics.name] if run.dir.metrics.is_file() else [])
     if parts:
         print(f"fluxnb: overwrite: removing the earlier run's {', '.join(parts)} from {run.dir.root}.")
-    for path in (run.dir.checkpoints, run.dir.lora, run.dir.images):
-        shutil.rmtree(path, ignore_errors=True)
-    run.dir.metrics.unlink(missing_ok=True)
-
-
-class Interrupts:
-    """Ctrl-C while training: raised as usual, and remembered. A SIGINT that lands inside some object's __del__
-    (the regex module's Group.__del__ while a tokenizer or torch.compile cleans up) is printed as "Exception
-    ignored in ... Group.__del__ ... KeyboardInterrupt" and lost, and training would run on to the end; so the
-    loop calls `check_interrupted()` at every step, which raises it again."""
-
-    def __init__(self) -> None:
-        self.hit = False
-
-    def handler(self, signum, frame) -> None:
-        self.hit = True
-        if frame is not None and frame.f_code.co_name == "__del__":
-            return  # raising here would be swallowed; the next check() raises it
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.hit:
-            raise KeyboardInterrupt
-
-
-_WATCHING: list[Interrupts] = []  # the active watch (innermost last)
-
-
-def watching_interrupts(fn: Callable) -> Callable:
-    """Decorator: SIGINT goes to an Interrupts for the whole call (main thread, default handler only)."""
-    @functools.wraps(fn)
-    def watched(*args, **kwargs):
-        if threading.current_thread() is not threading.main_thread() or (
-                signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            return fn(*args, **kwargs)  # someone else handles Ctrl-C here, or it cannot be replaced off the main thread
-        watch = Interrupts()
-        _WATCHING.append(watch)
-        signal.signal(signal.SIGINT, watch.handler)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            _WATCHING.remove(watch)
-    return watched
-
-
-def check_interrupted() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C arrived (and was perhaps swallowed) since the watch began."""
-    if _WATCHING:
-        _WATCHING[-1].check()
+    for folder in checkpoint.own_folders(run.dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in [*images, run.dir.lora_file, run.dir.metrics]:
+        path.unlink(missing_ok=True)
+    for folder in (run.dir.gallery, run.dir.images, run.dir.checkpoints, run.dir.lora):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty now: a folder holding the user's files stays

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base import memory
+from ..base.interrupts import check_interrupted, watching_interrupts
 from ..data.store import read_samples
 from ..model import lora
 from ..run import Run, writes
@@ -47,8 +48,8 @@ class TrainResult:
                 f"({change:.0f}% lower), {self.seconds:.0f} s of training {done}")
 
 
+@watching_interrupts  # a Ctrl-C is never lost, not even one swallowed by a __del__ (taking the lock, too)
 @writes("train")  # the run's lock, for the whole call (fluxnb.run.lock)
-@guard.watching_interrupts  # a Ctrl-C is never lost, not even one swallowed by a __del__
 def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = False, max_steps: int | None = None,
           stop_after: int | None = None, live: bool | None = None,
           how_to_resume: str = guard.RESUME_IN_PYTHON) -> TrainResult:
@@ -81,7 +82,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
         try:
             # The loop: one optimizer step, its log line (and held-out loss), a sample grid, a checkpoint.
             while s.state.step < target:
-                guard.check_interrupted()
+                check_interrupted()
                 loss, grad_norm = s.optimizer_step()
                 result.losses.append(loss)
                 s.log(loss, grad_norm, target)

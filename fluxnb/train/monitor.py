@@ -84,7 +84,7 @@ class Progress:
         try:
             if self.live:
                 self._draw()
-            return save_figure(self._figure(), self.run.images / "loss.png")
+            return save_figure(self._figure(), self.run.loss_plot)
         except Exception as err:  # noqa: BLE001 - anything: metrics.jsonl holds the same numbers
             print(f"warning: the loss plot was not saved ({err}); metrics.jsonl has every step's loss.")
             return None
@@ -136,7 +136,7 @@ class ValidationSampler:
         import matplotlib.pyplot as plt
 
         fig = image_grid(self.images(transformer), self.prompts, title=f"step {step}")
-        path = save_figure(fig, self.run.images / f"step-{step:06d}.png")
+        path = save_figure(fig, self.run.grid(step))
         plt.close(fig)
         if live:
             from IPython.display import Image, display
