@@ -366,17 +366,17 @@ def test_a_ctrl_c_swallowed_before_overwrite_deletes_nothing(tmp_path, tmp_path_
 
 def test_cli_ctrl_c_swallowed_at_start_up_stops_the_command_and_deletes_nothing(tmp_path, tmp_path_factory,
                                                                                monkeypatch, capsys):
-    import fluxnb.run
+    import fluxnb.run.open
 
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
     train(run, live=False)
-    before, real = _finished(run), fluxnb.run.open_run
+    before, real = _finished(run), fluxnb.run.open.open_run
 
     def open_run(*args, **kwargs):  # before train() itself watches for Ctrl-C
         Finalized()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fluxnb.run, "open_run", open_run)
+    monkeypatch.setattr(fluxnb.run.open, "open_run", open_run)  # what the CLI's open_existing_run calls
     assert main(["train", "--run-dir", str(run.dir.root), "--overwrite"]) == 130
     assert _finished(run) == before, "--overwrite deleted the run after a Ctrl-C"
     assert capsys.readouterr().err.strip().endswith("interrupted")

@@ -31,6 +31,7 @@ from ..run.hardware import Hardware
 from . import embeddings
 from .checks import CheckedDataset, Item, check_dataset, progress_bar
 from .store import (
+    META_FILE,
     CacheMismatch,
     CacheStats,
     Sample,
@@ -150,7 +151,7 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
         raise FluxnbError(f"{len(todo)} image(s) need encoding but no VAE was given: load it with load_vae first.")
     wanted = settings(run.config)
     tag = fingerprint(wanted)
-    if todo or overwrite or not (run.dir.latents / "meta.json").is_file():
+    if todo or overwrite or not (run.dir.latents / META_FILE).is_file():
         write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
         s = item.sample

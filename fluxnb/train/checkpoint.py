@@ -32,6 +32,7 @@ from ..run import RunDir
 from .state import TrainState
 
 STATE_FILE = "training_state.pt"
+INFO_FILE = "state.json"  # step, loss, lr, the data fingerprint, val_loss: what a checkpoint says of itself
 _NAME = re.compile(r"^step-(\d+)$")
 _OWN = re.compile(r"^step-\d+(\.tmp|\.old)?$")  # a checkpoint, or what a killed save left of one
 
@@ -42,7 +43,7 @@ class Checkpoint:
     step: int
 
     def info(self) -> dict[str, Any]:
-        return json.loads((self.path / "state.json").read_text())
+        return json.loads((self.path / INFO_FILE).read_text())
 
     def config(self) -> RunConfig:
         return RunConfig.load(self.path)
@@ -58,7 +59,7 @@ def list_checkpoints(run: RunDir) -> list[Checkpoint]:
     found = []
     for path in run.checkpoints.iterdir():
         match = _NAME.match(path.name)
-        if match and path.is_dir() and (path / "state.json").is_file():
+        if match and path.is_dir() and (path / INFO_FILE).is_file():
             found.append(Checkpoint(path, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
 
@@ -105,7 +106,7 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
             with atomic_path(tmp / STATE_FILE) as part, open(part, "wb") as f:
                 torch.save(state.state_dict(), f)
             config.save(tmp)
-            atomic_write_text(tmp / "state.json", json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(tmp / INFO_FILE, json.dumps({"step": step, **info}, indent=2, sort_keys=True) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -124,7 +125,7 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
 
 def annotate(checkpoint: Checkpoint, **info: Any) -> None:
     """Add numbers to a checkpoint's state.json (rewritten atomically), e.g. the loss measured after the last step."""
-    atomic_write_text(checkpoint.path / "state.json",
+    atomic_write_text(checkpoint.path / INFO_FILE,
                       json.dumps(checkpoint.info() | info, indent=2, sort_keys=True) + "\n")
 
 
