@@ -194,8 +194,8 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
     """Fill `report` (already in the results) with envelope report["envelope"]'s run. Every change to it goes
     through save(change), which makes it under the results' lock (--parallel: other threads serialise them).
     mode "full": a new run directory, `notebooks` in order; "quick": a new one, its embeddings and latents made
-    by the CLI, then notebook 03 with QUICK_STEPS; "resume": `notebooks` in the run directory an earlier call
-    left (the warm machine's /tmp), recorded beside that call's."""
+    by the CLI, then notebook 03 with QUICK_STEPS; "resume": those of `notebooks` that did not pass yet, in the run
+    directory an earlier call left (the warm machine's /tmp), recorded beside that call's."""
     name = report["envelope"]
     env = ENVELOPES[name]
     run_dir = root / f"run-{name}"
@@ -210,7 +210,10 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         save(lambda: report.update(prepared_by_cli={"steps": ["embed", "latents"],
                                                     "seconds": round(time.perf_counter() - start, 1)}))
         notebooks = ["03"]
+    passed_before = {r["notebook"] for r in report["notebooks"] if r.get("ok")}
     for nb in notebooks:
+        if mode == "resume" and nb in passed_before:
+            continue  # an earlier call ran it: a second call takes up where the first stopped
         left = deadline - time.time()
         if left < 30:
             save(lambda nb=nb: report["notebooks"].append({"notebook": nb, "rc": "not run: out of device time"}))
