@@ -139,6 +139,7 @@ def test_round_trip_on_tiny_model_says_what_it_cannot_check(tiny_assets, tmp_pat
     (why, modules), = result.unchecked.items()
     assert "FLUX.1-dev" in why and len(modules) == 6  # 2 single blocks x q, k, v
     assert "not checked" in str(result)
+    assert all(len(line) <= 200 for line in str(result).splitlines())  # a line per finding (was one of 385 chars)
 
 
 def test_unknown_module_is_refused():

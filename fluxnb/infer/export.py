@@ -254,11 +254,11 @@ class RoundTrip:
     left_out: list[str]  # modules the export does not hold (left_out): kohya has no slot for them
 
     def __str__(self) -> str:
-        text = f"{self.checked} modules match after the round trip (max relative error {self.max_error:.1e})"
+        lines = [f"{self.checked} modules match after the round trip (max relative error {self.max_error:.1e})"]
         if self.zero_extras:
-            text += f"; {self.zero_extras} zero padding blocks read back as zero"
-        text += "".join(f"; {len(mods)} modules not checked: {why}" for why, mods in self.unchecked.items())
-        return text + (f"\n{left_out_note(self.left_out)}" if self.left_out else "")
+            lines.append(f"{self.zero_extras} zero padding blocks read back as zero")
+        lines += [f"{len(mods)} modules not checked: {why}" for why, mods in self.unchecked.items()]
+        return "\n".join(lines + ([left_out_note(self.left_out)] if self.left_out else []))  # a line per finding
 
 
 _NARROW = (f"diffusers' kohya reader assumes FLUX.1-dev's single-block widths ({FLUX_DEV_LINEAR1_ROWS} rows in "
