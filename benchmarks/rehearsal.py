@@ -1,7 +1,8 @@
 """Rehearse the five notebooks at full size inside a T4's, an 8 GB card's and a 4090's limits (GPU machine).
 
     python benchmarks/rehearsal.py --root /tmp/rehearsal --out results.json --envelopes t4 8gb 4090
-    python benchmarks/rehearsal.py ... --envelopes 8gb 4090 --parallel     # both at once on one big GPU
+    python benchmarks/rehearsal.py ... --envelopes 8gb 4090 --parallel     # both at once (a GPU each if there
+                                                                            # are enough, else sharing one)
     python benchmarks/rehearsal.py --quick --parallel --commit SHA ...     # notebook 03 only, 5 steps, ~6 min
     python benchmarks/rehearsal.py --resume --notebooks 04 05 ...           # the same run dirs, a second call
 
@@ -75,6 +76,7 @@ def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, s
 def envelope_env(env: dict) -> dict[str, str]:
     """The environment variables that make fluxnb see the envelope's GPU (fluxnb.run.hardware, fluxnb.base.memory)."""
     return {"FLUXNB_GPU_MEMORY_GIB": str(env["gpu_gib"]),
+            **({"CUDA_VISIBLE_DEVICES": str(env["gpu"])} if "gpu" in env else {}),
             **({"FLUXNB_GPU_CAPABILITY": env["capability"]} if "capability" in env else {}),
             **({"FLUXNB_WATCH_DTYPE": env["watch_dtype"]} if "watch_dtype" in env else {})}
 
@@ -197,7 +199,7 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
     by the CLI, then notebook 03 with QUICK_STEPS; "resume": those of `notebooks` that did not pass yet, in the run
     directory an earlier call left (the warm machine's /tmp), recorded beside that call's."""
     name = report["envelope"]
-    env = ENVELOPES[name]
+    env = {**ENVELOPES[name], **({"gpu": report["gpu"]} if "gpu" in report else {})}
     run_dir = root / f"run-{name}"
     if mode != "resume":
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -316,11 +318,15 @@ def main() -> None:
         save(lambda: results.update(setup=setup, parallel=args.parallel))
         print("setup:", results["setup"], flush=True)
     threads = []
-    for name in args.envelopes:
+    # --parallel on a machine with a GPU per envelope: each envelope on its own (no time-sharing of one GPU)
+    own_gpu = args.parallel and torch.cuda.device_count() >= len(args.envelopes)
+    for index, name in enumerate(args.envelopes):
         report = next((r for r in results["envelopes"] if r["envelope"] == name), None)
         if report is None:
             report = {"envelope": name, "quick": args.quick, "notebooks": []}
             save(lambda report=report: results["envelopes"].append(report))
+        if own_gpu:
+            save(lambda report=report, index=index: report.update(gpu=index))
         own_log = log.with_name(f"{log.stem}-{name}{log.suffix}") if args.parallel else log
 
         def run(report=report, own_log=own_log) -> None:
