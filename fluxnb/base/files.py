@@ -2,7 +2,8 @@
 
 Everything fluxnb writes goes through `atomic_path`: write to a temporary file in the same folder, flush it to
 disk, then rename it over the target (a rename is atomic on POSIX and Windows), so a crash or a Colab
-disconnect mid-write never leaves a half-written file behind. A full disk or an I/O error (ENOSPC, EIO, ...) while
+disconnect mid-write never leaves a half-written file behind (the temporary a kill leaves is removed by the next
+step writing that folder: fluxnb.base.temps). A full disk or an I/O error (ENOSPC, EIO, ...) while
 writing becomes one DiskError naming the folder and the space needed; the temporary file is removed, and the
 files written before are untouched.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FluxnbError
+from .temps import file_prefix, live
 
 if TYPE_CHECKING:  # torch is imported where tensors are written: config (and the CLI's --help) need none of it
     import torch
@@ -82,17 +84,17 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     path = Path(path)
     with disk_errors(path.parent, needed):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=file_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            yield tmp_path
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        with live(Path(tmp)) as tmp_path:  # named after this process: a kill's leftover is found (fluxnb.base.temps)
+            try:
+                yield tmp_path
+                with open(tmp_path, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
+                os.replace(tmp_path, path)
+            finally:
+                tmp_path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
