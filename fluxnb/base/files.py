@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -130,6 +131,42 @@ def tensors_metadata(path: Path) -> dict[str, str] | None:
             return dict(f.metadata() or {})
     except Exception:  # missing, truncated, not safetensors: all mean "compute it again"
         return None
+
+
+class ShardWriter:
+    """Tensors in, safetensors shards of ~`shard_bytes` out (diffusers' names and index), so that at most one
+    shard is in RAM (fluxnb.infer.merge streams a model through it)."""
+
+    def __init__(self, folder: Path, shard_bytes: float) -> None:
+        self.folder, self.shard_bytes, self.pending, self.files, self.index = folder, shard_bytes, {}, [], {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending |= {k: v.contiguous() for k, v in tensors.items()}
+        if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            name = f"part-{len(self.files):05d}.safetensors"
+            save_file(self.pending, self.folder / name, metadata={"format": "pt"})
+            self.files.append(name)
+            self.index |= {k: name for k in self.pending}
+            self.pending = {}
+
+    def close(self) -> None:
+        """Rename the parts as diffusers names shards (one file: no index) and write the index."""
+        self.flush()
+        stem, n = "diffusion_pytorch_model", len(self.files)
+        final = {f: f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            (self.folder / old).rename(self.folder / new)
+        if n > 1:
+            size = sum((self.folder / f).stat().st_size for f in final.values())
+            index = {"metadata": {"total_size": size}, "weight_map": {k: final[f] for k, f in sorted(self.index.items())}}
+            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_into(root: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> None:
