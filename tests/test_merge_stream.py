@@ -4,9 +4,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from lora_helpers import make_lora
@@ -66,7 +72,7 @@ def test_streamed_nf4_merge_is_nf4_of_the_fused_weights(run, unfused_lora, tmp_p
         assert torch.equal(layer.weight.quant_state.absmax, want.quant_state.absmax), name
     got, want = _out(streamed), _out(reference)
     assert torch.equal(got, want)
-    assert json.loads((tmp_path / "merge.json").read_text())["quantization"] == "nf4"
+    assert json.loads((tmp_path / "transformer" / "merge.json").read_text())["quantization"] == "nf4"
 
 
 def test_streamed_merge_writes_shards_holding_one_at_a_time(run, unfused_lora, tmp_path, monkeypatch):
@@ -106,3 +112,131 @@ def test_t4_merge_needs_a_shard_not_the_whole_base(run, monkeypatch):
     assert merge.memory_problem(run, quantize=True) is None
     monkeypatch.setattr(merge, "available_ram_gib", lambda: 3.0)
     assert "merging needs 4.5 GiB" in merge.memory_problem(run, quantize=True)
+
+
+# Never lose a run (issue 27.7): a merge killed at any instant leaves the earlier merge or the new one, never a mix.
+class _Killed(BaseException):
+    """A SIGKILL stand-in, raised where the disk holds exactly what a kill at that instant would leave."""
+
+
+_CHANGES = [(os, "mkdir"), (os, "rename"), (os, "replace"), (os, "unlink"), (os, "rmdir"), (Path, "write_text"),
+            (safetensors.torch, "save_file")]  # every way the merge changes the disk (shutil.rmtree included)
+
+
+def _merge_killed_at(n: int | str, run, lora, out: Path, image: Path) -> bool:
+    """Merge `lora` over the merge in `out`, stopped before its n-th change to the disk (or its first `n`, e.g.
+    "save_file"); `image` gets a copy of `out` as it was at that instant, which is what a SIGKILL leaves (no
+    cleanup runs). False: the merge made fewer changes."""
+    count = 0
+    with pytest.MonkeyPatch.context() as mp:
+        def hook(real, name):
+            def change(*args, **kwargs):
+                nonlocal count
+                count += 1
+                if n in (count, name):
+                    mp.undo()
+                    shutil.copytree(out, image, symlinks=True)
+                    raise _Killed
+                return real(*args, **kwargs)
+            return change
+
+        for owner, name in _CHANGES:
+            mp.setattr(owner, name, hook(getattr(owner, name), name))
+        try:
+            merge.fuse_to_disk(run, lora, out=out, quantize=False)
+        except _Killed:
+            return True
+    return False
+
+
+def _held(folder: Path) -> tuple[str, str] | None:
+    """(sha256 of the weights, sha256 of the LoRA its merge.json names) of folder/transformer, None if it has no
+    whole model; merge.json is read inside transformer/, or beside it where older fluxnb wrote it."""
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    info = next((p for p in (folder / "transformer" / "merge.json", folder / "merge.json") if p.is_file()), None)
+    if not weights.is_file() or not (folder / "transformer" / "config.json").is_file():
+        return None
+    return hashlib.sha256(weights.read_bytes()).hexdigest(), info and json.loads(info.read_text())["lora_sha256"]
+
+
+def test_a_merge_killed_at_any_point_leaves_the_old_or_the_new_merge_and_the_next_load_tidies(run, tmp_path, capsys):
+    """A second merge over a first one, stopped before each of its changes to the disk in turn. At every point
+    the folder holds the first merge (weights + its merge.json) or the second, or is between the two renames of
+    the swap with the second one finished beside it; load_merged then finishes the swap, removes every temporary
+    folder, and loads one of the two. (The old code left config.json without weights, new weights under the
+    old LoRA's merge.json, and .transformer-* folders of a model's size.)"""
+    first, second = run.dir.lora / LORA, make_lora(run.config.model.model_id, tmp_path / "second", seed=1)
+    merges = {}
+    for lora in (first, second):
+        merges[lora] = _held(merge.fuse_to_disk(run, lora, out=tmp_path / lora.parent.name, quantize=False))
+        assert merges[lora][1] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    points, gaps = 0, 0
+    while True:
+        out, image = tmp_path / "out", tmp_path / f"killed-{points}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(tmp_path / first.parent.name, out)
+        if not _merge_killed_at(points + 1, run, second, out, image):
+            break
+        points += 1
+        held = _held(image)
+        if held is None:  # only between the swap's two renames, with the second merge finished beside it
+            gaps += 1
+            beside = [_held_temp(t) for t in image.glob(".transformer-*") if not t.name.endswith(".old")]
+            assert beside == [merges[second]], f"killed at change {points}: transformer/ holds no whole model " \
+                f"({sorted(p.name for p in (image / 'transformer').glob('*'))}) and no finished merge waits beside it"
+        else:
+            assert held in merges.values(), f"killed at change {points}: weights and merge.json do not match"
+        capsys.readouterr()
+        merge.load_merged(run, image, quantize=False)
+        said = capsys.readouterr().out.strip()
+        assert _held(image) in merges.values() and (held is None or _held(image) == held)
+        assert not list(image.glob(".transformer-*")), f"killed at change {points}: a temporary folder is left"
+        assert len(said.splitlines()) <= 1, said
+    assert points > 10 and gaps == 1  # every change of the swap was a kill point, the gap among them
+    assert _held(out) == merges[second] and not list(out.glob(".*"))
+
+
+def _held_temp(temp: Path) -> tuple[str, str] | None:
+    view = temp.parent / "view"
+    shutil.rmtree(view, ignore_errors=True)
+    (view / "transformer").mkdir(parents=True)
+    for f in temp.iterdir():
+        shutil.copy(f, view / "transformer" / f.name)
+    held = _held(view)
+    shutil.rmtree(view)
+    return held
+
+
+def test_a_later_merge_removes_what_a_killed_one_left_and_only_that(run, tmp_path, capsys):
+    """The .transformer-* folders a killed merge left (this fluxnb's, marked, and an older fluxnb's, by name and
+    contents) go at the next merge, in one line; a folder of the user's that looks alike stays."""
+    out = tmp_path / "merged"
+    assert _merge_killed_at("save_file", run, run.dir.lora / LORA, out, tmp_path / "killed")  # a temporary left
+    killed = tmp_path / "killed"
+    assert [p.name for p in killed.glob(".transformer-*")] and not (killed / "transformer").exists()
+    legacy = killed / ".transformer-k3j2h1g0"  # what older fluxnb left: no PID, no marker, only merge output
+    legacy.mkdir()
+    (legacy / "part-00000.safetensors").write_bytes(b"x" * 1000)
+    theirs = killed / ".transformer-mine"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("a user's folder")
+    past = time.time() - 3600
+    os.utime(legacy, (past, past))
+    capsys.readouterr()
+    merge.fuse_to_disk(run, run.dir.lora / LORA, out=killed, quantize=False)
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("fluxnb: removed 2 unfinished temporary folders") and len(said.splitlines()) == 1, said
+    assert sorted(p.name for p in killed.glob(".*")) == [".transformer-mine"] and _held(killed)
+
+
+def test_an_incomplete_merged_folder_is_one_line_at_load_and_replaced_by_the_next_merge(run, tmp_path, capsys):
+    """What an older fluxnb's killed re-merge left: config.json, no weights. Loading it says so in one line
+    (diffusers' own OSError before); merging again says so and replaces it."""
+    folder = merge.fuse_to_disk(run, run.dir.lora / LORA, out=tmp_path, quantize=False)
+    (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FluxnbError, match=r"transformer is incomplete .* merge again"):
+        merge.load_merged(run, tmp_path, quantize=False)
+    capsys.readouterr()
+    merge.fuse_to_disk(run, run.dir.lora / LORA, out=tmp_path, quantize=False)
+    assert "transformer is incomplete" in capsys.readouterr().out
+    assert merge.load_merged(run, tmp_path, quantize=False) is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -572,3 +573,72 @@ def test_out_of_memory_after_a_budget_adjustment_names_the_settings_in_force(tmp
     with pytest.raises(TrainingOutOfMemory) as caught:
         train(run, live=False)
     assert "train.keep_activations (now 1)" in str(caught.value), str(caught.value)
+
+
+# 9. what a killed write leaves (issue 27.13): the next step writing that folder removes it, and only that
+KILLED_WRITE = ("import contextlib, os, sys\nfrom fluxnb.base.files import atomic_path\nwith contextlib.ExitStack() as s:\n"
+                " for target in sys.argv[2:]:\n  s.enter_context(atomic_path(target)).write_bytes(b'half')\n"
+                " print('writing', flush=True)\n if sys.argv[1] == 'kill': os._exit(9)\n sys.stdin.read()\n")
+
+
+def _write_then(how: str, *targets: Path) -> subprocess.Popen:
+    """A process writing `targets` through atomic_path: killed ("kill", os._exit midway) or still at it ("hold")."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITE, how, *map(str, targets)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=_env())
+    assert proc.stdout.readline().strip() == "writing"
+    if how == "kill":
+        assert proc.wait() == 9
+    return proc
+
+
+def _temps_of(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+def test_temporary_files_of_a_killed_write_are_removed_by_the_next_step_in_that_folder(tmp_path, tiny_assets,
+                                                                                      capsys):
+    """caption (in the user's dataset folder), embed, latents and export each remove what a killed write of theirs
+    left there: only temporaries of the files they write; a user's look-alikes stay."""
+    from lora_helpers import make_lora
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(tiny_assets.dataset, data)
+    theirs = [data / ".cat.png.4242-abcdefgh.tmp", data / ".metadata.jsonl.notes.tmp", run / "latents" / "keep.tmp"]
+    args = ["--run-dir", str(run), "--dataset", str(data)]
+    steps = {"caption": [data / "metadata.jsonl"],
+             "embed": [run / "embeddings" / "0123456789abcdef.safetensors", run / "samples.jsonl"],
+             "latents": [run / "latents" / "0123456789abcdef.safetensors", run / "latents" / "meta.json"],
+             "export": [run / "export" / "run_comfyui.safetensors"]}
+    _write_then("kill", *(t for targets in steps.values() for t in targets))
+    left = {step: [p for t in targets for p in _temps_of(t)] for step, targets in steps.items()}
+    assert all(len(temps) == len(steps[step]) for step, temps in left.items())
+    for path in theirs:
+        path.write_text("a user's file")
+    for step, temps in left.items():
+        if step == "export":
+            make_lora(tiny_assets.model, run / "lora")
+        capsys.readouterr()
+        assert main([step, *(args if step in ("caption", "embed") else args[:2])]) == 0
+        assert not [p for p in temps if p.exists()], f"{step} left the temporaries of a killed write"
+        assert "that a stopped write left in" in capsys.readouterr().out
+    assert all(p.read_text() == "a user's file" for p in theirs)
+
+
+def test_a_temporary_being_written_by_a_live_process_is_never_removed(tmp_path):
+    """Only a write whose process is gone is swept: one still writing (another notebook captioning the same folder)
+    keeps its temporary; an older fluxnb's (no PID in the name) goes only once it predates this process."""
+    from fluxnb.base.temps import remove_abandoned_files
+
+    target = tmp_path / "metadata.jsonl"
+    proc = _write_then("hold", target)
+    try:
+        legacy_old, legacy_new = tmp_path / ".metadata.jsonl.abcdefgh.tmp", tmp_path / ".metadata.jsonl.hgfedcba.tmp"
+        legacy_old.write_text("older fluxnb")
+        legacy_new.write_text("older fluxnb, written now")
+        os.utime(legacy_old, (time.time() - 3600,) * 2)
+        live = [p for p in _temps_of(target) if p not in (legacy_old, legacy_new)]
+        assert remove_abandoned_files(tmp_path, ["metadata.jsonl"]) == [legacy_old]
+        assert len(live) == 1 and live[0].is_file() and legacy_new.is_file()
+    finally:
+        proc.communicate("")
+    assert target.read_bytes() == b"half" and not live[0].exists()  # it finished its own write

@@ -181,7 +181,7 @@ def test_fused_matches_unfused(run, unfused):
     scale = with_lora.abs().max()
     assert (with_lora - base).abs().max() > 1e-2 * scale
     assert (fused - with_lora).abs().max() < 1e-5 * scale
-    info = json.loads((run.dir.merged / "merge.json").read_text())
+    info = json.loads((run.dir.merged / "transformer" / "merge.json").read_text())
     assert info["lora"] == LORA and info["lora_scale"] == 1.0
 
 

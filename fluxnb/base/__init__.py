@@ -3,6 +3,7 @@ error messages.
 
     errors      FluxnbError: one line saying what is wrong and what to do
     files       atomic writes, safetensors I/O, disk-full as one message
+    temps       temporaries named after their writer; what a killed one left, removed by the next step
     interrupts  a Ctrl-C is never lost, not even one a __del__ swallowed
     memory      GPU and RAM reports, freeing models, the rehearsal's peak log
     plots       loss curves and image grids (matplotlib)

@@ -2,7 +2,8 @@
 
 Everything fluxnb writes goes through `atomic_path`: write to a temporary file in the same folder, flush it to
 disk, then rename it over the target (a rename is atomic on POSIX and Windows), so a crash or a Colab
-disconnect mid-write never leaves a half-written file behind. A full disk or an I/O error (ENOSPC, EIO, ...) while
+disconnect mid-write never leaves a half-written file behind (the temporary a kill leaves is removed by the next
+step writing that folder: fluxnb.base.temps). A full disk or an I/O error (ENOSPC, EIO, ...) while
 writing becomes one DiskError naming the folder and the space needed; the temporary file is removed, and the
 files written before are untouched.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FluxnbError
+from .temps import file_prefix, live
 
 if TYPE_CHECKING:  # torch is imported where tensors are written: config (and the CLI's --help) need none of it
     import torch
@@ -82,17 +85,17 @@ def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
     path = Path(path)
     with disk_errors(path.parent, needed):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=file_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            yield tmp_path
-            with open(tmp_path, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
-            os.replace(tmp_path, path)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        with live(Path(tmp)) as tmp_path:  # named after this process: a kill's leftover is found (fluxnb.base.temps)
+            try:
+                yield tmp_path
+                with open(tmp_path, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; other tools (ComfyUI, a team) must read it
+                os.replace(tmp_path, path)
+            finally:
+                tmp_path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -128,6 +131,42 @@ def tensors_metadata(path: Path) -> dict[str, str] | None:
             return dict(f.metadata() or {})
     except Exception:  # missing, truncated, not safetensors: all mean "compute it again"
         return None
+
+
+class ShardWriter:
+    """Tensors in, safetensors shards of ~`shard_bytes` out (diffusers' names and index), so that at most one
+    shard is in RAM (fluxnb.infer.merge streams a model through it)."""
+
+    def __init__(self, folder: Path, shard_bytes: float) -> None:
+        self.folder, self.shard_bytes, self.pending, self.files, self.index = folder, shard_bytes, {}, [], {}
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.pending |= {k: v.contiguous() for k, v in tensors.items()}
+        if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            name = f"part-{len(self.files):05d}.safetensors"
+            save_file(self.pending, self.folder / name, metadata={"format": "pt"})
+            self.files.append(name)
+            self.index |= {k: name for k in self.pending}
+            self.pending = {}
+
+    def close(self) -> None:
+        """Rename the parts as diffusers names shards (one file: no index) and write the index."""
+        self.flush()
+        stem, n = "diffusion_pytorch_model", len(self.files)
+        final = {f: f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+                 for i, f in enumerate(self.files)}
+        for old, new in final.items():
+            (self.folder / old).rename(self.folder / new)
+        if n > 1:
+            size = sum((self.folder / f).stat().st_size for f in final.values())
+            index = {"metadata": {"total_size": size}, "weight_map": {k: final[f] for k, f in sorted(self.index.items())}}
+            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_into(root: Path, build: Callable[[Path], object], is_current: Callable[[Path], bool]) -> None:

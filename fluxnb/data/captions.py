@@ -29,6 +29,7 @@ import torch
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_text
 from ..base.hub_errors import hub_errors
+from ..base.temps import remove_abandoned_files
 from ..config import DataConfig
 from .checks import caption_problem, open_image, progress_bar, with_instance_prompt
 from .sources import images_in, metadata_rows
@@ -176,6 +177,7 @@ def write_metadata(plan: CaptionPlan) -> Path:
     """The folder's metadata.jsonl, whole or not at all: a row of the user's that nothing changed goes back as it
     was typed; a changed one keeps every other key, in its order."""
     path = plan.folder / METADATA
+    remove_abandoned_files(plan.folder, [METADATA])  # what a killed write left: the only temporary fluxnb makes there
     lines = [plan.typed[i] if i in plan.typed and json.loads(plan.typed[i]) == row else
              json.dumps(row, ensure_ascii=False) for i, row in enumerate(plan.rows)]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
@@ -230,6 +232,7 @@ def caption_step(run, *, folder: str | Path | None = None, overwrite: bool = Fal
     cfg = run.config.data
     plan = plan_captions(folder or cfg.dataset, cfg, overwrite=overwrite)
     print(plan)
+    remove_abandoned_files(plan.folder, [METADATA])  # also when nothing is left to caption
     tokenizer = load_tokenizer(run.config.model)
     if not plan.todo:
         result = CaptionResult(plan, None, [])

@@ -39,6 +39,7 @@ from .store import (
     is_cached,
     prune,
     read_samples,
+    remove_abandoned,
     write_meta,
     write_samples,
 )
@@ -202,6 +203,7 @@ def cache_embeddings(run: Run, pipe: Any, prepared: CheckedDataset, *, overwrite
     if todo and pipe is None:
         raise FluxnbError(f"{len(todo)} caption(s) need encoding but no text encoders were given: "
                           "load them with load_text_encoders first.")
+    remove_abandoned(run.dir, run.dir.embeddings)
     if todo or (overwrite and pipe is not None):
         encode_and_save(run, pipe, todo, batch_size=batch_size, progress=progress)
     elif overwrite or not check_meta(run.dir.embeddings, wanted):

@@ -41,6 +41,7 @@ from .store import (
     prune,
     read_meta,
     read_samples,
+    remove_abandoned,
     write_meta,
     write_samples,
 )
@@ -151,6 +152,7 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
         raise FluxnbError(f"{len(todo)} image(s) need encoding but no VAE was given: load it with load_vae first.")
     wanted = settings(run.config)
     tag = fingerprint(wanted)
+    remove_abandoned(run.dir, run.dir.latents)
     if todo or overwrite or not (run.dir.latents / META_FILE).is_file():
         write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):

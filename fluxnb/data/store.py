@@ -19,6 +19,7 @@ from typing import Any
 
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_text, tensors_metadata
+from ..base.temps import remove_abandoned_files
 from ..run import RunDir
 
 CACHE_VERSION = 1
@@ -70,6 +71,13 @@ class CacheStats:
     def __str__(self) -> str:
         return (f"{self.what}: {self.total} {self.unit} ({self.encoded} encoded, {self.reused} reused from the cache) "
                 f"in {self.seconds:.1f} s")
+
+
+def remove_abandoned(run: RunDir, folder: Path) -> None:
+    """The temporary files that a killed caching step left in its cache `folder` and beside samples.jsonl (each
+    file is written through a temporary: fluxnb.base.temps), removed before this step writes there again."""
+    remove_abandoned_files(folder)
+    remove_abandoned_files(run.root, [run.samples_file.name])
 
 
 def write_samples(run: RunDir, samples: list[Sample]) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_bytes, save_tensors
+from ..base.temps import remove_abandoned_files
 from ..config import EXPORT_FORMATS as FORMATS
 from ..run import LORA_FILE, RunDir
 
@@ -235,6 +236,7 @@ def export_lora(lora: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt not in FORMATS:
         raise FluxnbError(f"export format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}.")
     loras, out = read_lora(lora), Path(out)  # reading first also validates a "diffusers" copy
+    remove_abandoned_files(out.parent, [out.name])  # what a killed export of this file left, and nothing else
     if fmt == "diffusers":
         if Path(lora).resolve() != out.resolve():
             atomic_write_bytes(out, Path(lora).read_bytes())  # byte copy: keeps diffusers' rank/alpha metadata

@@ -14,6 +14,12 @@ output shard (SHARD_GIB) and one tensor, not the 24 GB bf16 transformer: it fits
 
     merged = fuse_to_disk(run, lora_file)              # RUN/merged/transformer/: NF4 on a GPU, 16-bit elsewhere
     transformer = load_merged(run)                     # NF4 (pre-quantized on disk, or quantized while loading)
+
+A merge replaces an earlier one whole or not at all (a full-size one takes minutes, long enough for a Colab VM to
+go): it is built in a temporary folder beside merged/transformer/, its merge.json (base, LoRA and its hash) last,
+then swapped in by two renames (fluxnb.base.temps.replace_folder). A kill at any point leaves the old weights with
+their merge.json, or the new ones with theirs; the next merge or load_merged finishes a swap cut between its
+renames and removes the temporaries nobody writes, saying so in one line.
 """
 
 from __future__ import annotations
@@ -21,16 +27,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..base.errors import FluxnbError
-from ..base.files import atomic_write_text
+from ..base.files import ShardWriter, atomic_write_text
 from ..base.hub_errors import hub_errors
 from ..base.memory import GiB, available_ram_gib
+from ..base.temps import abandoned, recover_folder, replace_folder, temp_folder
 from ..model.quant import bnb_config, load_transformer
 from ..run import Run, writes
 from .sampling import load_lora
@@ -154,39 +161,49 @@ def _nf4(weight: torch.Tensor, key: str, device: torch.device, double_quant: boo
     return {key: packed.cpu(), **{f"{key}.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()}}
 
 
-class _ShardWriter:
-    """Tensors in, safetensors shards of ~SHARD_GIB out (diffusers' names and index), so at most one is in RAM."""
+MERGE_INFO = "merge.json"  # in merged/transformer/, swapped in with the weights: base, LoRA (and its hash), dtype
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+_OUTPUT = re.compile(rf"part-\d{{5}}\.safetensors|config\.json|{_WEIGHTS[:-12]}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                     r"(\.index\.json)?")  # every file name the merge writes
+_LEGACY_TEMP = re.compile(r"\.transformer-[a-z0-9_]{8}")  # older fluxnb's temporary folder: no PID, no marker
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.pending, self.files, self.index = folder, {}, [], {}
 
-    def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.pending |= {k: v.contiguous() for k, v in tensors.items()}
-        if sum(t.nbytes for t in self.pending.values()) >= SHARD_GIB * GiB:
-            self.flush()
+def is_complete(folder: Path) -> bool:
+    """config.json and every weights file it needs: the single file, or each shard the index names."""
+    index = folder / f"{_WEIGHTS}.index.json"
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {_WEIGHTS}
+    except (ValueError, KeyError):
+        return False
+    return (folder / "config.json").is_file() and all((folder / f).is_file() for f in files)
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
 
-        if self.pending:
-            name = f"part-{len(self.files):05d}.safetensors"
-            save_file(self.pending, self.folder / name, metadata={"format": "pt"})
-            self.files.append(name)
-            self.index |= {k: name for k in self.pending}
-            self.pending = {}
+def _legacy_temps(out: Path) -> list[Path]:
+    """Temporary folders of older fluxnb that a killed merge left (a model's size each): named as it named them,
+    holding nothing but merge output, last written before this process started."""
+    found = [p for p in out.glob(".transformer-*") if _LEGACY_TEMP.fullmatch(p.name) and p.is_dir()
+             and not p.is_symlink() and all(f.is_file() and _OUTPUT.fullmatch(f.name) for f in p.iterdir())]
+    return [p for p in found if abandoned(p, None)]
 
-    def close(self) -> None:
-        """Rename the parts as diffusers names shards (one file: no index) and write the index."""
-        self.flush()
-        stem, n = "diffusion_pytorch_model", len(self.files)
-        final = {f: f"{stem}.safetensors" if n == 1 else f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
-                 for i, f in enumerate(self.files)}
-        for old, new in final.items():
-            (self.folder / old).rename(self.folder / new)
-        if n > 1:
-            size = sum((self.folder / f).stat().st_size for f in final.values())
-            index = {"metadata": {"total_size": size}, "weight_map": {k: final[f] for k, f in sorted(self.index.items())}}
-            (self.folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+def _leftovers(out: Path) -> bool:
+    """Whether a stopped merge left something in `out` for `repair` to do."""
+    return out.is_dir() and (any(p.name.startswith(".transformer-") for p in out.iterdir())
+                             or ((out / MERGE_INFO).is_file() and (out / "transformer" / MERGE_INFO).is_file()))
+
+
+def repair(out: Path) -> None:
+    """Make right what a stopped merge left in `out` (the caller holds the run's lock), in one line: finish a swap
+    that a kill cut between its two renames, remove temporary folders nobody writes, and the merge.json that
+    older fluxnb kept beside transformer/ once the one inside it describes the weights."""
+    target = out / "transformer"
+    legacy = _legacy_temps(out) if out.is_dir() else []
+    line = recover_folder(target, lambda p: (p / MERGE_INFO).is_file() and is_complete(p), also=legacy)
+    if line:
+        print(line)
+    beside = out / MERGE_INFO
+    if beside.is_file() and (target / MERGE_INFO).is_file() and "lora_sha256" in beside.read_text():
+        beside.unlink()
 
 
 @writes("merge")
@@ -202,6 +219,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     out, model = Path(out or run.dir.merged), run.config.model
     quantize = quantize_on_disk(run) if quantize is None else quantize
     dtype = run.hw.dtype  # fp16 on a T4, bf16 on newer GPUs, fp32 on the CPU
+    repair(out)  # first: what a stopped merge left may be what fills the disk the check below measures
     check_memory(run, quantize)
     base, deltas = _base_folder(run), lora_deltas(lora, lora_scale)
     config = json.loads((base / "config.json").read_text())
@@ -209,10 +227,12 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     missing = sorted(set(deltas) - linear)
     if missing:
         raise FluxnbError(f"{lora} adapts layers this base does not have as Linear layers (e.g. {missing[0]}).")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".transformer-", dir=out))
-    try:  # written next to the target and renamed: a disconnect never leaves half a model behind
-        writer = _ShardWriter(tmp)
+    target = out / "transformer"
+    if target.is_dir() and not is_complete(target):
+        print(f"fluxnb: {target} is incomplete (a merge was stopped while it replaced an earlier one); this merge "
+              "replaces it.")
+    with temp_folder(target) as tmp:  # built beside the target, then swapped in (fluxnb.base.temps.replace_folder)
+        writer = ShardWriter(tmp, SHARD_GIB * GiB)
         for shard in sorted(base.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
@@ -221,14 +241,12 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
         if quantize:
             config["quantization_config"] = bnb_config(dtype, model.double_quant).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(out / "transformer", ignore_errors=True)
-        tmp.rename(out / "transformer")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    info = {"base_model": model.model_id, "revision": model.revision, "lora": Path(lora).name,
-            "lora_sha256": _sha256(Path(lora)), "lora_scale": lora_scale, "dtype": str(dtype).removeprefix("torch."),
-            "quantization": "nf4" if quantize else "none"}
-    atomic_write_text(out / "merge.json", json.dumps(info, indent=2) + "\n")
+        info = {"base_model": model.model_id, "revision": model.revision, "lora": Path(lora).name,
+                "lora_sha256": _sha256(Path(lora)), "lora_scale": lora_scale,
+                "dtype": str(dtype).removeprefix("torch."), "quantization": "nf4" if quantize else "none"}
+        atomic_write_text(tmp / MERGE_INFO, json.dumps(info, indent=2) + "\n")  # last: it makes the folder finished
+        replace_folder(tmp, target)
+    repair(out)  # the merge.json older fluxnb kept beside transformer/ now describes nothing
     return out
 
 
@@ -247,11 +265,17 @@ def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quan
 def load_merged(run: Run, folder: Path | None = None, *, quantize: bool = True):
     """The merged transformer, NF4 by default: the same loader as training (fluxnb.model.quant): a pre-quantized
     folder as written by fuse_to_disk(quantize=True), else quantized while loading (BitsAndBytesConfig on CUDA,
-    bitsandbytes' own NF4 layers on the CPU)."""
+    bitsandbytes' own NF4 layers on the CPU). What a stopped merge left is made right first (see `repair`)."""
     folder = Path(folder or run.dir.merged)
+    if _leftovers(folder):
+        with run.writing("repair the merged model"):
+            repair(folder)
     config = folder / "transformer" / "config.json"
     if not config.is_file():
         raise FluxnbError(f"{folder} holds no merged model: run fuse_to_disk (notebook 04, merge section) first.")
+    if not is_complete(config.parent):
+        raise FluxnbError(f"{config.parent} is incomplete (a merge was stopped while it replaced an earlier one): "
+                          "merge again (fuse_to_disk, notebook 04's merge section); it replaces the folder.")
     nf4_on_disk = "quantization_config" in json.loads(config.read_text())
     if nf4_on_disk and not quantize:
         raise FluxnbError(f"{folder} holds an NF4 merged model; fuse again with quantize=False for a 16-bit one.")
