@@ -219,7 +219,7 @@ def _later_parsers(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue from the newest RUN/checkpoints/step-N")
+    mode.add_argument("--resume", action="store_true", help="continue from the newest intact RUN/checkpoints/step-N")
     mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")
     p.set_defaults(func=cmd_train, parser=p)
 

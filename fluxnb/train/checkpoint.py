@@ -8,10 +8,13 @@ A checkpoint holds everything that decides the rest of the run, so resuming repr
                                        and every draw of noise, timesteps and latents (fluxnb.train.batches)
     config.json                        the run's config at that moment (to refuse resuming with another LoRA)
     state.json                         step, loss, lr, the training set's fingerprint (to refuse resuming on
-                                       other data), written last: a folder without it is incomplete
+                                       other data), written last
 
 Sizes for FLUX.1-dev, rank 4 attention: LoRA 18.7 MB (fp32), 8-bit AdamW state ~9.5 MB (AdamW: 37 MB). The folder
-is built as step-N.tmp and renamed into place, so a Colab disconnect mid-save leaves the previous one intact.
+is built as step-N.tmp and renamed into place, so a Colab disconnect mid-save leaves the previous one intact. What
+can still damage one afterwards (a full Drive, a sync that stopped, a hand-copied file) is caught by `verify`
+before a resume uses it: `newest_intact` finds the checkpoint to resume from, `set_aside` renames the damaged newer
+ones to step-N.damaged (kept for the user, never deleted by a resume).
 """
 
 from __future__ import annotations
@@ -19,22 +22,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from ..base.files import atomic_path, atomic_write_text, disk_errors
-from ..config import RunConfig
+from ..config import CONFIG_FILE, RunConfig
 from ..model.lora import load_lora_, save_lora
-from ..run import RunDir
+from ..run import LORA_FILE, RunDir
 from .state import TrainState
 
 STATE_FILE = "training_state.pt"
 INFO_FILE = "state.json"  # step, loss, lr, the data fingerprint, val_loss: what a checkpoint says of itself
 _NAME = re.compile(r"^step-(\d+)$")
-_OWN = re.compile(r"^step-\d+(\.tmp|\.old)?$")  # a checkpoint, or what a killed save left of one
+_OWN = re.compile(r"^step-\d+(\.tmp|\.old|\.damaged(-\d+)?)?$")  # a checkpoint, a killed save's rest, a damaged one
 
 
 @dataclass(frozen=True)
@@ -52,16 +57,89 @@ class Checkpoint:
         return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def list_checkpoints(run: RunDir) -> list[Checkpoint]:
-    """Complete checkpoints, oldest first."""
+def _step_folders(run: RunDir) -> list[Checkpoint]:
+    """Every step-N folder, oldest first, complete or not."""
     if not run.checkpoints.is_dir():
         return []
-    found = []
-    for path in run.checkpoints.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_dir() and (path / INFO_FILE).is_file():
-            found.append(Checkpoint(path, int(match.group(1))))
-    return sorted(found, key=lambda c: c.step)
+    found = [Checkpoint(p, int(m.group(1))) for p in run.checkpoints.iterdir() if (m := _NAME.match(p.name))]
+    return sorted((c for c in found if c.path.is_dir()), key=lambda c: c.step)
+
+
+def list_checkpoints(run: RunDir) -> list[Checkpoint]:
+    """Complete checkpoints (with a state.json), oldest first; `verify` says whether one can be resumed."""
+    return [c for c in _step_folders(run) if (c.path / INFO_FILE).is_file()]
+
+
+def verify(ckpt: Checkpoint) -> str | None:
+    """What keeps `ckpt` from being resumed, in a few words, or None when it is intact: all four files there and
+    readable, one step in the folder's name, state.json and training_state.pt (so a state.json copied from another
+    step is caught), and every LoRA weight and optimizer number finite (a NaN would stop the resumed run at its
+    first step). It reads the whole checkpoint: ~30 MB for FLUX.1-dev, little next to a resume that fails."""
+    readers = {INFO_FILE: ckpt.info, CONFIG_FILE: ckpt.config, LORA_FILE: lambda: load_file(ckpt.path / LORA_FILE),
+               STATE_FILE: ckpt.training_state}
+    loaded = {}
+    for name, read in readers.items():
+        path = ckpt.path / name
+        if not path.is_file() or path.stat().st_size == 0:
+            return f"{name} is {'empty' if path.is_file() else 'missing'}"
+        try:
+            loaded[name] = read()
+        except Exception:  # whatever a damaged file raises: JSON, zip, pickle, safetensors or config errors
+            return f"{name} cannot be read (truncated or damaged)"
+    for name in (INFO_FILE, STATE_FILE):
+        step = loaded[name].get("step") if isinstance(loaded[name], dict) else None
+        if type(step) is not int or step != ckpt.step:
+            return f"{name} says step {step}, the folder's name step {ckpt.step}"
+    for name in (LORA_FILE, STATE_FILE):
+        bad = next((key for key, t in _float_tensors(loaded[name]) if not torch.isfinite(t).all()), None)
+        if bad is not None:
+            return f"{name} holds NaN or infinite numbers (first: {bad})"
+    return None
+
+
+def _float_tensors(obj: Any, key: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(where, tensor) for every floating-point tensor in nested dicts and lists: the LoRA, the optimizer moments
+    (not the RNG's byte state)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield key, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _float_tensors(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _float_tensors(v, f"{key}[{i}]")
+
+
+def newest_intact(run: RunDir) -> tuple[Checkpoint | None, list[tuple[Checkpoint, str]]]:
+    """The newest checkpoint that verifies (or None), and the damaged ones newer than it with what is wrong with
+    each, newest first. A step-N folder without state.json counts as damaged: `save` renames only whole folders
+    into place, so nothing but damage leaves one."""
+    damaged = []
+    for ckpt in reversed(_step_folders(run)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt, damaged
+        damaged.append((ckpt, problem))
+    return None, damaged
+
+
+def aside_name(path: Path) -> Path:
+    """Where `set_aside` moves a damaged step-N: step-N.damaged, or step-N.damaged-2, ... if that is taken."""
+    target, n = path.with_name(f"{path.name}.damaged"), 2
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.damaged-{n}"), n + 1
+    return target
+
+
+def set_aside(run: RunDir, after: int) -> None:
+    """Rename every step-N folder newer than step `after` (the damaged ones a resume skipped) by `aside_name`.
+
+    Kept for the user, but no longer a checkpoint: else pruning would count it among the newest and delete the
+    intact one the run resumed from, the run's own step-N would replace it, and every resume would report it."""
+    for ckpt in _step_folders(run):
+        if ckpt.step > after:
+            ckpt.path.rename(aside_name(ckpt.path))
 
 
 def own_folders(run: RunDir) -> list[Path]:

@@ -56,24 +56,40 @@ def data_fingerprint(run: Run, samples: list[Sample]) -> dict[str, object]:
 
 
 def start_point(run: Run, resume: bool, overwrite: bool) -> checkpoint.Checkpoint | None:
-    """The checkpoint to resume from (or None), after refusing to silently clobber an earlier run. Deletes nothing."""
-    previous, finished = checkpoint.latest(run.dir), run.dir.lora_file.is_file()
+    """The checkpoint to resume from (or None), after refusing to silently clobber an earlier run. Deletes nothing.
+
+    A resume takes the newest checkpoint that verifies (fluxnb.train.checkpoint.verify). Damaged newer ones are
+    named in one line, with what is wrong, and set aside by the session (renamed, never deleted): going back to an
+    older checkpoint costs only the steps since, which training redoes, while refusing would leave a notebook user
+    stuck before a folder they must repair by hand."""
+    finished = run.dir.lora_file.is_file()
     if overwrite:
         return None
-    if resume and previous is None and finished:
+    if not resume:
+        previous = checkpoint.latest(run.dir)
+        if previous is not None or finished:
+            done = f"up to step {previous.step}" if previous else "a finished LoRA"
+            raise FluxnbError(f"{run.dir.root} already holds a training run ({done}): resume it (resume=True / "
+                              "--resume) or start over (overwrite=True / --overwrite, which deletes its checkpoints, "
+                              "samples and LoRA).")
+        return None
+    previous, damaged = checkpoint.newest_intact(run.dir)
+    what = ", ".join(f"{c.path.name} ({why})" for c, why in damaged)
+    if damaged and previous is None:
+        raise FluxnbError(f"no checkpoint in {run.dir.checkpoints} can be resumed, all are damaged: {what}. Start "
+                          "over with overwrite=True (--overwrite, which deletes them, the samples and the LoRA), or "
+                          "train in a new run directory.")
+    if damaged:
+        kept = ", ".join(checkpoint.aside_name(c.path).name for c, _ in damaged)
+        print(f"fluxnb: damaged checkpoint {what}: resuming from {previous.path.name}, the newest intact one in "
+              f"{run.dir.checkpoints}; kept on disk, renamed {kept}.")
+    if previous is None and finished:
         raise FluxnbError(f"{run.dir.root} holds a finished LoRA but no checkpoint to resume from: training again "
                           "would start at step 0 and replace it. Start over on purpose (overwrite=True / "
                           "--overwrite), or train in another run directory.")
-    if resume:
-        if previous is None:  # nothing to resume (e.g. stopped before the first checkpoint): say it, start over
-            print(f"fluxnb: no checkpoint in {run.dir.checkpoints} to resume from: training starts at step 0.")
-        return previous
-    if previous is not None or finished:
-        done = f"up to step {previous.step}" if previous else "a finished LoRA"
-        raise FluxnbError(f"{run.dir.root} already holds a training run ({done}): resume it (resume=True / --resume) "
-                          "or start over (overwrite=True / --overwrite, which deletes its checkpoints, samples and "
-                          "LoRA).")
-    return None
+    if previous is None:  # nothing to resume (e.g. stopped before the first checkpoint): say it, start over
+        print(f"fluxnb: no checkpoint in {run.dir.checkpoints} to resume from: training starts at step 0.")
+    return previous
 
 
 def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[Sample]) -> None:
@@ -109,8 +125,10 @@ def clear_previous(run: Run) -> None:
     Only what fluxnb wrote goes, by name: a file of the user's in samples/, lora/ or checkpoints/ stays."""
     check_interrupted()
     steps = [c.path.name for c in checkpoint.list_checkpoints(run.dir)]
+    aside = [p.name for p in checkpoint.own_folders(run.dir) if ".damaged" in p.name]
     images = run.dir.own_images()
     parts = ([f"{len(steps)} checkpoint(s) ({', '.join(steps)})"] if steps else []) + (
+        [f"{len(aside)} damaged checkpoint(s) set aside ({', '.join(aside)})"] if aside else []) + (
         ["its LoRA"] if run.dir.lora_file.is_file() else []) + (
         [f"{len(images)} file(s) in {run.dir.images.name}/"] if images else []) + (
         [run.dir.metrics.name] if run.dir.metrics.is_file() else [])

@@ -72,6 +72,7 @@ class Session:
         if save_config:
             self.on_main(run.save)
         if start is not None:
+            self.on_main(checkpoint.set_aside, run.dir, start.step)  # the damaged newer ones guard.start_point named
             checkpoint.restore(start, self.state)
             self.accelerator.print(f"fluxnb: resuming from {start.path} (step {self.state.step} of "
                                    f"{self.tc.max_train_steps})")
@@ -107,9 +108,9 @@ class Session:
             out = step.optimizer_step(self.accelerator, self.wrapped, self.state, self.data, self.latent, self.table,
                                       self.tc, hw)
         except step.Diverged as err:
-            raise diverged(str(err), self.state.step, self.newest_path, hw, self.how_to_resume) from None
+            raise diverged(str(err), self.state.step, self.last_good(), hw, self.how_to_resume) from None
         except torch.OutOfMemoryError as err:  # the step's own memory; grids and checkpoints are not this
-            raise out_of_memory(self.state.step, self.newest_path, self.tc, hw, self.how_to_resume) from err
+            raise out_of_memory(self.state.step, self.last_good(), self.tc, hw, self.how_to_resume) from err
         if self.state.step == self.first_step + 1:
             d = self.run.config.data
             fitted = speed.fit_budget(self.model, self.run.config.model, self.tc, hw,
@@ -137,6 +138,12 @@ class Session:
     @property
     def newest_path(self) -> Path | None:
         return self.newest.path if self.newest is not None else None
+
+    def last_good(self) -> Path | None:
+        """The checkpoint a stopped run's message offers: the newest that verifies, read from disk (the one this
+        call wrote may have been damaged since, e.g. by a full Drive), the one a resume would take."""
+        intact = checkpoint.newest_intact(self.run.dir)[0]
+        return intact.path if intact else None
 
     def save_checkpoint(self, loss: float) -> Path:
         def save() -> checkpoint.Checkpoint:
