@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.choices["caption"]
     p.add_argument("--all", action="store_true", help="caption every image, replacing the captions already there")
     p.add_argument("--trigger", default=None, help="words put before each new caption (default: --instance-prompt)")
-    p.add_argument("--captioner", default=None, help="captioning model (default: Salesforce/blip-image-captioning-large)")
+    p.add_argument("--captioner", default=None, help="captioning model: Florence-2, Qwen-VL or BLIP (default: "
+                                                 "florence-community/Florence-2-large)")
     _step_parser(sub, "embed", "notebook 01: check the dataset, cache CLIP + T5 caption embeddings", cmd_embed)
     _step_parser(sub, "latents", "notebook 02: cache VAE latents of every training image (model and dataset "
                                  "from RUN/config.json)", cmd_latents)

@@ -83,7 +83,7 @@ class DataConfig:
     bad_images: str = "skip"  # unreadable/corrupt image files: "skip" (listed in the report) or "error" (stop)
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
-    captioner: str = "Salesforce/blip-image-captioning-large"  # writes missing captions (fluxnb.data.captions)
+    captioner: str = "florence-community/Florence-2-large"  # writes missing captions (fluxnb.data.captioner)
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",

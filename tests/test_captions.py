@@ -1,14 +1,16 @@
-"""Captions written for you (fluxnb.data.captions): the tiny BLIP through the real path, and what is never lost."""
+"""Captions written for you (fluxnb.data.captions, fluxnb.data.captioner): the tiny Florence-2 and BLIP through the
+real path, the captioners refused with one line before any weights load, and what is never lost."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from PIL import UnidentifiedImageError
 
 from fluxnb.base import memory
 from fluxnb.config import DataConfig
-from fluxnb.data import captions, embeddings
+from fluxnb.data import captioner, captions, embeddings
 from fluxnb.data.sources import load_records
 from fluxnb.base.errors import FluxnbError
 from fluxnb.run.hardware import detect
@@ -26,12 +28,12 @@ def fake_captioner(images):
     return [f"a picture {im.width}x{im.height}" for im in images]
 
 
-@pytest.fixture(scope="module")
-def tiny_captioner():
-    return captions.load_captioner(str(ensure_tiny_captioner()), detect("tiny"))
+@pytest.fixture(scope="module", params=["florence2", "blip"])
+def tiny_captioner(request):
+    return captioner.load_captioner(str(ensure_tiny_captioner(family=request.param)), detect("tiny"))
 
 
-def test_tiny_blip_captions_an_uncaptioned_folder_into_metadata_jsonl(tiny_assets, tiny_captioner, tmp_path):
+def test_tiny_captioners_caption_an_uncaptioned_folder_into_metadata_jsonl(tiny_assets, tiny_captioner, tmp_path):
     folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
     cfg = DataConfig(dataset=str(folder))
     assert all(r.caption is None for r in load_records(cfg).records)  # before: images alone, no caption
@@ -129,3 +131,39 @@ def test_cli_captions_and_frees_the_captioner_before_t5(tmp_path, tiny_assets, m
     assert len(rows(folder)) == 16 and all(r["text"].startswith(TRIGGER) for r in rows(folder).values())
     assert len(freed) == 1 and sum(p.numel() for p in freed[0].parameters()) == 0  # emptied in place
     assert json.loads((run_dir / "config.json").read_text())["data"]["dataset"] == str(folder)
+
+
+def test_the_tiny_profile_captions_with_a_florence_2_like_the_real_default(tmp_path):
+    run = open_run(tmp_path / "run", profile="tiny", verbose=False)
+    assert DataConfig().captioner == captioner.DEFAULT == "florence-community/Florence-2-large"
+    assert captioner.family_of(run.config.data.captioner).name == "Florence-2"
+
+
+def _config_only(folder, **config):
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_captioners_fluxnb_cannot_run_are_refused_in_one_line_before_any_weights_load(tmp_path, monkeypatch):
+    remote = _config_only(tmp_path / "remote", model_type="florence2",
+                          auto_map={"AutoModelForCausalLM": "modeling_florence2.Florence2ForConditionalGeneration"})
+    with pytest.raises(captioner.CaptionerError, match="remote code.*florence-community/Florence-2-large"):
+        captioner.load_captioner(remote, detect("tiny"))  # no weights there: the config alone decides
+    other = _config_only(tmp_path / "other", model_type="llava")
+    with pytest.raises(captioner.CaptionerError, match="'llava' model; fluxnb captions with Florence-2"):
+        captioner.load_captioner(other, detect("tiny"))
+    qwen = _config_only(tmp_path / "qwen", model_type="qwen3_vl")
+    monkeypatch.setattr(captioner.importlib.util, "find_spec", lambda name: None)  # as on a machine without it
+    with pytest.raises(captioner.CaptionerError, match="Qwen-VL captioners .* need torchvision"):
+        captioner.load_captioner(qwen, detect("tiny"))
+
+
+def test_the_captioner_is_freed_even_when_captioning_fails(tmp_path, tiny_assets):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    plan = captions.plan_captions(folder, DataConfig(dataset=str(folder)))
+    (folder / plan.files[plan.todo[-1]]).write_bytes(b"not a picture")  # the last batch cannot be opened
+    with pytest.raises(UnidentifiedImageError):
+        with captioner.loaded(str(ensure_tiny_captioner()), detect("tiny")) as model:
+            captions.caption_folder(plan, model, progress=False)
+    assert model.freed is not None and sum(p.numel() for p in model.model.parameters()) == 0

@@ -2,7 +2,8 @@
 
     sources     where rows come from (a Hub dataset, a local folder)      -> Records
     checks      every row opened and judged before any model loads (check_dataset) -> CheckedDataset + DataReport
-    captions    notebook 01: BLIP writes the missing captions of a folder into its metadata.jsonl
+    captions    notebook 01: the missing captions of a folder, written into its metadata.jsonl
+    captioner   notebook 01: the captioning model (Florence-2, Qwen-VL, BLIP), loaded and freed
     buckets     aspect-ratio buckets and the resize/crop into them
     store       samples.jsonl, content ids, cache meta and fingerprints
     embeddings  notebook 01: CLIP + T5 once per caption (owner of embeddings/)

@@ -1,41 +1,37 @@
-"""Captions written for you: a folder of images -> metadata.jsonl beside them, captioned by BLIP.
+"""Captions written for you: a folder of images -> metadata.jsonl beside them, by the configured captioner.
 
-    plan = plan_captions(folder, cfg.data)                 # which images need a caption (none is replaced unless
-    captioner = load_captioner(cfg.data.captioner, hw)     #   overwrite=True), before any model loads
-    result = caption_folder(plan, captioner, trigger="mucha style", tokenizer=t5_tokenizer)
-    memory.free(captioner.model)                           # before T5 loads (notebook 01)
+    plan = plan_captions(folder, cfg.data)             # which images need a caption (none is replaced unless
+                                                       #   overwrite=True), before any model loads
+    with captioner.loaded(cfg.data.captioner, hw) as model:       # freed on the way out, before T5 loads
+        result = caption_folder(plan, model, trigger="mucha style", tokenizer=t5_tokenizer)
 
-The model is Salesforce/blip-image-captioning-large (BlipForConditionalGeneration, in transformers itself: no
-trust_remote_code; 470 M parameters, under 1 GB in fp16, so a T4 holds it with room to spare). The captions go to
-the folder's metadata.jsonl in the imagefolder layout that fluxnb.data.sources reads (file_name + the caption
-column), written atomically; captions the user wrote (metadata rows, or .txt files beside the images) are kept
-and copied in, unless overwrite. Every row the user wrote stays, as typed, where it was: one for an image not
-copied in yet, a second row for one image, `./a.png` (the same file as `a.png`, so it gets no second row); fluxnb
-only adds rows for images that have none and fills in captions. The tiny profile's captioner
-(fluxnb.tiny.captioner) goes through the same code.
+Which model, and how it is asked, is fluxnb.data.captioner's (Florence-2-large unless `data.captioner` names
+another). The captions go to the folder's metadata.jsonl in the imagefolder layout that fluxnb.data.sources reads
+(file_name + the caption column), written atomically; captions the user wrote (metadata rows, or .txt files
+beside the images) are kept and copied in, unless overwrite. Every row the user wrote stays, as typed, where it
+was: one for an image not copied in yet, a second row for one image, `./a.png` (the same file as `a.png`, so it
+gets no second row); fluxnb only adds rows for images that have none and fills in captions. The tiny profile's
+captioner (fluxnb.tiny.captioner) goes through the same code.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-import torch
-
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_text
-from ..base.hub_errors import hub_errors
 from ..base.temps import remove_abandoned_files
 from ..config import DataConfig
+from .captioner import loaded
 from .checks import caption_problem, open_image, progress_bar, with_instance_prompt
 from .sources import images_in, metadata_rows
 
 METADATA = "metadata.jsonl"
-GENERATION = {"max_new_tokens": 40, "num_beams": 3, "repetition_penalty": 1.3}  # short, non-repeating sentences
 
 
 @dataclass
@@ -122,45 +118,6 @@ def _add(plan: CaptionPlan, row: dict, image: str | None, overwrite: bool) -> No
 
 
 @dataclass
-class Captioner:
-    processor: Any  # BlipProcessor: resizes to 384 px and normalises; decodes token ids
-    model: Any  # BlipForConditionalGeneration, eval mode, on the device in the compute dtype
-    device: torch.device
-    dtype: torch.dtype
-
-    @torch.no_grad()
-    def __call__(self, images: list) -> list[str]:
-        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        with _one_thread(self.model):
-            ids = self.model.generate(pixel_values=inputs["pixel_values"].to(self.dtype), **GENERATION)  # (B, <= 41)
-        return [text.strip() for text in self.processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-@contextlib.contextmanager
-def _one_thread(model):
-    """The tiny captioner is 32 wide: on the CPU, thread hand-offs cost more than its math (many times over on
-    2 busy cores), as for the tiny FLUX (fluxnb.train.loop.cpu_threads). Real models keep every thread."""
-    small = model.device.type == "cpu" and model.config.text_config.hidden_size <= 64
-    before = torch.get_num_threads()
-    if small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def load_captioner(model_id: str, hw) -> Captioner:
-    """BLIP in the run's compute dtype (fp16 on a T4, bf16 where the GPU has it, fp32 on the CPU)."""
-    from transformers import BlipForConditionalGeneration, BlipProcessor
-
-    with hub_errors(model_id):
-        processor = BlipProcessor.from_pretrained(model_id)
-        model = BlipForConditionalGeneration.from_pretrained(model_id, dtype=hw.dtype)
-    return Captioner(processor, model.to(hw.device).eval(), hw.device, hw.dtype)
-
-
-@dataclass
 class CaptionResult:
     plan: CaptionPlan
     written: Path | None  # the metadata.jsonl, or None when nothing needed a caption
@@ -202,9 +159,11 @@ def length_warning(plan: CaptionPlan, tokenizer: Any, max_sequence_length: int) 
             f"{n}: {caption[:60]!r}...): T5 will see only the start; shorten them or raise max_sequence_length.")
 
 
-def caption_folder(plan: CaptionPlan, captioner: Captioner, *, trigger: str = "", tokenizer: Any = None,
-                   max_sequence_length: int = 77, batch_size: int = 8, progress: bool = True) -> CaptionResult:
-    """Caption plan.todo in batches, put `trigger` before each new caption, write metadata.jsonl once at the end."""
+def caption_folder(plan: CaptionPlan, captioner: Callable[[list], list[str]], *, trigger: str = "",
+                   tokenizer: Any = None, max_sequence_length: int = 77, batch_size: int = 8,
+                   progress: bool = True) -> CaptionResult:
+    """Caption plan.todo in batches (`captioner`: PIL images -> one caption each, fluxnb.data.captioner.Captioner),
+    put `trigger` before each new caption, write metadata.jsonl once at the end."""
     result = CaptionResult(plan, None, [])
     todo = plan.todo
     bar = progress_bar(total=len(todo), desc="captioning", unit="image", show=progress)
@@ -226,7 +185,6 @@ def caption_folder(plan: CaptionPlan, captioner: Captioner, *, trigger: str = ""
 def caption_step(run, *, folder: str | Path | None = None, overwrite: bool = False, trigger: str | None = None,
                  progress: bool = True) -> CaptionResult:
     """`python -m fluxnb caption`: plan, load the captioner only if needed, caption, free it."""
-    from ..base import memory
     from .embeddings import load_tokenizer
 
     cfg = run.config.data
@@ -239,9 +197,6 @@ def caption_step(run, *, folder: str | Path | None = None, overwrite: bool = Fal
         warning = length_warning(plan, tokenizer, cfg.max_sequence_length)
         result.warnings += [warning] if warning else []
         return result
-    captioner = load_captioner(cfg.captioner, run.hw)
-    try:
+    with loaded(cfg.captioner, run.hw) as captioner:  # freed on the way out: T5 comes next
         return caption_folder(plan, captioner, trigger=cfg.instance_prompt if trigger is None else trigger,
                               tokenizer=tokenizer, max_sequence_length=cfg.max_sequence_length, progress=progress)
-    finally:
-        memory.free(captioner.model)  # T5 comes next: the captioner must not sit beside it
