@@ -17,6 +17,7 @@ from fluxnb.data import embeddings, latents
 from fluxnb.data.buckets import fit_to_bucket, to_rgb
 from fluxnb.data.store import CacheMismatch, read_samples, write_samples
 from fluxnb.base.errors import FluxnbError
+from fluxnb.base.files import load_tensors, save_tensors, tensors_metadata
 from fluxnb.run.hardware import detect
 from fluxnb.run import open_run
 from fluxnb.train.batches import CachedDataset
@@ -171,6 +172,65 @@ def test_broken_or_interrupted_caches_resume(tiny_assets, tmp_path, monkeypatch)
     victim = next(run.dir.latents.glob("*.safetensors"))
     victim.write_bytes(b"half a file")
     assert latents.latents_step(run, progress=False).encoded == 1
+
+
+def spoil(path: Path, **tensors) -> None:
+    """Rewrite a cached file with some tensors changed, its metadata (id, settings) kept: it looks reusable."""
+    save_tensors(path, load_tensors(path) | tensors, metadata=tensors_metadata(path))
+
+
+def test_broken_cached_files_are_encoded_again_and_named_never_reused(tiny_assets, tmp_path, capsys):
+    run = make_run(tmp_path / "run", tiny_assets)
+    embeddings.embed_step(run, progress=False)
+    latents.latents_step(run, progress=False)
+    lat, emb = sorted(run.dir.latents.glob("*.safetensors")), sorted(run.dir.embeddings.glob("*.safetensors"))
+    before = {p: load_tensors(p) for p in (*lat[:2], *emb[:2])}
+    spoil(lat[0], mean=torch.full_like(before[lat[0]]["mean"], float("nan")))
+    lat[1].write_bytes(lat[1].read_bytes()[:-64])  # cut short: the header still says it is this sample's latent
+    spoil(emb[0], pooled_prompt_embeds=before[emb[0]]["pooled_prompt_embeds"] / 0)  # inf
+    spoil(emb[1], prompt_embeds=before[emb[1]]["prompt_embeds"][:10])  # 10 tokens, not 77
+    capsys.readouterr()
+    stats = embeddings.embed_step(run, progress=False)
+    assert stats.encoded == 2 and stats.broken == {"inf in cache": 1, "wrong shape": 1}
+    assert "0 encoded, 2 re-encoded (1 inf in cache, 1 wrong shape), 18 reused from the cache" in str(stats)
+    stats = latents.latents_step(run, progress=False)
+    assert stats.encoded == 2 and stats.broken == {"NaN in cache": 1, "unreadable": 1}
+    out = capsys.readouterr().out
+    for path in (*lat[:2], *emb[:2]):
+        assert path.name in out  # named before they are encoded again
+        for key, value in before[path].items():
+            torch.testing.assert_close(load_tensors(path)[key], value)
+    spoil(lat[0], std=before[lat[0]]["std"] * float("nan"))
+    assert "(0 encoded, 1 re-encoded (NaN in cache), 15 reused from the cache)" in str(
+        latents.latents_step(run, progress=False))
+    assert latents.latents_step(run, progress=False).encoded == embeddings.embed_step(run, progress=False).encoded == 0
+
+
+def test_a_broken_samples_or_meta_file_is_one_line_and_its_step_rebuilds_it(tiny_assets, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setenv("FLUXNB_TINY_DIR", str(tiny_assets.root))
+    root = tmp_path / "run"
+    run_dir = ["--run-dir", str(root)]
+    assert main(["embed", *run_dir, "--model", str(tiny_assets.model), "--dataset", str(tiny_assets.dataset),
+                 "--width", "64", "--height", "96", "--profile", "tiny"]) == 0
+    assert main(["latents", *run_dir]) == 0
+    rows, meta = (root / "samples.jsonl").read_text(), (root / "embeddings" / "meta.json").read_text()
+    (root / "samples.jsonl").write_text(rows[: len(rows) // 2])  # cut mid-line
+    (root / "embeddings" / "meta.json").write_text(meta[:20])
+    capsys.readouterr()
+    assert main(["latents", *run_dir]) == 2  # it reads what notebook 01 wrote: it says to run that
+    err = capsys.readouterr().err.strip()
+    assert f"{root / 'embeddings' / 'meta.json'} is broken (not JSON)" in err and "Traceback" not in err, err
+    assert f"python -m fluxnb embed --run-dir {root}" in err and len(err.splitlines()) == 1
+    with pytest.raises(FluxnbError, match=r"samples.jsonl is broken \(line \d+: not JSON\).*fluxnb latents"):
+        CachedDataset(root)
+    assert main(["embed", *run_dir]) == 0  # the step that writes them rebuilds both
+    assert "0 encoded, 20 reused from the cache; rebuilt samples.jsonl (line" in capsys.readouterr().out
+    assert (root / "samples.jsonl").read_text() == rows and json.loads((root / "embeddings" / "meta.json").read_text())
+    (root / "latents" / "meta.json").write_text("[1, 2]")
+    assert main(["latents", *run_dir]) == 0
+    assert "16 reused from the cache; rebuilt meta.json (wrong fields)" in capsys.readouterr().out
+    assert len(CachedDataset(root)) == 16
 
 
 def test_latents_need_embeddings_first(tiny_assets, tmp_path):

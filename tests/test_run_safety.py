@@ -21,7 +21,7 @@ from train_helpers import make_run
 from fluxnb import data
 from fluxnb.cli import main
 from fluxnb.config import ConfigError
-from fluxnb.data import latents
+from fluxnb.data import embeddings, latents
 from fluxnb.data.store import read_samples, write_samples
 from fluxnb.base.errors import FluxnbError
 from fluxnb.base.files import DiskError
@@ -207,6 +207,36 @@ def test_training_refuses_latents_left_half_rebuilt_by_a_stopped_overwrite(tmp_p
     monkeypatch.setattr(latents, "save_latent", real)
     latents.cache_latents(run, vae, prepared, progress=False)  # running notebook 02 again finishes the job
     guard.check_inputs(run, read_samples(run.dir))
+
+
+def test_a_nan_in_a_cached_input_names_its_file_and_step_not_the_learning_rate(tmp_path, tmp_path_factory, capsys):
+    from fluxnb.base.files import load_tensors, save_tensors, tensors_metadata
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    root = run.dir.root
+    first = read_samples(run.dir)[0]
+    latent, text = latents.latent_path(run.dir, first.id), embeddings.embedding_path(run.dir, first.caption)
+    for path, key, fix in ((latent, "mean", "latents"), (text, "prompt_embeds", "embed")):
+        good, meta = path.read_bytes(), tensors_metadata(path)
+        tensors = load_tensors(path)
+        tensors[key].view(-1)[7] = float("nan")  # one number in one file: the loss would become NaN
+        save_tensors(path, tensors, metadata=meta)
+        with pytest.raises(FluxnbError, match=rf"{path} is broken \(NaN in cache\): run notebook 0\d "
+                                              rf"\(`python -m fluxnb {fix} --run-dir {root}`\) again"):
+            train(run, live=False)
+        path.write_bytes(good)
+    assert not run.dir.checkpoints.exists() and not run.dir.metrics.exists()  # stopped before the first step
+    for path, broken in ((run.dir.samples_file, '{"id": "abc", "caption": 3}\n'),
+                         (run.dir.latents / "meta.json", '{"cache_version": 1, "wid')):
+        good = path.read_text()
+        path.write_text(broken)
+        capsys.readouterr()
+        assert main(["train", "--run-dir", str(root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {path} is broken (") and len(err.splitlines()) == 1, err
+        assert "python -m fluxnb latents" in err and "learning_rate" not in err and "Traceback" not in err
+        path.write_text(good)
+    assert train(run, live=False).lora is not None
 
 
 # 4. a full disk: one message, no temp files, nothing lost

@@ -19,7 +19,7 @@ from .checks import (
                      progress_bar,
                      with_instance_prompt,
 )
-from .store import CacheMismatch, Sample, caption_id, read_samples, sample_id
+from .store import BrokenCacheFile, CacheMismatch, Sample, caption_id, read_samples, sample_id
 
-__all__ = ["CacheMismatch", "CheckedDataset", "DataError", "DataReport", "Item", "Sample", "caption_id",
+__all__ = ["BrokenCacheFile", "CacheMismatch", "CheckedDataset", "DataError", "DataReport", "Item", "Sample", "caption_id",
            "check_dataset", "progress_bar", "read_samples", "sample_id", "with_instance_prompt"]

@@ -13,6 +13,7 @@ bf16 GPU, ~8 GB on a T4. On the CPU it stays in the run's plain dtype. The encod
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from ..base.errors import FluxnbError
-from ..base.files import load_tensors, save_tensors
+from ..base.files import save_tensors
 from ..base.hub_errors import friendly_load
 from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
@@ -33,13 +34,19 @@ from .checks import CheckedDataset, check_dataset, progress_bar, quiet_length_wa
 from .store import (
     CacheStats,
     Sample,
+    cache_problem,
     caption_id,
     check_meta,
     fingerprint,
     is_cached,
+    load_checked,
+    name_broken,
+    non_finite,
+    own_file_problems,
     prune,
     read_samples,
     remove_abandoned,
+    rerun,
     write_meta,
     write_samples,
 )
@@ -63,13 +70,25 @@ def save_embedding(run: RunDir, text: str, prompt_embeds: torch.Tensor, pooled: 
                  metadata={"id": caption_id(text), "settings": settings_hash, "text": text[:1000]})
 
 
+def embedding_problem(tensors: dict[str, torch.Tensor], length: int | None = None) -> str | None:
+    """Why cached tensors are not an embedding to train on (None: they are): the three tensors, floating point,
+    (L, D_t5), (D_clip,), (L, 3) with L = `length` when given, finite."""
+    e, p, ids = (tensors.get(k) for k in ("prompt_embeds", "pooled_prompt_embeds", "text_ids"))
+    if e is None or p is None or ids is None or not all(t.is_floating_point() for t in (e, p, ids)):
+        return "wrong tensors"
+    if e.ndim != 2 or p.ndim != 1 or ids.shape != (e.shape[0], 3) or length not in (None, e.shape[0]):
+        return "wrong shape"
+    return non_finite(e, p, ids)
+
+
 def load_embedding(run: RunDir, text: str) -> dict[str, torch.Tensor]:
-    """{"prompt_embeds": (L, D_t5), "pooled_prompt_embeds": (D_clip,), "text_ids": (L, 3)} of one cached text."""
+    """{"prompt_embeds": (L, D_t5), "pooled_prompt_embeds": (D_clip,), "text_ids": (L, 3)} of one cached text,
+    checked (BrokenCacheFile when NaN or unreadable)."""
     path = embedding_path(run, text)
     if not path.is_file():
         raise FluxnbError(f"no cached embedding for {text[:60]!r}: re-run notebook 01 (`python -m fluxnb embed`), "
                           "which encodes the captions and the validation prompts.")
-    return load_tensors(path)
+    return load_checked(path, embedding_problem, rerun(run.root, "embeddings"))
 
 
 def load_prompts(run: RunDir, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +97,22 @@ def load_prompts(run: RunDir, texts: list[str]) -> tuple[torch.Tensor, torch.Ten
     return (torch.stack([e["prompt_embeds"] for e in loaded]), torch.stack([e["pooled_prompt_embeds"] for e in loaded]))
 
 
-def missing(run: Run, texts: list[str], *, overwrite: bool = False) -> list[str]:
-    """The texts without a valid cached embedding. Raises CacheMismatch if embeddings/ was made otherwise."""
+def problems(run: Run, texts: list[str], *, overwrite: bool = False, contents: bool = True) -> dict[str, str]:
+    """The texts without a usable cached embedding, and why (fluxnb.data.store.cache_problem: missing, other
+    settings, or broken: NaN, unreadable, ...; contents=False: by the files' headers alone). Raises CacheMismatch
+    if embeddings/ was made otherwise."""
     wanted = settings(run.config)
     if not overwrite:
-        check_meta(run.dir.embeddings, wanted)
-    tag = fingerprint(wanted)
-    return [t for t in dict.fromkeys(texts) if not is_cached(embedding_path(run.dir, t), tag, caption_id(t))]
+        check_meta(run.dir.embeddings, wanted, rebuild=True)
+    tag, length = fingerprint(wanted), run.config.data.max_sequence_length
+    check = functools.partial(embedding_problem, length=length) if contents else None
+    found = {t: cache_problem(embedding_path(run.dir, t), tag, caption_id(t), check) for t in dict.fromkeys(texts)}
+    return {t: why for t, why in found.items() if why}
+
+
+def missing(run: Run, texts: list[str], *, overwrite: bool = False) -> list[str]:
+    """The texts without a usable cached embedding (see `problems`)."""
+    return list(problems(run, texts, overwrite=overwrite))
 
 
 def stale(run: Run, samples: list[Sample] | None = None) -> list[str]:
@@ -198,21 +226,23 @@ def cache_embeddings(run: Run, pipe: Any, prepared: CheckedDataset, *, overwrite
                      progress: bool = True) -> CacheStats:
     """Encode what is not cached yet, save one file per text, then write samples.jsonl (the training set)."""
     start = time.perf_counter()
-    todo = pending(run, prepared, overwrite=overwrite)
-    wanted = settings(run.config)
+    rebuilt = own_file_problems(run.dir, run.dir.embeddings)  # samples.jsonl, meta.json: written anew below
+    found = problems(run, texts_to_encode(run.config, prepared), overwrite=overwrite)
+    todo, wanted = list(found), settings(run.config)
     if todo and pipe is None:
         raise FluxnbError(f"{len(todo)} caption(s) need encoding but no text encoders were given: "
                           "load them with load_text_encoders first.")
     remove_abandoned(run.dir, run.dir.embeddings)
+    broken = name_broken(run.dir.embeddings, {embedding_path(run.dir, t): why for t, why in found.items()})
     if todo or (overwrite and pipe is not None):
         encode_and_save(run, pipe, todo, batch_size=batch_size, progress=progress)
-    elif overwrite or not check_meta(run.dir.embeddings, wanted):
+    elif overwrite or not check_meta(run.dir.embeddings, wanted, rebuild=True):
         write_meta(run.dir.embeddings, wanted)
     if overwrite:
         prune(run.dir.embeddings, fingerprint(wanted))
     write_samples(run.dir, prepared.samples)
     n = len(texts_to_encode(run.config, prepared))
-    return CacheStats("embeddings", "texts", n, len(todo), time.perf_counter() - start)
+    return CacheStats("embeddings", "texts", n, len(todo), time.perf_counter() - start, broken, rebuilt)
 
 
 def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:

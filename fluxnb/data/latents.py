@@ -14,6 +14,7 @@ augmentation, exactly what encoding on the fly would do), for twice the disk of 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..base.errors import FluxnbError
-from ..base.files import load_tensors, save_tensors
+from ..base.files import save_tensors
 from ..base.hub_errors import friendly_load
 from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
@@ -31,17 +32,24 @@ from ..run.hardware import Hardware
 from . import embeddings
 from .checks import CheckedDataset, Item, check_dataset, progress_bar
 from .store import (
-    META_FILE,
+    MISSING,
+    OTHER_SETTINGS,
     CacheMismatch,
     CacheStats,
     Sample,
+    cache_problem,
     check_meta,
     fingerprint,
     is_cached,
+    load_checked,
+    name_broken,
+    non_finite,
+    own_file_problems,
     prune,
     read_meta,
     read_samples,
     remove_abandoned,
+    rerun,
     write_meta,
     write_samples,
 )
@@ -66,16 +74,28 @@ def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tens
                            "flip": str(sample.flip)})
 
 
+def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = None) -> str | None:
+    """Why cached tensors are not a latent to train on (None: they are): mean and std, float32, the same
+    (C, h, w) shape (the sample's bucket / 8 when given), finite."""
+    mean, std = tensors.get("mean"), tensors.get("std")
+    if mean is None or std is None or mean.dtype != torch.float32 or std.dtype != torch.float32:
+        return "wrong tensors"
+    if mean.ndim != 3 or std.shape != mean.shape or (
+            sample is not None and mean.shape[1:] != (sample.height // 8, sample.width // 8)):
+        return "wrong shape"
+    return non_finite(mean, std)
+
+
 def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of one cached sample, each (C, h, w)."""
-    tensors = load_tensors(latent_path(run, sample_id))
+    """(mean, std) of one cached sample, each (C, h, w), checked (BrokenCacheFile when NaN or unreadable)."""
+    tensors = load_checked(latent_path(run, sample_id), latent_problem, rerun(run.root, "latents"))
     return tensors["mean"], tensors["std"]
 
 
 def cached_size(run: RunDir) -> tuple[int, int] | None:
     """(width, height) the latents were cached at, from latents/meta.json; None before notebook 02."""
     meta = read_meta(run.latents)
-    return (meta["width"], meta["height"]) if "width" in meta else None
+    return (meta["width"], meta["height"]) if {"width", "height"} <= meta.keys() else None
 
 
 def stale(run: Run, samples: list[Sample] | None = None) -> list[Sample]:
@@ -103,20 +123,33 @@ def check_embeddings(run: Run, prepared: CheckedDataset) -> None:
     except CacheMismatch as err:
         raise FluxnbError(f"the text embeddings do not match this run's settings: {err} Re-run notebook 01 "
                           "(`python -m fluxnb embed`) first.") from None
-    missing = embeddings.pending(run, prepared)
-    if missing:
-        raise FluxnbError(f"{len(missing)} caption(s) have no cached text embedding (first: {missing[0][:60]!r}): "
-                          "the dataset or instance prompt changed since notebook 01. Re-run notebook 01 "
-                          "(`python -m fluxnb embed`) first.")
+    # by the files' headers: reading every embedding is notebook 01's check (and training's), not this step's
+    found = embeddings.problems(run, embeddings.texts_to_encode(run.config, prepared), contents=False)
+    if found:
+        text, why = next(iter(found.items()))
+        cause = {MISSING: "the dataset or instance prompt changed since notebook 01",
+                 OTHER_SETTINGS: "notebook 01 did not finish"}.get(why, "a cached embedding is broken")
+        raise FluxnbError(f"{len(found)} caption(s) have no usable cached text embedding (first: {text[:60]!r}, "
+                          f"{why}): {cause}. Re-run notebook 01 (`python -m fluxnb embed`) first.")
+
+
+def problems(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> dict[Path, tuple[Item, str]]:
+    """The samples without a usable cached latent, by file, and why (fluxnb.data.store.cache_problem: missing,
+    other settings, or broken: NaN, unreadable, ...). Raises CacheMismatch if latents/ was made otherwise."""
+    wanted = settings(run.config)
+    if not overwrite:
+        check_meta(run.dir.latents, wanted, rebuild=True)
+    tag, out = fingerprint(wanted), {}
+    for item in prepared.items:
+        path, s = latent_path(run.dir, item.sample.id), item.sample
+        if why := cache_problem(path, tag, s.id, functools.partial(latent_problem, sample=s)):
+            out[path] = (item, why)
+    return out
 
 
 def pending(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> list[Item]:
-    """Samples without a valid cached latent. Raises CacheMismatch if latents/ was made with other settings."""
-    wanted = settings(run.config)
-    if not overwrite:
-        check_meta(run.dir.latents, wanted)
-    tag = fingerprint(wanted)
-    return [i for i in prepared.items if not is_cached(latent_path(run.dir, i.sample.id), tag, i.sample.id)]
+    """Samples without a usable cached latent (see `problems`)."""
+    return [item for item, _ in problems(run, prepared, overwrite=overwrite).values()]
 
 
 @torch.no_grad()
@@ -147,13 +180,16 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
     """Encode what is not cached yet (one file per sample id), then write samples.jsonl (the training set)."""
     start = time.perf_counter()
     check_embeddings(run, prepared)
-    todo = pending(run, prepared, overwrite=overwrite)
+    rebuilt = own_file_problems(run.dir, run.dir.latents)  # samples.jsonl, meta.json: written anew below
+    found = problems(run, prepared, overwrite=overwrite)
+    todo = [item for item, _ in found.values()]
     if todo and vae is None:
         raise FluxnbError(f"{len(todo)} image(s) need encoding but no VAE was given: load it with load_vae first.")
+    broken = name_broken(run.dir.latents, {path: why for path, (_, why) in found.items()})
     wanted = settings(run.config)
     tag = fingerprint(wanted)
     remove_abandoned(run.dir, run.dir.latents)
-    if todo or overwrite or not (run.dir.latents / META_FILE).is_file():
+    if todo or overwrite or not check_meta(run.dir.latents, wanted, rebuild=True):
         write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
         s = item.sample
@@ -163,7 +199,7 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
         prune(run.dir.latents, tag)
     write_samples(run.dir, prepared.samples)  # last: every row it lists now has a latent and an embedding
     n = len(prepared.items)
-    return CacheStats("latents", "samples", n, len(todo), time.perf_counter() - start)
+    return CacheStats("latents", "samples", n, len(todo), time.perf_counter() - start, broken, rebuilt)
 
 
 @torch.no_grad()

@@ -26,7 +26,10 @@ class CachedDataset(torch.utils.data.Dataset):
 
     Each item joins a sample's latent with the embedding of its OWN caption through the ids in samples.jsonl,
     so the order in which a loader visits items cannot mix them up. Latents are the VAE's distribution
-    (mean, std), unscaled; training draws a fresh sample from it every time (fluxnb.train.flow).
+    (mean, std), unscaled; training draws a fresh sample from it every time (fluxnb.train.flow). Each file is
+    checked as it is loaded (finite, the right tensors; fluxnb.data.store.load_checked), on the CPU and once per
+    sample since TrainingData keeps what it loaded: a NaN in a cache names its file and the notebook that
+    rebuilds it, rather than turning into a NaN loss blamed on the learning rate.
     """
 
     def __init__(self, run: RunDir | str, samples: list | None = None) -> None:

@@ -28,7 +28,8 @@ RESUME_IN_PYTHON = "train(run, resume=True)"
 
 
 def check_inputs(run: Run, samples: list[Sample]) -> None:
-    """The caches training reads (`samples`: samples.jsonl) are complete and made with the config's settings."""
+    """The caches training reads (`samples`: samples.jsonl) are complete and made with the config's settings.
+    Their contents (NaN, unreadable) are checked when training loads them (fluxnb.train.batches.CachedDataset)."""
     cached, now = latents.cached_size(run.dir), (run.config.data.width, run.config.data.height)
     if cached is not None and cached != now:
         raise FluxnbError(f"the latents in {run.dir.latents} were cached at {cached[0]}x{cached[1]}, but the config "
