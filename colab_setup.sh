@@ -13,7 +13,7 @@ python3 -c "import torch" || { echo "PyTorch is missing: install it first (Colab
 # torch is deliberately absent from requirements.txt, so Colab's CUDA build stays as it is.
 # The tested versions of the libraries fluxnb calls into (constraints.txt); Colab's own torch, numpy and Jupyter
 # stack stay as they are.
-grep -iE '^(diffusers|transformers|peft|accelerate|bitsandbytes|datasets|huggingface[-_]hub|safetensors|tokenizers|torchao)==' \
+grep -iE '^(diffusers|transformers|peft|prodigyopt|accelerate|bitsandbytes|datasets|huggingface[-_]hub|safetensors|tokenizers|torchao)==' \
   constraints.txt > /tmp/fluxnb-constraints.txt
 python3 -m pip install -q -r requirements.txt -c /tmp/fluxnb-constraints.txt
 python3 -m pip install -q --no-deps -e .

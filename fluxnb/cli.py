@@ -46,8 +46,8 @@ def _open_step_run(args: argparse.Namespace):
 
     run = open_run(args.run_dir, profile=args.profile, create=False)
     data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
-    given = (("model_id", getattr(args, "model", None)), ("revision", getattr(args, "revision", None)))
-    model = {k: v for k, v in given if v is not None}
+    model = {k: getattr(args, a) for k, a in (("model_id", "model"), ("revision", "revision"), ("base", "base"))
+             if getattr(args, a, None) is not None}
     run.config = run.config.replace(data=data, model=model).with_local_paths_resolved()
     return run
 
@@ -110,9 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
         run.save()
-    again = f"python -m fluxnb train --run-dir {run.dir.root} --resume"
-    result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, live=False,
-                   how_to_resume=again)
+    given = {k: getattr(args, k) for k in _TRAIN_ARGS if getattr(args, k) is not None}  # after the preset: kept
+    result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, settings=given,
+                   live=False, how_to_resume=f"python -m fluxnb train --run-dir {run.dir.root} --resume")
     return 130 if result.interrupted else 0
 
 
@@ -156,7 +156,9 @@ _RUN_DIR = "run directory (default: $FLUXNB_RUN_DIR, else runs/mucha, or runs/ti
 _STEP_OPTIONS: dict[str, dict] = {
     "--run-dir": dict(type=Path, help=_RUN_DIR),
     "--profile": dict(choices=config.PROFILES, help="force a profile (default: detect; 'tiny' = the offline stand-in)"),
-    "--model": dict(help="FLUX checkpoint: Hub id or local diffusers folder (default: black-forest-labs/FLUX.1-dev)"),
+    "--model": dict(help="FLUX checkpoint: Hub id or local diffusers folder (default: the --base's Hub repo)"),
+    "--base": dict(choices=list(config.BASES), help="which FLUX.1 to train for: FLUX.1-dev (default) or FLUX.1-Krea-dev "
+                   "(the same architecture); --model, if given, is a copy of it"),
     "--revision": dict(help="model revision on the Hub: branch, tag or commit (default: main)"),
     "--dataset": dict(help="Hub dataset id or local folder of images (default: derekl35/alphonse-mucha-style)"),
     "--image-column": dict(help="dataset column holding the images (default: image)"),
@@ -179,11 +181,22 @@ _STEP_OPTIONS: dict[str, dict] = {
 }
 _USES = {
     "embed": list(_STEP_OPTIONS),
-    "caption": ["--run-dir", "--profile", "--model", "--revision", "--dataset", "--caption-column",
+    "caption": ["--run-dir", "--profile", "--model", "--base", "--revision", "--dataset", "--caption-column",
                 "--instance-prompt", "--max-sequence-length"],
     "latents": ["--run-dir", "--profile", "--width", "--height", "--buckets", "--bucket-step", "--crop", "--flip",
                 "--small-images", "--bad-images", "--overwrite"],
 }
+
+
+# train's options beyond the preset's (saved in RUN/config.json once training starts; not given: kept as there).
+_TRAIN_OPTIONS: dict[str, dict] = {
+    "--optimizer": dict(choices=config.OPTIMIZERS, help="adamw8bit or adamw (the preset picks), or prodigy"),
+    "--learning-rate": dict(type=float, help="Adam's step size (default 1e-4), or Prodigy's multiplier (give 1.0)"),
+    "--caption-dropout": dict(type=float, help="chance a sample trains on the empty prompt (default 0)"),
+    "--weighting-scheme": dict(choices=config.WEIGHTING_SCHEMES, help="how timesteps are drawn (default: none)"),
+    "--sigmoid-scale": dict(type=float, help="flux_shift's spread: sigmoid(scale * N(0, 1)) (default 1.0)"),
+}
+_TRAIN_ARGS = [o.removeprefix("--").replace("-", "_") for o in _TRAIN_OPTIONS]
 
 
 # No abbreviations: argparse's default takes any unique prefix, so `--max-step 5` ran as --max-steps 5.
@@ -218,6 +231,8 @@ def _later_parsers(sub) -> None:
     p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
     p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
+    for option, kwargs in _TRAIN_OPTIONS.items():
+        p.add_argument(option, default=None, **kwargs)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest intact RUN/checkpoints/step-N")
     mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")

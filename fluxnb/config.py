@@ -19,7 +19,10 @@ from .base.files import atomic_write_text
 CONFIG_FILE = "config.json"
 
 PROFILES = ("real", "tiny")
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap")
+# FLUX.1 checkpoints of one architecture: model.base names one, model.model_id defaults to its Hub repo.
+BASES = {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev", "FLUX.1-Krea-dev": "black-forest-labs/FLUX.1-Krea-dev"}
+# diffusers' densities (fluxnb.train.flow), and sd-scripts' resolution-shifted "flux_shift"
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "flux_shift")
 # LoRA target presets -> peft's target_modules (fluxnb.model.lora); the notebook's dropdown lists these names.
 LORA_TARGETS: dict[str, list[str] | str] = {
     "attention": ["to_k", "to_q", "to_v", "to_out.0"],  # the blog's: image-stream attention of every block
@@ -34,7 +37,7 @@ BASE_CHANGING_INITS = ("pissa", "olora")
 QUANTIZATIONS = ("nf4", "none", "fp8")
 COMPILE_MODES = ("auto", "on", "off")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-OPTIMIZERS = ("adamw8bit", "adamw")
+OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
 CROPS = ("center", "random")
 SMALL_IMAGE_POLICIES = ("warn", "skip")
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -121,7 +124,8 @@ class DataConfig:
 class ModelConfig:
     """Which FLUX checkpoint and how the frozen transformer is held in memory."""
 
-    model_id: str = "black-forest-labs/FLUX.1-dev"  # hub id or local folder in diffusers layout
+    model_id: str | None = None  # hub id or local folder in diffusers layout; None = the base's Hub repo
+    base: str = "FLUX.1-dev"  # which FLUX.1 (BASES) the LoRA is for: the model card and presets name it
     revision: str | None = None
     quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = bf16 weights, float8 matmuls
     double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
@@ -130,7 +134,12 @@ class ModelConfig:
     offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.model.offload)
 
     def __post_init__(self) -> None:
+        _check_choice("base", self.base, tuple(BASES))
+        self.model_id = BASES[self.base] if self.model_id is None else self.model_id
         _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
+        other = next((b for b, repo in BASES.items() if repo == self.model_id and b != self.base), None)
+        _check(other is None, f"model_id={self.model_id!r} is {other}, but base={self.base!r}: set base={other!r}, "
+                              f"or model_id to null (the base's own Hub repo).")
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check(isinstance(self.offload_blocks, int) and self.offload_blocks >= 0,
                f"offload_blocks must be an integer >= 0 (0 = none, 57 = all of FLUX's blocks), "
@@ -182,7 +191,9 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    optimizer: str = "adamw8bit"
+    sigmoid_scale: float = 1.0  # "flux_shift": sigma = shift(sigmoid(sigmoid_scale * N(0, 1))), as sd-scripts
+    caption_dropout: float = 0.0  # chance a sample trains on the empty prompt's embedding instead of its caption's
+    optimizer: str = "adamw8bit"  # "prodigy" finds its own step size: learning_rate then scales it (1.0 typical)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-4
@@ -210,6 +221,8 @@ class TrainConfig:
         _check(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale!r}.")
         _check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
         _check_positive("logit_std", self.logit_std)
+        _check_positive("sigmoid_scale", self.sigmoid_scale)
+        _check(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}.")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("compile", self.compile, COMPILE_MODES)
         keep, gib = self.keep_activations, self.memory_budget_gib
@@ -225,6 +238,17 @@ class TrainConfig:
         for name in ("sample_every", "checkpoint_every", "validation_samples", "validate_every"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")
+
+
+def _follow_base(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """model.base and a base's Hub repo in model_id move together: a new base alone takes its repo along (unless
+    model_id names something else, e.g. a local copy), a base's repo given alone as model_id sets the base."""
+    new = dict(new)
+    if "base" in new and "model_id" not in new and old["model_id"] in BASES.values():
+        new["model_id"] = None
+    if "base" not in new and new.get("model_id") in BASES.values():
+        new["base"] = next(b for b, repo in BASES.items() if repo == new["model_id"])
+    return new
 
 
 @dataclass
@@ -251,6 +275,7 @@ class RunConfig:
         kwargs: dict[str, Any] = {}
         for name, part in parts.items():
             values = dict(raw.get(name, {}))
+            values = _follow_base({"model_id": None}, values) if name == "model" else values  # a file without base
             known = {f.name for f in dataclasses.fields(part)}
             extra = set(values) - known
             _check(not extra, f"config section '{name}' has unknown keys {sorted(extra)}; known: {sorted(known)}.")
@@ -274,7 +299,7 @@ class RunConfig:
             if name == "profile":
                 raw["profile"] = values
             else:
-                raw[name].update(values)
+                raw[name].update(_follow_base(raw[name], values) if name == "model" else values)
         return RunConfig.from_dict(raw)
 
     def save(self, run_dir: str | Path) -> Path:

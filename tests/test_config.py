@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from fluxnb.config import ConfigError, DataConfig, LoRAConfig, ModelConfig, RunConfig, TrainConfig
+from fluxnb.config import BASES, ConfigError, DataConfig, LoRAConfig, ModelConfig, RunConfig, TrainConfig
+
+DEV, KREA = BASES["FLUX.1-dev"], BASES["FLUX.1-Krea-dev"]
 
 
 def test_defaults_are_the_blog_recipe():
@@ -13,6 +15,8 @@ def test_defaults_are_the_blog_recipe():
     t = cfg.train
     assert (t.learning_rate, t.lr_scheduler, t.batch_size, t.gradient_accumulation_steps) == (1e-4, "constant", 1, 4)
     assert (t.max_train_steps, t.guidance_scale, t.optimizer, t.gradient_checkpointing, t.seed) == (700, 1.0, "adamw8bit", True, 0)
+    # issue 28's options are all off: FLUX.1-dev, 8-bit AdamW, no caption dropout, diffusers' uniform timesteps
+    assert (cfg.model.base, t.caption_dropout, t.weighting_scheme) == ("FLUX.1-dev", 0.0, "none")
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,11 @@ def test_defaults_are_the_blog_recipe():
         (lambda: TrainConfig(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
         (lambda: ModelConfig(quantization="int3"), "quantization"),
         (lambda: ModelConfig(dtype="fp8"), "dtype"),
+        (lambda: ModelConfig(base="FLUX.1-schnell"), "base"),
+        (lambda: ModelConfig(base="FLUX.1-dev", model_id=KREA), "base"),
+        (lambda: TrainConfig(caption_dropout=1.0), "caption_dropout"),
+        (lambda: TrainConfig(caption_dropout=-0.1), "caption_dropout"),
+        (lambda: TrainConfig(sigmoid_scale=0.0), "sigmoid_scale"),
     ],
 )
 def test_bad_values_get_one_clear_message(make, field):
@@ -84,3 +93,24 @@ def test_lora_inits_that_change_the_base_weights_are_refused(init, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"lora": {"init": init}}))
     with pytest.raises(ConfigError, match="changes the base model's weights"):
         RunConfig.load(tmp_path)
+
+
+def test_the_base_gives_the_model_id_and_the_two_never_disagree(tmp_path):
+    """model.base picks the FLUX.1 (its Hub repo is the default model_id); a base's repo given as model_id sets the
+    base; a model_id that is no base's repo (a local copy, a mirror) stays whatever the base says."""
+    assert (ModelConfig().model_id, ModelConfig(base="FLUX.1-Krea-dev").model_id) == (DEV, KREA)
+    krea = RunConfig().replace(model={"base": "FLUX.1-Krea-dev"})
+    assert krea.model.model_id == KREA and krea.replace(model={"base": "FLUX.1-dev"}).model.model_id == DEV
+    assert RunConfig().replace(model={"model_id": KREA}).model.base == "FLUX.1-Krea-dev"  # the CLI's --model
+    local = RunConfig().replace(model={"model_id": "/models/krea", "base": "FLUX.1-Krea-dev"})
+    assert local.replace(model={"base": "FLUX.1-dev"}).model.model_id == "/models/krea"
+    # A config.json from before model.base: its model_id says which base.
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"model_id": KREA}}))
+    assert RunConfig.load(tmp_path).model.base == "FLUX.1-Krea-dev"
+    # One edited by hand to disagree: one line that says both ways out.
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"model_id": DEV, "base": "FLUX.1-Krea-dev"}}))
+    with pytest.raises(ConfigError, match="set base='FLUX.1-dev', or model_id to null") as err:
+        RunConfig.load(tmp_path)
+    assert len(str(err.value).splitlines()) == 1
+    krea.save(tmp_path)
+    assert RunConfig.load(tmp_path) == krea

@@ -62,8 +62,8 @@ def test_cached_files_shapes_and_metadata(cached_run):
     run = cached_run
     samples = read_samples(run.dir)
     assert len(samples) == 32 and sum(s.flip for s in samples) == 16
-    texts = {s.caption for s in samples} | set(run.config.data.validation_prompts)
-    assert len(list(run.dir.embeddings.glob("*.safetensors"))) == len(texts) == 20
+    texts = {s.caption for s in samples} | set(run.config.data.validation_prompts) | {""}  # "": caption dropout's
+    assert len(list(run.dir.embeddings.glob("*.safetensors"))) == len(texts) == 21
     meta = json.loads((run.dir.embeddings / "meta.json").read_text())
     assert meta["model_id"] == run.config.model.model_id and meta["max_sequence_length"] == 77
     assert meta["dtype"] == "float32" and meta["t5_8bit"] is False
@@ -102,6 +102,17 @@ def test_each_latent_pairs_with_its_own_caption_under_shuffling(cached_run, enco
         torch.testing.assert_close(item["pooled_prompt_embeds"], p[0])
         torch.testing.assert_close(item["latent_mean"], _expected_latent(vae, run, s), rtol=1e-4, atol=1e-4)
     assert sorted(seen) == sorted(samples) and seen != list(samples) and seen != list(reversed(samples))
+
+
+def test_the_empty_prompt_is_cached_for_caption_dropout(cached_run, encoders):
+    """Caption dropout (train.caption_dropout) swaps a caption's embedding for the empty prompt's: notebook 01 caches
+    it with the captions, through the same encode call, so it can be switched on later without the encoders."""
+    run, (pipe, _) = cached_run, encoders
+    assert embeddings.is_current(run, embeddings.EMPTY_PROMPT)
+    cached = embeddings.load_embedding(run.dir, "")
+    e, p, _ = embeddings.encode(pipe, [""], 77, run.hw.device)
+    torch.testing.assert_close(cached["prompt_embeds"], e[0])
+    torch.testing.assert_close(cached["pooled_prompt_embeds"], p[0])
 
 
 def test_rerun_reuses_everything(cached_run):
@@ -146,9 +157,9 @@ def test_other_settings_are_detected_never_silently_used(tiny_assets, tmp_path):
     assert (digests(run.dir.embeddings), digests(run.dir.latents)) == kept  # refusing lost nothing
 
     run.config = run.config.replace(model={"revision": None}, data={"max_sequence_length": 32})
-    assert embeddings.embed_step(run, progress=False, overwrite=True).encoded == 20
+    assert embeddings.embed_step(run, progress=False, overwrite=True).encoded == 21
     assert CachedDataset(run.dir)[0]["prompt_embeds"].shape == (32, 32)
-    assert len(list(run.dir.embeddings.glob("*.safetensors"))) == 20  # the old ones were pruned
+    assert len(list(run.dir.embeddings.glob("*.safetensors"))) == 21  # the old ones were pruned
     assert latents.latents_step(run, progress=False, overwrite=True).encoded == 16
     assert {(s.width, s.height) for s in read_samples(run.dir)} == {(64, 64), (64, 96), (96, 64)}
 
@@ -250,7 +261,7 @@ def test_cli_embed_then_latents(tiny_assets, tmp_path, monkeypatch, capsys):
     assert main(["latents", "--run-dir", str(run_dir), "--flip"]) == 0  # model and dataset from config.json
     assert len(CachedDataset(run_dir)) == 32
     out = capsys.readouterr().out
-    assert "embeddings: 20 texts (20 encoded" in out and "latents: 32 samples (32 encoded" in out
+    assert "embeddings: 21 texts (21 encoded" in out and "latents: 32 samples (32 encoded" in out
     assert main(["latents", "--run-dir", str(run_dir), "--width", "96", "--height", "64"]) == 2  # other size
     assert "latents was made with other settings (width: cached 64, now 96" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text())["data"]["width"] == 64  # a refused step saves nothing

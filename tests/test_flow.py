@@ -1,5 +1,6 @@
 """fluxnb.flow (the flow-matching math) and fluxnb.train.step.training_step against the reference script's step."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -94,3 +95,75 @@ def test_training_step_matches_the_reference_script(tiny_inputs, scheme):
     other = training_step(pipe.transformer, ours_batch, table, cfg, latent, torch.Generator().manual_seed(8),
                           torch.float32)
     assert other.item() != pytest.approx(expected.item(), rel=1e-4)
+
+
+def _sd_scripts_flux_shift(bsz: int, h: int, w: int, sigmoid_scale: float, num_timesteps: int = 1000):
+    """kohya-ss/sd-scripts, library/flux_train_utils.py (48d368f), get_noisy_model_input_and_timesteps with
+    timestep_sampling="flux_shift", transcribed with its helpers time_shift and get_lin_function. h, w: the
+    latent's sides before packing; draws from torch's global RNG, as the script does."""
+    def time_shift(mu, sigma, t):
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+
+    def get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15):
+        m = (y2 - y1) / (x2 - x1)
+        b = y1 - m * x1
+        return lambda x: m * x + b
+
+    sigmas = torch.randn(bsz)
+    sigmas = sigmas * sigmoid_scale
+    sigmas = sigmas.sigmoid()
+    mu = get_lin_function(y1=0.5, y2=1.15)((h // 2) * (w // 2))
+    sigmas = time_shift(mu, 1.0, sigmas)
+    return sigmas * num_timesteps, sigmas
+
+
+@pytest.mark.parametrize("width, height", [(64, 96), (512, 512), (512, 768), (1024, 1024), (1536, 640)])
+@pytest.mark.parametrize("sigmoid_scale", [1.0, 2.5])
+def test_flux_shift_draws_what_sd_scripts_draws(width, height, sigmoid_scale):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    table = flow.NoiseTable.from_scheduler(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000))
+    h, w = height // 8, width // 8  # the VAE's latent
+    torch.manual_seed(11)
+    expected_t, expected_s = _sd_scripts_flux_shift(512, h, w, sigmoid_scale)
+    t, s = flow.sample_timesteps(table, 512, "flux_shift", sigmoid_scale=sigmoid_scale, image_tokens=(h // 2) * (w // 2),
+                                 generator=torch.Generator().manual_seed(11))
+    assert torch.equal(s, expected_s) and torch.equal(t, expected_t)
+    assert flow.loss_weighting("flux_shift", s).eq(1).all()  # sd-scripts weighs flux_shift's losses alike
+
+
+def test_flux_shift_moves_bigger_images_towards_noise():
+    """The shift grows with the tokens: at 256 (256x256 pixels) mu = 0.5, at 4096 (1024x1024) mu = 1.15."""
+    medians = [flow.flux_shift_sigmas(20000, tokens, generator=torch.Generator().manual_seed(0)).median().item()
+               for tokens in (256, 1536, 4096)]
+    # sigmoid(N(0, 1)) has median 0.5; shifted: e^mu / (e^mu + 1) there
+    assert medians == pytest.approx([math.exp(mu) / (math.exp(mu) + 1) for mu in (0.5, 0.5 + 0.65 * 1280 / 3840,
+                                                                                  1.15)], abs=0.01)
+
+
+class _Spy(torch.nn.Module):
+    """The transformer, recording the timesteps the training step feeds it."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.config, self.timesteps = inner, inner.config, []
+
+    def forward(self, **kwargs):
+        self.timesteps.append(kwargs["timestep"])
+        return self.inner(**kwargs)
+
+
+def test_training_step_with_flux_shift_feeds_the_shifted_sigma_of_the_images_size(tiny_inputs):
+    """Only the timesteps change: the latent draw and the noise come from the same generator first, as before."""
+    pipe, dist, batch = tiny_inputs
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    table, latent = flow.NoiseTable.from_scheduler(scheduler), LatentScale.from_vae_config(pipe.vae.config)
+    ours = {**batch, "latent_mean": dist.mean, "latent_std": dist.std}
+    spy = _Spy(pipe.transformer)
+    cfg = TrainConfig(weighting_scheme="flux_shift", sigmoid_scale=1.5)
+    assert torch.isfinite(training_step(spy, ours, table, cfg, latent, torch.Generator().manual_seed(5), torch.float32))
+    g = torch.Generator().manual_seed(5)
+    x = flow.sample_latents(dist.mean, dist.std, g)
+    flow.sample_noise(x, g)
+    h, w = x.shape[-2:]  # (12, 8): 6 x 4 = 24 tokens
+    torch.testing.assert_close(spy.timesteps[0], flow.flux_shift_sigmas(2, (h // 2) * (w // 2), 1.5, g))

@@ -101,6 +101,20 @@ def test_card_for_flux_dev_names_base_model_and_licence(run, tmp_path):
     assert data.license_name == "flux-1-dev-non-commercial-license" and data.instance_prompt == "mucha style"
 
 
+def test_card_for_krea_names_its_base_model_and_licence(run, tmp_path):
+    krea = RunConfig(profile="real").replace(model={"base": "FLUX.1-Krea-dev"})
+    card = hub.card_text(Run(RunDir(tmp_path), krea, detect("real")), "mucha style", "x_comfyui.safetensors", [],
+                         "flux-lora")
+    data = ModelCard(card).data
+    assert data.base_model == "black-forest-labs/FLUX.1-Krea-dev"
+    assert data.license_name == "flux-1-dev-non-commercial-license" and "FLUX.1-Krea-dev/blob" in data.license_link
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-Krea-dev"' in card and "| base | FLUX.1-Krea-dev |" in card
+    # A local copy of it: no Hub id to claim, but the text says which FLUX.1 the folder holds.
+    local = krea.replace(model={"model_id": str(tmp_path)})
+    card = hub.card_text(Run(RunDir(tmp_path), local, detect("real")), "", "x_comfyui.safetensors", [], "flux-lora")
+    assert ModelCard(card).data.base_model is None and "A LoRA for a local base model (FLUX.1-Krea-dev)" in card
+
+
 def test_dry_run_lists_exactly_the_files_and_the_card(run, capsys):
     settings = hub.HubSettings(repo_id="tiny-lora")
     staged = hub.stage(run, settings)

@@ -162,3 +162,39 @@ def test_the_form_names_the_size_it_planned_for():
 
     cfg = RunConfig(profile="real").replace(data={"width": 64, "height": 96})
     assert "<th>budget 6 GiB, planned for 64x96 images</th>" in plan_table(cfg, "8-12gb", _hw("RTX 3060", 12.0))
+
+
+def test_the_form_shows_issue_28s_options_and_warns_when_lr_does_not_fit_the_optimizer():
+    import ipywidgets as W
+
+    hw = _hw("RTX 4090", 23.6)
+    cfg = presets.apply(RunConfig(), "4090-24gb", hw)
+    form = training_form(cfg, hw)
+    chooser, note = form.children[0], form.children[1]
+    training, base_form = form.children[2].children[1], form.children[2].children[3]
+    fields = {w.description: w for w in training.children if isinstance(w, W.ValueWidget)
+              and not isinstance(w, W.HTML)}
+    warning = training.children[-1]
+    assert warning.value == "" and "Base model: FLUX.1-dev." in note.value
+    fields["optimizer"].value = "prodigy"  # with Adam's 1e-4: 10000x below Prodigy's own step size
+    assert cfg.train.optimizer == "prodigy" and "set learning_rate to 1.0" in warning.value
+    assert "<td>optimizer</td><td><b>prodigy</b></td>" in note.value  # the plan table says what will run
+    fields["learning rate"].value = 1.0
+    assert cfg.train.learning_rate == 1.0 and warning.value == ""
+    fields["caption dropout"].value = 0.1
+    fields["weighting scheme"].value = "flux_shift"
+    fields["sigmoid scale"].value = 1.5
+    assert (cfg.train.caption_dropout, cfg.train.weighting_scheme, cfg.train.sigmoid_scale) == (0.1, "flux_shift", 1.5)
+    assert presets.matching(cfg, hw) == "4090-24gb"  # none of them is the preset's business
+    base_form.children[1].value = "FLUX.1-Krea-dev"
+    assert cfg.model.model_id == "black-forest-labs/FLUX.1-Krea-dev"
+    assert "Base model: FLUX.1-Krea-dev (FLUX.1-dev&#x27;s architecture: the same memory and time)" in note.value
+    chooser.value = "h100-80gb"  # another preset keeps the method and the base
+    assert (cfg.train.optimizer, cfg.model.base, cfg.train.caption_dropout) == ("prodigy", "FLUX.1-Krea-dev", 0.1)
+
+
+def test_a_preset_picks_adams_flavour_but_keeps_prodigy():
+    hw = _hw("RTX 4090", 23.6)
+    assert presets.apply(RunConfig(), "h100-80gb", hw).train.optimizer == "adamw"
+    prodigy = RunConfig().replace(train={"optimizer": "prodigy", "learning_rate": 1.0})
+    assert presets.apply(prodigy, "8-12gb", hw).train.optimizer == "prodigy"

@@ -78,12 +78,19 @@ def test_tiny_training_cuts_the_training_loss_and_its_lora_loads_in_stock_diffus
     assert np.abs(_image(pipe) - base).max() < 1e-6  # ... and only the LoRA does
 
 
-def test_a_stopped_run_resumes_to_the_same_lora(tmp_path, tmp_path_factory):
+# Issue 28's options, on together: Prodigy's state (its step size d and its sums), caption dropout's draws and
+# flux_shift's timesteps must all come back as they were.
+ISSUE_28 = {"optimizer": "prodigy", "learning_rate": 1.0, "caption_dropout": 0.5, "weighting_scheme": "flux_shift",
+            "sigmoid_scale": 1.5}
+
+
+@pytest.mark.parametrize("options", [{}, ISSUE_28], ids=["blog-recipe", "prodigy-caption-dropout-flux-shift"])
+def test_a_stopped_run_resumes_to_the_same_lora(tmp_path, tmp_path_factory, options):
     # Accumulation, a warm-up + cosine schedule, LoRA dropout (torch's global RNG) and a sample grid between
     # checkpoints: everything a resume must restore.
     settings = dict(train={"max_train_steps": 6, "batch_size": 2, "gradient_accumulation_steps": 2,
                            "lr_scheduler": "cosine", "lr_warmup_steps": 2, "checkpoint_every": 2,
-                           "keep_checkpoints": 2, "sample_every": 3},
+                           "keep_checkpoints": 2, "sample_every": 3, **options},
                     lora={"dropout": 0.1, "rank": 4, "alpha": 4.0})
     whole = make_run(tmp_path / "whole", tmp_path_factory, **settings)
     train(whole, live=False)
@@ -103,6 +110,8 @@ def test_a_stopped_run_resumes_to_the_same_lora(tmp_path, tmp_path_factory):
     losses = lambda run: [json.loads(line)["loss"] for line in run.dir.metrics.read_text().splitlines()]  # noqa: E731
     assert losses(whole) == losses(parts) and len(losses(parts)) == 6  # steps 3.. were logged once, not twice
     assert [c.step for c in checkpoint.list_checkpoints(parts.dir)] == [4, 6]  # only the newest 2 are kept
+    groups = checkpoint.latest(parts.dir).training_state()["optimizer"]["param_groups"]
+    assert ("d" in groups[0]) == bool(options)  # the options were in force: Prodigy's state was saved
 
 
 def test_a_diverging_run_stops_keeps_the_last_good_checkpoint_and_saves_no_lora(tmp_path, tmp_path_factory,

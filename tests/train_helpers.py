@@ -1,7 +1,7 @@
 """Test helper: a run directory with caches made straight from the tiny pipeline (no notebooks 01/02 needed).
 
 It writes exactly the run-directory contract of fluxnb.data: samples.jsonl, embeddings/<caption_id> from
-`FluxPipeline.encode_prompt` (captions and validation prompts), latents/<sample_id> = the VAE's posterior mean and
+`FluxPipeline.encode_prompt` (captions, validation prompts and the empty prompt), latents/<sample_id> = the VAE's posterior mean and
 std, each file tagged with the settings fingerprint of the tiny run's config, and both meta.json files. Images keep
 their own sizes (all multiples of 16 in the tiny dataset), so there are several buckets.
 """
@@ -43,7 +43,7 @@ def _build_caches(config: RunConfig, out: RunDir) -> None:
         sample = Sample(sid, row["text"], caption_id(row["text"]), row["file_name"], image.width, image.height)
         latents.save_latent(out, sample, dist.mean[0], dist.std[0], latent_tag)
         samples.append(sample)
-    for text in {s.caption for s in samples} | set(prompts):
+    for text in {s.caption for s in samples} | set(prompts) | {embeddings.EMPTY_PROMPT}:
         embeds, pooled, text_ids = pipe.encode_prompt(prompt=text, prompt_2=None, max_sequence_length=77)
         embeddings.save_embedding(out, text, embeds[0], pooled[0], text_ids, text_tag)
     write_meta(out.latents, latents.settings(config))

@@ -52,6 +52,9 @@ from .store import (
 )
 
 
+EMPTY_PROMPT = ""  # FLUX has no unconditional training otherwise: caption dropout swaps a caption for this
+
+
 def settings(config: RunConfig) -> dict[str, Any]:
     """What makes a cached embedding valid: another model or sequence length gives other vectors."""
     m = config.model
@@ -163,8 +166,14 @@ def t5_linear_layers(pipe: Any) -> Counter:
 
 
 def texts_to_encode(config: RunConfig, prepared: CheckedDataset) -> list[str]:
-    """The dataset's captions, then the validation prompts (sampled during training without any text encoder)."""
-    return list(dict.fromkeys([*prepared.captions, *config.data.validation_prompts]))
+    """The dataset's captions, the validation prompts (sampled during training without any text encoder), and the
+    empty prompt (train.caption_dropout trains on it; cached always, so it can be switched on in notebook 03)."""
+    return list(dict.fromkeys([*prepared.captions, *config.data.validation_prompts, EMPTY_PROMPT]))
+
+
+def is_current(run: Run, text: str) -> bool:
+    """Whether `text` has a cached embedding made with the run's settings."""
+    return is_cached(embedding_path(run.dir, text), fingerprint(settings(run.config)), caption_id(text))
 
 
 def pending(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> list[str]:

@@ -14,6 +14,7 @@ import html
 import re
 from pathlib import Path
 
+from ..config import BASES
 from ..data.store import read_samples
 from ..infer.export import left_out, read_lora
 from ..run import LORA_FILE, Run
@@ -22,6 +23,8 @@ from ..run.records import MetricsLog, read_gallery_index
 LICENSES = {  # base model -> (license, license_name, license_link): a LoRA inherits its base model's terms
     "black-forest-labs/FLUX.1-dev": ("other", "flux-1-dev-non-commercial-license",
                                      "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
+    "black-forest-labs/FLUX.1-Krea-dev": ("other", "flux-1-dev-non-commercial-license",
+                                          "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"),
     "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None, None),
 }
 TAGS = ["text-to-image", "diffusers", "lora", "flux", "flux-diffusers", "template:sd-lora", "qlora", "fluxnb"]
@@ -57,13 +60,15 @@ def training_summary(run: Run) -> dict[str, object]:
     c = run.config
     rows = MetricsLog(run.dir.metrics).read()
     steps = rows[-1].get("step") if rows else None
-    return {"base model": _public_name(c.model.model_id), "dataset": _public_name(c.data.dataset),
+    return {"base model": _public_name(c.model.model_id), "base": c.model.base, "dataset": _public_name(c.data.dataset),
             "resolution": f"{c.data.width}x{c.data.height}", "quantization": c.model.quantization,
             "LoRA rank": c.lora.rank, "LoRA alpha": c.lora.alpha, "LoRA targets": c.lora.targets,
             "optimizer": c.train.optimizer, "learning rate": c.train.learning_rate, "lr scheduler": c.train.lr_scheduler,
             "batch size": c.train.batch_size, "gradient accumulation": c.train.gradient_accumulation_steps,
             "optimizer steps (planned)": c.train.max_train_steps, "optimizer steps (done)": steps,
-            "weighting scheme": c.train.weighting_scheme, "guidance scale (training)": c.train.guidance_scale,
+            "weighting scheme": c.train.weighting_scheme,
+            "sigmoid scale": c.train.sigmoid_scale if c.train.weighting_scheme == "flux_shift" else None,
+            "caption dropout": c.train.caption_dropout, "guidance scale (training)": c.train.guidance_scale,
             "gradient checkpointing": c.train.gradient_checkpointing, "seed": c.train.seed}
 
 
@@ -107,6 +112,8 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
         instance_prompt=trigger, widget=[{"text": " ".join(im["prompt"].split()), "output": {"url": f"images/{im['file']}"}}
                                          for im in images])
     link = f"[{text(base)}](https://huggingface.co/{base})" if on_hub else "a local base model"
+    if base != BASES[c.model.base] and c.profile != "tiny":  # a local copy, a mirror: say which FLUX.1 it holds
+        link += f" ({text(c.model.base)})"
     lora = run.dir.lora_file
     dropped = left_out(read_lora(lora)) if lora.is_file() else []
     tiny = ("\n\n**Test artifact**: trained on fluxnb's offline tiny model (random weights, a few layers) to check the "

@@ -61,6 +61,12 @@ def sample_generator(seed: int, step: int, sample_id: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def caption_dropped(seed: int, step: int, sample_id: str, p: float) -> bool:
+    """Whether caption dropout (probability p) swaps this sample's caption for the empty prompt at this step: a
+    generator of its own, so its noise, timestep and latent draw (`sample_generator`) stay as they were."""
+    return p > 0 and torch.rand((), generator=sample_generator(seed, step, f"{sample_id}/caption-dropout")).item() < p
+
+
 @dataclass
 class MicroBatch:
     """One forward/backward of one process: its samples (collated), their generators, and the loss scale.
@@ -87,8 +93,13 @@ class TrainingData:
     """
 
     def __init__(self, run: RunDir, batch_size: int, seed: int, *, accumulation: int = 1, processes: int = 1,
-                 only: Collection[str] | None = None, samples: list | None = None) -> None:
+                 only: Collection[str] | None = None, samples: list | None = None,
+                 caption_dropout: float = 0.0) -> None:
         dataset = CachedDataset(run, samples)
+        # caption_dropout: the chance that a sample of a step trains on the empty prompt (fluxnb.data.embeddings)
+        self.caption_dropout = caption_dropout
+        self.empty = (embeddings.load_embedding(dataset.run, embeddings.EMPTY_PROMPT) | {"caption": ""}
+                      if caption_dropout > 0 else None)
         # only: the sample ids to serve (fluxnb.train.validation keeps held-out images out); None = all
         self.items = [dataset[i] for i in range(len(dataset)) if only is None or dataset.samples[i].id in only]
         self.batch_size, self.seed, self.accumulation, self.processes = batch_size, seed, accumulation, processes
@@ -127,10 +138,17 @@ class TrainingData:
         for chunk in chunks[rank * self.accumulation : (rank + 1) * self.accumulation]:
             scale = len(chunk) * self.accumulation * self.processes / len(group)
             chunk = chunk or group[:1]  # nothing left for this process: one sample at scale 0
-            ids = [self.items[i]["id"] for i in chunk]
-            out.append(MicroBatch(self.collate([self.items[i] for i in chunk], device, dtype),
+            items = [self.captioned(self.items[i], step) for i in chunk]
+            ids = [item["id"] for item in items]
+            out.append(MicroBatch(self.collate(items, device, dtype),
                                   [sample_generator(self.seed, step, sid) for sid in ids], ids, scale))
         return out
+
+    def captioned(self, item: dict, step: int) -> dict:
+        """`item`, or at caption dropout's draw the same image with the empty prompt's embedding."""
+        if self.empty is None or not caption_dropped(self.seed, step, item["id"], self.caption_dropout):
+            return item
+        return item | self.empty
 
     def batch(self, k: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Micro-batch k of a one-process run, collated (for looking at the data, as notebook 03 does)."""

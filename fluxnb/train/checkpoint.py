@@ -10,11 +10,12 @@ A checkpoint holds everything that decides the rest of the run, so resuming repr
     state.json                         step, loss, lr, the training set's fingerprint (to refuse resuming on
                                        other data), written last
 
-Sizes for FLUX.1-dev, rank 4 attention: LoRA 18.7 MB (fp32), 8-bit AdamW state ~9.5 MB (AdamW: 37 MB). The folder
-is built as step-N.tmp and renamed into place, so a Colab disconnect mid-save leaves the previous one intact. What
-can still damage one afterwards (a full Drive, a sync that stopped, a hand-copied file) is caught by `verify`
-before a resume uses it: `newest_intact` finds the checkpoint to resume from, `set_aside` renames the damaged newer
-ones to step-N.damaged (kept for the user, never deleted by a resume).
+Sizes for FLUX.1-dev, rank 4 attention: LoRA 18.7 MB (fp32), 8-bit AdamW state ~9.5 MB (AdamW: 37 MB; Prodigy:
+~75 MB, and its step-size estimate d, saved with its param groups). The folder is built as step-N.tmp and renamed
+into place, so a Colab disconnect mid-save leaves the previous one intact. What can still damage one afterwards (a
+full Drive, a sync that stopped, a hand-copied file) is caught by `verify` before a resume uses it: `newest_intact`
+finds the checkpoint to resume from, `set_aside` renames the damaged newer ones to step-N.damaged (kept for the
+user, never deleted by a resume).
 """
 
 from __future__ import annotations

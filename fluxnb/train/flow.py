@@ -10,11 +10,14 @@ sigma is not drawn uniformly in (0, 1): the scheduler's own table of 1000 traini
 u ~ density(weighting_scheme), exactly as diffusers' FLUX training scripts do (SD3 paper, arXiv 2403.03206):
 "none"/"cosmap" draw u uniformly, "logit_normal" draws sigmoid(N(mean, std)), "mode" skews u by `mode_scale`;
 "cosmap" instead re-weights the loss. The library functions for both parts are used as they are.
+"flux_shift" is kohya's sd-scripts' instead: sigma is continuous, not from the table, and larger images are pushed
+towards noise as FLUX.1's sampler shifts them at inference (`flux_shift_sigmas`).
 Every random draw takes an explicit `generator`, so a run (and a resumed run) is reproducible.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +66,32 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch
     return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
+def flux_shift_sigmas(batch_size: int, image_tokens: int, sigmoid_scale: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """sd-scripts' "flux_shift" (library/flux_train_utils.py, get_noisy_model_input_and_timesteps): sigmas (B,)
+
+        u     = sigmoid(sigmoid_scale * N(0, 1))
+        sigma = e^mu / (e^mu + 1/u - 1)      # time_shift(mu, 1, u): u pushed towards 1 (noise) as mu grows
+
+    with mu FLUX.1's resolution shift for the image's tokens, (h/2)(w/2) of its latent: 0.5 at 256 tokens, 1.15
+    at 4096, linear between (diffusers' calculate_shift, FLUX.1's scheduler config), the shift its sampler uses.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    u = (torch.randn(batch_size, generator=generator) * sigmoid_scale).sigmoid()
+    mu = calculate_shift(image_tokens)
+    return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+
+
 def sample_timesteps(table: NoiseTable, batch_size: int, weighting_scheme: str = "none", *, logit_mean: float = 0.0,
-                     logit_std: float = 1.0, mode_scale: float = 1.29,
+                     logit_std: float = 1.0, mode_scale: float = 1.29, sigmoid_scale: float = 1.0,
+                     image_tokens: int | None = None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (timesteps, sigmas), each (B,), from the scheduler's table by the weighting scheme's density."""
+    """Draw (timesteps, sigmas), each (B,), from the scheduler's table by the weighting scheme's density; for
+    "flux_shift", sigmas from `flux_shift_sigmas` for images of `image_tokens` tokens, and timesteps 1000 sigma."""
+    if weighting_scheme == "flux_shift":
+        sigmas = flux_shift_sigmas(batch_size, image_tokens, sigmoid_scale, generator)
+        return sigmas * table.num_train_timesteps, sigmas
     u = compute_density_for_timestep_sampling(
         weighting_scheme=weighting_scheme, batch_size=batch_size, logit_mean=logit_mean, logit_std=logit_std,
         mode_scale=mode_scale, generator=generator)  # (B,) in [0, 1]
@@ -89,7 +114,8 @@ def flow_matching_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-    """Per-example loss weight w(sigma), shaped (B, 1, 1, 1) to broadcast: 1, or cosmap's 2 / (pi (1 - 2s + 2s^2))."""
+    """Per-example loss weight w(sigma), shaped (B, 1, 1, 1) to broadcast: 1 (also for "flux_shift", as sd-scripts),
+    or cosmap's 2 / (pi (1 - 2s + 2s^2))."""
     sigmas = sigmas.view(-1, *([1] * (ndim - 1)))
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
 

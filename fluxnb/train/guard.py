@@ -2,7 +2,7 @@
 
     guard.check_inputs(run, samples)                 # caches complete and made with today's settings
     start = guard.start_point(run, resume, overwrite)   # refuses to clobber an earlier run; deletes nothing
-    guard.check_resumable(run, start, samples)       # same LoRA, same model, same training set
+    guard.check_resumable(run, start, samples)       # same LoRA, model, optimizer and training set
     ...                                              # everything else that can fail: model, LoRA targets
     guard.clear_previous(run)                        # --overwrite: last, saying what it removes; never after a Ctrl-C
 
@@ -41,6 +41,12 @@ def check_inputs(run: Run, samples: list[Sample]) -> None:
                           f"(first: {bad[0].source}): notebook 02 did not finish (e.g. a `latents --overwrite` was "
                           "stopped), or the image settings changed since. Run notebook 02 (`python -m fluxnb latents "
                           f"--run-dir {run.dir.root}`) again to finish it; training never mixes them.")
+    dropout = run.config.train.caption_dropout
+    if dropout > 0 and not embeddings.is_current(run, embeddings.EMPTY_PROMPT):
+        raise FluxnbError(f"train.caption_dropout={dropout:g} trains on the empty prompt, which has no embedding made "
+                          f"with this run's settings (runs embedded before fluxnb cached it): re-run notebook 01 "
+                          f"(`python -m fluxnb embed --run-dir {run.dir.root}`), which encodes just that, or set "
+                          "caption_dropout to 0.")
     texts = embeddings.stale(run, samples)
     if texts:
         raise FluxnbError(f"{len(texts)} caption(s) have no embedding made with this run's settings (first: "
@@ -107,6 +113,11 @@ def check_resumable(run: Run, ckpt: checkpoint.Checkpoint | None, samples: list[
         raise FluxnbError(f"{ckpt.path} was trained with LoRA {then.lora} on {then.model.model_id}; the config now "
                           f"asks for {run.config.lora} on {run.config.model.model_id}. Put the old values back to "
                           "resume, or start over with overwrite=True (--overwrite).")
+    was, now_opt = then.train.optimizer, run.config.train.optimizer
+    if was != now_opt:
+        raise FluxnbError(f"{ckpt.path} holds the state of optimizer {was!r}; the config now asks for {now_opt!r}, which "
+                          f"cannot continue from it. Set train.optimizer back to {was!r} to resume, or start over "
+                          "with overwrite=True (--overwrite).")
     recorded, now = ckpt.info().get("data"), data_fingerprint(run, samples)
     if recorded is not None and recorded != now["data"]:  # checkpoints from before fluxnb recorded it: unchecked
         raise FluxnbError(f"{ckpt.path} was trained on another training set ({ckpt.info().get('samples', '?')} "

@@ -51,18 +51,20 @@ class TrainResult:
 @watching_interrupts  # a Ctrl-C is never lost, not even one swallowed by a __del__ (taking the lock, too)
 @writes("train")  # the run's lock, for the whole call (fluxnb.run.lock)
 def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = False, max_steps: int | None = None,
-          stop_after: int | None = None, live: bool | None = None,
+          settings: dict | None = None, stop_after: int | None = None, live: bool | None = None,
           how_to_resume: str = guard.RESUME_IN_PYTHON) -> TrainResult:
     """Train (or continue training) the LoRA of `run`; see the module docstring.
 
     transformer: a model already loaded for training (`load_for_training`), else it is built here. max_steps: a
-    new total for train.max_train_steps, saved to config.json. stop_after: pause after this optimizer step (a
-    checkpoint is written; the LR schedule still aims at max_train_steps). live: redraw plots in a notebook.
-    how_to_resume: what a stopped run tells the user to type (the CLI's own command line).
+    new total for train.max_train_steps; settings: other train.* values (the CLI's options); both are saved to
+    config.json once every check passed. stop_after: pause after this optimizer step (a checkpoint is written;
+    the LR schedule still aims at max_train_steps). live: redraw plots in a notebook. how_to_resume: what a
+    stopped run tells the user to type (the CLI's own command line).
     """
     # Setup. Everything that can fail is checked before --overwrite deletes anything (fluxnb.train.guard).
-    if max_steps is not None:
-        run.config = run.config.replace(train={"max_train_steps": max_steps})  # validated here, saved below
+    changes = (settings or {}) | ({"max_train_steps": max_steps} if max_steps is not None else {})
+    if changes:
+        run.config = run.config.replace(train=changes)  # validated here, saved below
     samples = read_samples(run.dir)  # samples.jsonl, read once for every check and the training data
     guard.check_inputs(run, samples)
     start = guard.start_point(run, resume, overwrite)
@@ -73,7 +75,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     live = in_notebook() if live is None else live
     target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
     with cpu_threads(run.hw), speed.attention_backends(run.hw, run.config.model.quantization):
-        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=max_steps is not None,
+        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=bool(changes),
                     live=live, how_to_resume=how_to_resume)
         result = TrainResult(s.state.step, None, s.newest_path, train_loss_before=s.on_main(s.fixed_loss))
         if s.state.step == 0:

@@ -6,7 +6,8 @@ fits it (blocks resident or streamed from CPU RAM, checkpointed or keeping their
 the optimizer) is chosen by fluxnb.train.budget for the image size, and shown with its reasons. Every preset trains the
 same NF4 base and the same LoRA on 4 samples per optimizer step. Compute dtype is not part of a preset: the
 hardware decides it (bf16 where the GPU has it, fp16 on a T4). What each costs in memory and time, measured, is
-in BENCHMARKS.md.
+in BENCHMARKS.md, on FLUX.1-dev; FLUX.1-Krea-dev (model.base) has its architecture, so the same numbers hold.
+A preset picks 8-bit or plain AdamW for memory; Prodigy (train.optimizer) is a choice of method, and stays.
 """
 
 from __future__ import annotations
@@ -84,7 +85,17 @@ def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig
     if name == TINY:
         return config
     settings = plan(config, name, hw).settings()
-    return config.replace(model=_QLORA | settings["model"], train={"compile": "auto"} | settings["train"])
+    train = {"compile": "auto"} | settings["train"]
+    if config.train.optimizer == "prodigy":
+        del train["optimizer"]
+    return config.replace(model=_QLORA | settings["model"], train=train)
+
+
+def describe(config: RunConfig, name: str) -> str:
+    """The preset's sentence for the form, with the base it trains (and, for Krea, why the numbers still hold)."""
+    base = config.model.base
+    same = "" if base == "FLUX.1-dev" else " (FLUX.1-dev's architecture: the same memory and time)"
+    return f"{PRESETS[name].description}. Base model: {base}{same}."
 
 
 def unplanned(config: RunConfig) -> bool:

@@ -57,7 +57,8 @@ class Session:
         self.val = validation.Validation(run, self.table, self.latent, history, start.step if start else 0, samples)
         print(f"fluxnb: {self.val.note}")
         self.data = TrainingData(run.dir, self.tc.batch_size, self.tc.seed, accumulation=self.tc.gradient_accumulation_steps,
-                                 processes=processes, only=self.val.train_ids, samples=samples)  # no held-out image
+                                 processes=processes, only=self.val.train_ids, samples=samples,  # no held-out image
+                                 caption_dropout=self.tc.caption_dropout)
         self.trained_on = guard.data_fingerprint(run, samples)  # in every checkpoint: resume refuses other data
         self.sampler = make_sampler(run, scheduler)
         self.model = transformer if transformer is not None else load_for_training(run)
@@ -79,6 +80,8 @@ class Session:
         self.history = MetricsLog(run.dir.metrics).truncate(self.state.step) if self.main else []
         self.newest = start  # the newest checkpoint this call knows of (it lists checkpoints/ once, in guard)
         self.first_step = self.state.step
+        if note := step.optimizer_note(self.tc):  # e.g. prodigy with Adam's learning rate
+            self.accelerator.print(f"fluxnb: warning: {note}")
         self.accelerator.print(memory.report(f"memory after loading ({hw.describe()})"))
 
     def on_main(self, fn, *args):

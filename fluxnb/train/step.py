@@ -7,6 +7,7 @@ both give the same loss); the math itself is in fluxnb.train.flow, the loop that
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from dataclasses import dataclass
 
@@ -59,7 +60,8 @@ def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.Noise
     noise = _per_sample(generator, flow.sample_noise, x)  # eps, (B, 16, h, w)
     def timesteps_for(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # (n,), (n,)
         return flow.sample_timesteps(table, n, cfg.weighting_scheme, logit_mean=cfg.logit_mean,
-                                     logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=g)
+                                     logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                     sigmoid_scale=cfg.sigmoid_scale, image_tokens=(h // 2) * (w // 2), generator=g)
 
     if isinstance(generator, torch.Generator):
         timesteps, sigmas = timesteps_for(b, generator)
@@ -102,14 +104,36 @@ def evaluate(transformer, data: TrainingData, table: flow.NoiseTable, cfg: Train
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """8-bit AdamW keeps Adam's two moments in 8 bits (blockwise-quantized): 2 bytes / param instead of 8, one
-    kernel per LoRA tensor. Plain AdamW on a GPU is torch's fused one: a few kernels for all ~600 LoRA tensors."""
+    kernel per LoRA tensor. Plain AdamW on a GPU is torch's fused one: a few kernels for all ~600 LoRA tensors.
+
+    Prodigy (prodigyopt) is Adam that estimates its own step size d from how far the weights moved along the
+    gradients; learning_rate multiplies d (1.0 = Prodigy's own). Its settings are diffusers' FLUX scripts': Adam's
+    bias correction, and d's estimate kept out of the LR warm-up. It keeps 4 fp32 numbers per LoRA weight."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                   eps=cfg.adam_epsilon)
     if cfg.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" when made
+            return Prodigy(params, use_bias_correction=True, safeguard_warmup=True, **kwargs)
     return torch.optim.AdamW(params, fused=bool(params) and all(p.is_cuda for p in params), **kwargs)
+
+
+def optimizer_note(cfg: TrainConfig) -> str:
+    """A warning when learning_rate does not fit the optimizer (Prodigy's is a multiplier, Adam's a step size), else
+    "". The form shows it as the values change; training prints it."""
+    lr = cfg.learning_rate
+    if cfg.optimizer == "prodigy" and lr < 0.1:
+        return (f"with prodigy, learning_rate multiplies the step size Prodigy finds itself: 1.0 is typical, and "
+                f"{lr:g} makes every step {1 / lr:.0f}x smaller than its estimate; set learning_rate to 1.0.")
+    if cfg.optimizer != "prodigy" and lr >= 0.1:
+        return (f"learning_rate={lr:g} is {cfg.optimizer}'s step size: LoRA training uses about 1e-4, and {lr:g} "
+                "would diverge; set 1e-4, or optimizer 'prodigy' (whose learning_rate is a multiplier, 1.0 typical).")
+    return ""
 
 
 MAX_SKIPPED_FP16_STEPS = 20  # the fp16 loss scaler skips a step on inf gradients; this many in a row is divergence
