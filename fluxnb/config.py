@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from .base.errors import FluxnbError
 from .base.files import atomic_write_text
@@ -58,12 +59,45 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+_KINDS = {  # annotation -> (what a value of it must be, its test); float takes ints, int and float refuse bools
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    str | None: ("a string or null", lambda v: v is None or isinstance(v, str)),
+    list[str]: ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+}
+# Ranges and choices by field name (no two sections share one); each section's own checks follow them.
+_POSITIVE = ("rank", "alpha", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_train_steps",
+             "keep_checkpoints", "sample_steps", "logit_std", "adam_epsilon", "max_grad_norm")
+_NOT_NEGATIVE = ("offload_blocks", "lr_warmup_steps", "guidance_scale", "keep_activations", "memory_budget_gib",
+                 "adam_weight_decay", "sample_every", "checkpoint_every", "validation_samples", "validate_every")
+_RANGES = {**dict.fromkeys(_POSITIVE, (lambda v: v > 0, "> 0")),
+           **dict.fromkeys(_NOT_NEGATIVE, (lambda v: v >= 0, ">= 0")),
+           **dict.fromkeys(("dropout", "adam_beta1", "adam_beta2"), (lambda v: 0 <= v < 1, "in [0, 1)"))}
+_CHOICES = {"crop": CROPS, "small_images": SMALL_IMAGE_POLICIES, "bad_images": BAD_IMAGE_POLICIES,
+            "quantization": QUANTIZATIONS, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS, "compile": COMPILE_MODES,
+            "weighting_scheme": WEIGHTING_SCHEMES, "optimizer": OPTIMIZERS, "profile": PROFILES, "init": LORA_INITS}
 
 
-def _check_positive(name: str, value: float) -> None:
-    _check(value > 0, f"{name} must be > 0, got {value!r}.")
+def _check_fields(obj: Any, section: str) -> None:
+    """Every field of dataclass `obj` against its annotation, then the shared ranges and choices: a hand-edited
+    config.json can hold anything JSON can ("1e-4", true, null, 1e999 = Infinity), and the range checks (these,
+    and each section's own after them) assume the type. `section`: "train." etc., for the messages."""
+    hints = get_type_hints(type(obj))  # the annotations are strings here (from __future__ import annotations)
+    for f in dataclasses.fields(obj):
+        kind, fits = _KINDS.get(hints[f.name], ("", lambda v: True))  # a RunConfig's sections: checked by their own
+        if not fits(value := getattr(obj, f.name)):
+            kind = "a finite number" if hints[f.name] is float and isinstance(value, float) else kind  # NaN, 1e999
+            e_g = f" (e.g. {json.dumps(f.default)})" if type(f.default) in (int, float, str) and f.default != "" else ""
+            raise ConfigError(f"{section}{f.name}={json.dumps(value, default=repr)} must be {kind}{e_g}.")
+    for f in dataclasses.fields(obj):
+        name, value = section + f.name, getattr(obj, f.name)
+        if (choices := _CHOICES.get(f.name)) is not None:
+            _check(value in choices, f"{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+        if f.name in _RANGES:
+            (ok, bound), kind = _RANGES[f.name], "an integer" if hints[f.name] is int else "a number"
+            _check(ok(value), f"{name} must be {kind} {bound}, got {value!r}.")
 
 
 @dataclass
@@ -84,37 +118,23 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
     captioner: str = "Salesforce/blip-image-captioning-large"  # writes missing captions (fluxnb.data.captions)
-    validation_prompts: list[str] = field(
-        default_factory=lambda: [
-            "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
-            "a puppy in a pond, alphonse mucha style",
-        ]
-    )
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
+        "a puppy in a pond, alphonse mucha style"])
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data.")
         _check(bool(self.dataset), "dataset is empty: give a hub id (user/name) or a local folder.")
-        for name in ("width", "height"):
+        for name in ("width", "height", "bucket_step"):
             value = getattr(self, name)
-            _check(
-                isinstance(value, int) and value > 0 and value % 16 == 0,
-                f"{name}={value!r} must be a positive multiple of 16 (the VAE downsamples by 8 and FLUX packs 2x2 "
-                f"latent patches); try {max(16, round(value / 16) * 16) if isinstance(value, (int, float)) else 512}.",
-            )
-        _check_choice("crop", self.crop, CROPS)
-        _check_choice("small_images", self.small_images, SMALL_IMAGE_POLICIES)
-        _check_choice("bad_images", self.bad_images, BAD_IMAGE_POLICIES)
-        _check(
-            isinstance(self.bucket_step, int) and self.bucket_step > 0 and self.bucket_step % 16 == 0,
-            f"bucket_step={self.bucket_step!r} must be a positive multiple of 16 (e.g. 64).",
-        )
-        _check(
-            isinstance(self.max_sequence_length, int) and 1 <= self.max_sequence_length <= 512,
-            f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).",
-        )
-        _check(
-            all(isinstance(p, str) and p.strip() for p in self.validation_prompts),
-            "validation_prompts must be non-empty strings.",
-        )
+            _check(value > 0 and value % 16 == 0,
+                   f"{name}={value!r} must be a positive multiple of 16 (the VAE downsamples by 8 and FLUX packs 2x2 "
+                   f"latent patches); try {max(16, round(value / 16) * 16)}.")
+        _check(1 <= self.max_sequence_length <= 512,
+               f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).")
+        _check(bool(self.validation_prompts) and all(p.strip() for p in self.validation_prompts),
+               f"data.validation_prompts={json.dumps(self.validation_prompts)} must hold at least one prompt, none "
+               "empty: the sample grids, notebook 04's images and the model card's example start from them.")
 
 
 @dataclass
@@ -130,12 +150,8 @@ class ModelConfig:
     offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.model.offload)
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model.")
         _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
-        _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check(isinstance(self.offload_blocks, int) and self.offload_blocks >= 0,
-               f"offload_blocks must be an integer >= 0 (0 = none, 57 = all of FLUX's blocks), "
-               f"got {self.offload_blocks!r}.")
-        _check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -149,14 +165,11 @@ class LoRAConfig:
     targets: str = "attention"  # a preset name, or comma-separated module names (e.g. "to_q,to_v")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}.")
-        _check_positive("alpha", self.alpha)
-        _check(self.init not in BASE_CHANGING_INITS,
+        _check(self.init not in BASE_CHANGING_INITS,  # before the choices: this one has its own reason
                f"init={self.init!r} changes the base model's weights while training, so ComfyUI, Forge, kohya, "
                f"diffusers and fluxnb's merge would apply the saved LoRA to the wrong base: use 'gaussian' (the "
                f"default) or 'default'.")
-        _check_choice("init", self.init, LORA_INITS)
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
+        _check_fields(self, "lora.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")
 
     @property
@@ -201,30 +214,7 @@ class TrainConfig:
     validate_every: int = 25  # optimizer steps between validation losses (0 = never)
 
     def __post_init__(self) -> None:
-        _check_positive("learning_rate", self.learning_rate)
-        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "keep_checkpoints", "sample_steps"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
-        _check(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale!r}.")
-        _check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
-        _check_positive("logit_std", self.logit_std)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("compile", self.compile, COMPILE_MODES)
-        keep, gib = self.keep_activations, self.memory_budget_gib
-        _check(isinstance(keep, int) and keep >= 0,
-               f"keep_activations must be an integer >= 0 (0 = every block checkpointed), got {keep!r}.")
-        _check(isinstance(gib, (int, float)) and gib >= 0, f"memory_budget_gib must be a number >= 0, got {gib!r}.")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}.")
-        _check(self.adam_weight_decay >= 0, f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
-        _check_positive("adam_epsilon", self.adam_epsilon)
-        _check_positive("max_grad_norm", self.max_grad_norm)
-        for name in ("sample_every", "checkpoint_every", "validation_samples", "validate_every"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")
+        _check_fields(self, "train.")
 
 
 @dataclass
@@ -238,24 +228,30 @@ class RunConfig:
     profile: str = "real"  # "real" or "tiny" (see fluxnb.run.hardware.detect)
 
     def __post_init__(self) -> None:
-        _check_choice("profile", self.profile, PROFILES)
+        _check_fields(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Checked in the order a hand edit goes wrong: the shape (sections, keys), then every value's type, then
+        its range. A key missing inside a section takes its default (a config.json older than the field); a
+        missing section is an error, since a run's defaults (the tiny profile's, a preset's) are not the class's."""
         parts = {"data": DataConfig, "model": ModelConfig, "lora": LoRAConfig, "train": TrainConfig}
+        fix = "restore it (each checkpoints/step-N/config.json holds a copy) or delete config.json to start over"
+        _check(isinstance(raw, dict), f"the config is {json.dumps(raw)[:40]}, not an object of sections: {fix}.")
         unknown = set(raw) - set(parts) - {"profile"}
         _check(not unknown, f"config has unknown sections {sorted(unknown)}; expected {sorted(parts)} and profile.")
-        kwargs: dict[str, Any] = {}
         for name, part in parts.items():
-            values = dict(raw.get(name, {}))
+            _check(name in raw, f"the {name} section is missing: {fix}.")
+            _check(isinstance(raw[name], dict), f"{name}={json.dumps(raw[name])[:40]} must be an object of settings "
+                                                f"{{\"key\": value, ...}}: {fix}.")
             known = {f.name for f in dataclasses.fields(part)}
-            extra = set(values) - known
+            extra = set(raw[name]) - known
             _check(not extra, f"config section '{name}' has unknown keys {sorted(extra)}; known: {sorted(known)}.")
-            kwargs[name] = part(**values)
-        return cls(**kwargs, profile=raw.get("profile", "real"))
+        _check("profile" in raw, f"profile is missing (\"real\" or \"tiny\"): {fix}.")
+        return cls(**{name: part(**raw[name]) for name, part in parts.items()}, profile=raw["profile"])
 
     def with_local_paths_resolved(self) -> RunConfig:
         """A copy whose dataset, model and prequantized folders, when they name a local path, are absolute.
@@ -271,10 +267,7 @@ class RunConfig:
         """A copy with some fields changed, validated: `cfg.replace(train={"max_train_steps": 50})`."""
         raw = self.to_dict()
         for name, values in sections.items():
-            if name == "profile":
-                raw["profile"] = values
-            else:
-                raw[name].update(values)
+            raw[name] = values if name == "profile" else raw[name] | values
         return RunConfig.from_dict(raw)
 
     def save(self, run_dir: str | Path) -> Path:
@@ -286,12 +279,11 @@ class RunConfig:
     def load(cls, run_dir: str | Path) -> RunConfig:
         path = Path(run_dir) / CONFIG_FILE
         if not path.is_file():
-            raise FluxnbError(
-                f"{path} does not exist: run notebook 01 (or `python -m fluxnb embed --run-dir {run_dir}`) first, "
-                "which creates the run directory and its config."
-            )
+            raise FluxnbError(f"{path} does not exist: run notebook 01 (or `python -m fluxnb embed --run-dir "
+                              f"{run_dir}`) first, which creates the run directory and its config.")
         try:
-            raw = json.loads(path.read_text())
+            return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); fix it or delete it to start over.") from None
-        return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
