@@ -1,5 +1,4 @@
-import sys
-
+from .base.interrupts import exit_on_interrupt
 from .cli import main
 
-sys.exit(main())
+exit_on_interrupt(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import config
 from .base.errors import FluxnbError
-from .base.interrupts import check_interrupted, watching_interrupts
+from .base.interrupts import watching_interrupts
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -111,9 +111,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
         run.save()
     given = {k: getattr(args, k) for k in _TRAIN_ARGS if getattr(args, k) is not None}  # after the preset: kept
+    again = f"python -m fluxnb train --run-dir {run.dir.root} --resume"
     result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, settings=given,
-                   live=False, how_to_resume=f"python -m fluxnb train --run-dir {run.dir.root} --resume")
-    return 130 if result.interrupted else 0
+                   live=False, how_to_resume=again)
+    if result.interrupted:  # train said where the run stands; the command ends as every interrupted one does
+        raise KeyboardInterrupt
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -285,17 +288,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@watching_interrupts  # from the first line: a Ctrl-C swallowed by a __del__ at start-up still stops the command
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
     try:
-        code = args.func(args)
-        if code == 0:
-            check_interrupted()  # one swallowed after the step's last check: not a success
-        return code
+        return _run(argv)
     except FluxnbError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@watching_interrupts  # from the first line: a Ctrl-C swallowed by a __del__ at start-up still stops the command,
+def _run(argv: list[str] | None) -> int:  # and one swallowed after the step's last check is raised as it returns
+    args = parse(argv)
+    return args.func(args)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .base.errors import FluxnbError
+from .base.fields import ConfigError, check_fields
+from .base.fields import check as _check
 from .base.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -45,10 +47,6 @@ EXPORT_FORMATS = ("comfyui", "diffusers")  # notebook 04's LoRA files: kohya/BFL
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class ConfigError(FluxnbError, ValueError):
-    """A bad configuration value: the message says which field, what was given, and what is allowed."""
-
-
 def local_path(value: str | None) -> str | None:
     """`value` as an absolute path if it names an existing file or folder here, else unchanged (a Hub id)."""
     if not value or not Path(value).expanduser().exists():
@@ -56,17 +54,25 @@ def local_path(value: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(value))  # not resolve(): a symlinked folder stays as named
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+# Ranges and choices by field name (no two sections share one); each section's own checks follow them.
+_POSITIVE = ("rank", "alpha", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_train_steps",
+             "keep_checkpoints", "sample_steps", "logit_std", "sigmoid_scale", "adam_epsilon", "max_grad_norm")
+_NOT_NEGATIVE = ("offload_blocks", "lr_warmup_steps", "guidance_scale", "keep_activations", "memory_budget_gib",
+                 "adam_weight_decay", "sample_every", "checkpoint_every", "validation_samples", "validate_every")
+_RANGES = {**dict.fromkeys(_POSITIVE, (lambda v: v > 0, "> 0")),
+           **dict.fromkeys(_NOT_NEGATIVE, (lambda v: v >= 0, ">= 0")),
+           **dict.fromkeys(("dropout", "caption_dropout", "adam_beta1", "adam_beta2"),
+                           (lambda v: 0 <= v < 1, "in [0, 1)"))}
+_CHOICES = {"crop": CROPS, "small_images": SMALL_IMAGE_POLICIES, "bad_images": BAD_IMAGE_POLICIES,
+            "quantization": QUANTIZATIONS, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS, "compile": COMPILE_MODES,
+            "weighting_scheme": WEIGHTING_SCHEMES, "optimizer": OPTIMIZERS, "profile": PROFILES, "init": LORA_INITS,
+            "base": tuple(BASES)}
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
 
 
-def _check_positive(name: str, value: float) -> None:
-    _check(value > 0, f"{name} must be > 0, got {value!r}.")
+def _check_fields(obj: Any, section: str) -> None:
+    check_fields(obj, section, _RANGES, _CHOICES)
 
 
 @dataclass
@@ -87,37 +93,23 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
     captioner: str = "florence-community/Florence-2-large"  # writes missing captions (fluxnb.data.captioner)
-    validation_prompts: list[str] = field(
-        default_factory=lambda: [
-            "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
-            "a puppy in a pond, alphonse mucha style",
-        ]
-    )
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
+        "a puppy in a pond, alphonse mucha style"])
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data.")
         _check(bool(self.dataset), "dataset is empty: give a hub id (user/name) or a local folder.")
-        for name in ("width", "height"):
+        for name in ("width", "height", "bucket_step"):
             value = getattr(self, name)
-            _check(
-                isinstance(value, int) and value > 0 and value % 16 == 0,
-                f"{name}={value!r} must be a positive multiple of 16 (the VAE downsamples by 8 and FLUX packs 2x2 "
-                f"latent patches); try {max(16, round(value / 16) * 16) if isinstance(value, (int, float)) else 512}.",
-            )
-        _check_choice("crop", self.crop, CROPS)
-        _check_choice("small_images", self.small_images, SMALL_IMAGE_POLICIES)
-        _check_choice("bad_images", self.bad_images, BAD_IMAGE_POLICIES)
-        _check(
-            isinstance(self.bucket_step, int) and self.bucket_step > 0 and self.bucket_step % 16 == 0,
-            f"bucket_step={self.bucket_step!r} must be a positive multiple of 16 (e.g. 64).",
-        )
-        _check(
-            isinstance(self.max_sequence_length, int) and 1 <= self.max_sequence_length <= 512,
-            f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).",
-        )
-        _check(
-            all(isinstance(p, str) and p.strip() for p in self.validation_prompts),
-            "validation_prompts must be non-empty strings.",
-        )
+            _check(value > 0 and value % 16 == 0,
+                   f"{name}={value!r} must be a positive multiple of 16 (the VAE downsamples by 8 and FLUX packs 2x2 "
+                   f"latent patches); try {max(16, round(value / 16) * 16)}.")
+        _check(1 <= self.max_sequence_length <= 512,
+               f"max_sequence_length={self.max_sequence_length!r} must be between 1 and 512 (FLUX.1-dev's T5 limit).")
+        _check(bool(self.validation_prompts) and all(p.strip() for p in self.validation_prompts),
+               f"data.validation_prompts={json.dumps(self.validation_prompts)} must hold at least one prompt, none "
+               "empty: the sample grids, notebook 04's images and the model card's example start from them.")
 
 
 @dataclass
@@ -134,17 +126,12 @@ class ModelConfig:
     offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.model.offload)
 
     def __post_init__(self) -> None:
-        _check_choice("base", self.base, tuple(BASES))
+        _check_fields(self, "model.")
         self.model_id = BASES[self.base] if self.model_id is None else self.model_id
         _check(bool(self.model_id), "model_id is empty: give a hub id or a local diffusers folder.")
         other = next((b for b, repo in BASES.items() if repo == self.model_id and b != self.base), None)
         _check(other is None, f"model_id={self.model_id!r} is {other}, but base={self.base!r}: set base={other!r}, "
                               f"or model_id to null (the base's own Hub repo).")
-        _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check(isinstance(self.offload_blocks, int) and self.offload_blocks >= 0,
-               f"offload_blocks must be an integer >= 0 (0 = none, 57 = all of FLUX's blocks), "
-               f"got {self.offload_blocks!r}.")
-        _check_choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -158,14 +145,11 @@ class LoRAConfig:
     targets: str = "attention"  # a preset name, or comma-separated module names (e.g. "to_q,to_v")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}.")
-        _check_positive("alpha", self.alpha)
-        _check(self.init not in BASE_CHANGING_INITS,
+        _check(self.init not in BASE_CHANGING_INITS,  # before the choices: this one has its own reason
                f"init={self.init!r} changes the base model's weights while training, so ComfyUI, Forge, kohya, "
                f"diffusers and fluxnb's merge would apply the saved LoRA to the wrong base: use 'gaussian' (the "
                f"default) or 'default'.")
-        _check_choice("init", self.init, LORA_INITS)
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
+        _check_fields(self, "lora.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")
 
     @property
@@ -212,32 +196,7 @@ class TrainConfig:
     validate_every: int = 25  # optimizer steps between validation losses (0 = never)
 
     def __post_init__(self) -> None:
-        _check_positive("learning_rate", self.learning_rate)
-        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _check(self.lr_warmup_steps >= 0, f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps!r}.")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "keep_checkpoints", "sample_steps"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
-        _check(self.guidance_scale >= 0, f"guidance_scale must be >= 0, got {self.guidance_scale!r}.")
-        _check_choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
-        _check_positive("logit_std", self.logit_std)
-        _check_positive("sigmoid_scale", self.sigmoid_scale)
-        _check(0.0 <= self.caption_dropout < 1.0, f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}.")
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("compile", self.compile, COMPILE_MODES)
-        keep, gib = self.keep_activations, self.memory_budget_gib
-        _check(isinstance(keep, int) and keep >= 0,
-               f"keep_activations must be an integer >= 0 (0 = every block checkpointed), got {keep!r}.")
-        _check(isinstance(gib, (int, float)) and gib >= 0, f"memory_budget_gib must be a number >= 0, got {gib!r}.")
-        for name in ("adam_beta1", "adam_beta2"):
-            value = getattr(self, name)
-            _check(0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}.")
-        _check(self.adam_weight_decay >= 0, f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
-        _check_positive("adam_epsilon", self.adam_epsilon)
-        _check_positive("max_grad_norm", self.max_grad_norm)
-        for name in ("sample_every", "checkpoint_every", "validation_samples", "validate_every"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")
+        _check_fields(self, "train.")
 
 
 def _follow_base(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -262,25 +221,32 @@ class RunConfig:
     profile: str = "real"  # "real" or "tiny" (see fluxnb.run.hardware.detect)
 
     def __post_init__(self) -> None:
-        _check_choice("profile", self.profile, PROFILES)
+        _check_fields(self, "")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Checked in the order a hand edit goes wrong: the shape (sections, keys), then every value's type, then
+        its range. A key missing inside a section takes its default (a config.json older than the field); a
+        missing section is an error, since a run's defaults (the tiny profile's, a preset's) are not the class's."""
         parts = {"data": DataConfig, "model": ModelConfig, "lora": LoRAConfig, "train": TrainConfig}
+        fix = "restore it (each checkpoints/step-N/config.json holds a copy) or delete config.json to start over"
+        _check(isinstance(raw, dict), f"the config is {json.dumps(raw)[:40]}, not an object of sections: {fix}.")
         unknown = set(raw) - set(parts) - {"profile"}
         _check(not unknown, f"config has unknown sections {sorted(unknown)}; expected {sorted(parts)} and profile.")
-        kwargs: dict[str, Any] = {}
         for name, part in parts.items():
-            values = dict(raw.get(name, {}))
-            values = _follow_base({"model_id": None}, values) if name == "model" else values  # a file without base
+            _check(name in raw, f"the {name} section is missing: {fix}.")
+            _check(isinstance(raw[name], dict), f"{name}={json.dumps(raw[name])[:40]} must be an object of settings "
+                                                f"{{\"key\": value, ...}}: {fix}.")
             known = {f.name for f in dataclasses.fields(part)}
-            extra = set(values) - known
+            extra = set(raw[name]) - known
             _check(not extra, f"config section '{name}' has unknown keys {sorted(extra)}; known: {sorted(known)}.")
-            kwargs[name] = part(**values)
-        return cls(**kwargs, profile=raw.get("profile", "real"))
+        _check("profile" in raw, f"profile is missing (\"real\" or \"tiny\"): {fix}.")
+        sections = {name: _follow_base({"model_id": None}, raw[name]) if name == "model" else raw[name]  # no base yet
+                    for name in parts}
+        return cls(**{name: part(**sections[name]) for name, part in parts.items()}, profile=raw["profile"])
 
     def with_local_paths_resolved(self) -> RunConfig:
         """A copy whose dataset, model and prequantized folders, when they name a local path, are absolute.
@@ -299,7 +265,7 @@ class RunConfig:
             if name == "profile":
                 raw["profile"] = values
             else:
-                raw[name].update(_follow_base(raw[name], values) if name == "model" else values)
+                raw[name] = raw[name] | (_follow_base(raw[name], values) if name == "model" else values)
         return RunConfig.from_dict(raw)
 
     def save(self, run_dir: str | Path) -> Path:
@@ -311,12 +277,11 @@ class RunConfig:
     def load(cls, run_dir: str | Path) -> RunConfig:
         path = Path(run_dir) / CONFIG_FILE
         if not path.is_file():
-            raise FluxnbError(
-                f"{path} does not exist: run notebook 01 (or `python -m fluxnb embed --run-dir {run_dir}`) first, "
-                "which creates the run directory and its config."
-            )
+            raise FluxnbError(f"{path} does not exist: run notebook 01 (or `python -m fluxnb embed --run-dir "
+                              f"{run_dir}`) first, which creates the run directory and its config.")
         try:
-            raw = json.loads(path.read_text())
+            return cls.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path} is not valid JSON ({err}); fix it or delete it to start over.") from None
-        return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None

@@ -250,7 +250,8 @@ def test_card_writes_what_users_typed_as_text_never_as_markup(run):
     images = [{"prompt": p, "file": f"{i:02d}.png", "seed": i, "steps": 4, "lora_scale": 1.0}
               for i, p in enumerate(hostile)]
     card = hub.card_text(run, "my `style` <b>x</b>\n# h", "x_comfyui.safetensors", images, "me/x")
-    header, body = card.split("---\n", 2)[1:]  # notebook 05's split: the header holds no "---" line
+    read = ModelCard(card)  # as the Hub and notebook 05 split it
+    header, body = read.data.to_yaml(), read.text
     assert "Injected heading" not in header.replace("# Injected", "")  # one line per prompt in the YAML
     tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(body)
     inline = [t for tok in tokens if tok.type == "inline" for t in tok.children or []]
@@ -290,3 +291,42 @@ def test_push_without_a_token_says_why_first_and_how_to_log_in(run, online, fake
     assert first.index("hf auth login") < first.index("notebook_login")
     assert "model card" not in out and "pytorch_lora_weights.safetensors" in out  # the file list, not the card
     assert fake_api.calls == []
+
+
+def _notebook_05_shows(card: str, folder: Path, monkeypatch) -> tuple[str, str]:
+    """Notebook 05's cell that shows the card, run on `card`: (the header it prints, the Markdown it shows)."""
+    import IPython.display
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / "05_share_to_hub.ipynb", as_version=4)
+    source = next(c.source for c in nb.cells if c.cell_type == "code" and "staged.card" in c.source)
+    printed, shown = [], []
+    monkeypatch.setattr(IPython.display, "Markdown", shown.append)
+    exec(source, {"staged": SimpleNamespace(card=card, folder=folder), "print": printed.append})
+    return str(printed[0]), shown[0]
+
+
+def test_a_prompt_or_trigger_word_holding_dashes_keeps_the_cards_header_whole(run, tmp_path, monkeypatch):
+    """Issue 27.13: a "---" inside a validation prompt or the trigger word ended the YAML header early where
+    notebook 05 split the card at the first "---\n": a prompt that YAML wraps after its "---", one that ends with
+    it, a trigger word with line breaks. The Hub's own reader (ModelCard, metadata_load) and notebook 05 agree."""
+    import re
+
+    from huggingface_hub import metadata_load
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
+
+    prompts = ["word " * 14 + "--- and more words after it", "a fox ---", "---", "a bird\n---\nin a tree"]
+    config = run.config.replace(data={"instance_prompt": "mucha\n---\nstyle ---", "validation_prompts": prompts})
+    images = [{"prompt": p, "file": f"{i:02d}.png", "seed": i, "steps": 4, "lora_scale": 1.0}
+              for i, p in enumerate(prompts)]
+    card = hub.card_text(Run(run.dir, config, run.hw), "", "x_comfyui.safetensors", images, "me/x")
+    one_line = [" ".join(p.split()) for p in prompts]
+    read = ModelCard(card)
+    assert read.data.instance_prompt == "mucha --- style ---"
+    assert [w["text"] for w in read.data.widget] == one_line
+    (tmp_path / "README.md").write_text(card)
+    assert metadata_load(tmp_path / "README.md") == read.data.to_dict()
+    assert read.text.lstrip().startswith("# x") and read.text.count("## Trigger word") == 1
+    header, body = _notebook_05_shows(card, tmp_path, monkeypatch)
+    assert header.strip() == REGEX_YAML_BLOCK.search(card).group(2).strip()  # the header as written, all of it
+    assert body == read.text and re.search(r"instance_prompt: .*style ---", header)

@@ -428,6 +428,89 @@ def test_cli_ctrl_c_swallowed_after_the_loop_is_not_a_success(tmp_path, tmp_path
     assert run.dir.lora_file.is_file() and capsys.readouterr().err.strip().endswith("interrupted")
 
 
+def test_a_ctrl_c_while_finishing_says_where_the_run_stands_and_resume_finishes_it(tmp_path, tmp_path_factory,
+                                                                                   monkeypatch, capsys):
+    """Issue 27.13: a Ctrl-C during the last save (after the loop) escaped train() without the usual line."""
+    from fluxnb.model import lora
+
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    real = lora.save_lora
+
+    def save_lora(*args):  # the final LoRA; the checkpoints before it are in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "save_lora", save_lora)
+    try:
+        result = train(run, live=False)
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped train() without saying where the run stands")
+    assert result.interrupted and result.checkpoint == run.dir.checkpoints / "step-2" and not run.dir.lora_file.exists()
+    assert f"interrupted at step 2; to continue from {run.dir.checkpoints / 'step-2'} (step 2)" in capsys.readouterr().out
+    monkeypatch.setattr(lora, "save_lora", real)
+    again = train(run, resume=True, live=False)
+    assert not again.interrupted and again.step == 2 and run.dir.lora_file.is_file()
+
+
+def test_a_ctrl_c_swallowed_while_finishing_in_a_notebook_is_not_lost(tmp_path, tmp_path_factory, monkeypatch):
+    """Notebook 03 calls train() with no CLI around it: a Ctrl-C that a __del__ swallowed after the loop used to be
+    dropped there, and the notebook ran on into its next cells."""
+    from fluxnb.train import validation
+
+    real = validation.summary
+
+    def summary(*args):  # after the LoRA is saved
+        Finalized()
+        return real(*args)
+
+    monkeypatch.setattr(validation, "summary", summary)
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    result = train(run, live=False)
+    assert result.interrupted and run.dir.lora_file.is_file()
+
+
+def test_a_watched_call_raises_a_ctrl_c_swallowed_after_its_last_check():
+    from fluxnb.base.interrupts import watching_interrupts
+
+    @watching_interrupts
+    def finishing():  # e.g. train's objects freed as it returns
+        Finalized()
+        return "done"
+
+    with pytest.raises(KeyboardInterrupt):
+        finishing()
+
+
+def test_a_watched_call_that_answered_its_ctrl_c_returns():
+    from fluxnb.base.interrupts import interrupt_handled, watching_interrupts
+
+    @watching_interrupts
+    def answering():  # like train: catches the Ctrl-C, says where the run stands, returns
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            interrupt_handled()
+        return "answered"
+
+    assert answering() == "answered"
+
+
+def test_cli_ctrl_c_during_the_interpreters_shutdown_exits_130(tmp_path, tmp_path_factory):
+    """A Ctrl-C after `python -m fluxnb train` returned, while Python shuts down (torch.library's atexit
+    finalizers), was printed as "Exception ignored in atexit callback ... KeyboardInterrupt" and the process exited
+    0. The hook sends the SIGINT from an atexit callback, deterministically."""
+    run = make_run(tmp_path / "run", tmp_path_factory, train=FEW)
+    hook = ("import atexit, os, runpy, signal, sys, time\n"
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+            "sys.argv = ['fluxnb', 'train', '--run-dir', sys.argv[1]]\n"
+            "runpy.run_module('fluxnb', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", hook, str(run.dir.root)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted" and "Exception ignored" not in proc.stderr
+    assert run.dir.lora_file.is_file() and "LoRA saved to" in proc.stdout
+
+
 def test_cli_ctrl_c_names_the_checkpoint_written_last_and_says_resume(tmp_path, tmp_path_factory, monkeypatch, capsys):
     run = make_run(tmp_path / "run", tmp_path_factory, train=FEW | {"max_train_steps": 4})
     real = checkpoint.save

@@ -6,6 +6,8 @@ how to use it and how it was made.
 Everything a user typed (trigger word, prompts, repo name) is written as text, never as markup: HTML is escaped,
 Markdown's special characters are backslashed, line breaks become spaces, and code spans and blocks get fences
 longer than any backticks inside, so a prompt cannot add a heading, a link, a script or an image to the page.
+The YAML header may still hold "---" inside a prompt (a long one wraps onto its own lines): split the card the
+way the Hub does, `huggingface_hub.ModelCard(text)` (.data, .text), never at the first "---".
 """
 
 from __future__ import annotations
@@ -104,12 +106,14 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
 
     c, base = run.config, _public_name(run.config.model.model_id)
     license_, license_name, license_link = LICENSES.get(c.model.model_id, ("other", None, None))
-    trigger = " ".join(trigger.split()) or trigger_word(run)
+    # One line, like every prompt in the header: a line break in the instance prompt or a caption ("\n---\n")
+    # would otherwise reach the YAML. Read the card back with huggingface_hub's ModelCard (notebook 05 does).
+    trigger = " ".join(trigger.split()) or " ".join((trigger_word(run) or "").split())
     on_hub = base != "a local folder"
     data = ModelCardData(
         base_model=base if on_hub else None, license=license_, license_name=license_name,
         license_link=license_link, library_name="diffusers", pipeline_tag="text-to-image", tags=TAGS,
-        instance_prompt=trigger, widget=[{"text": " ".join(im["prompt"].split()), "output": {"url": f"images/{im['file']}"}}
+        instance_prompt=trigger or None, widget=[{"text": " ".join(im["prompt"].split()), "output": {"url": f"images/{im['file']}"}}
                                          for im in images])
     link = f"[{text(base)}](https://huggingface.co/{base})" if on_hub else "a local base model"
     if base != BASES[c.model.base] and c.profile != "tiny":  # a local copy, a mirror: say which FLUX.1 it holds

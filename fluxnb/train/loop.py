@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base import memory
-from ..base.interrupts import check_interrupted, watching_interrupts
+from ..base.interrupts import check_interrupted, interrupt_handled, watching_interrupts
 from ..data.store import read_samples
 from ..model import lora
 from ..run import Run, writes
@@ -95,11 +95,20 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
                 if at_checkpoint:
                     result.checkpoint = s.save_checkpoint(loss)
         except KeyboardInterrupt:
-            result.checkpoint, result.interrupted = interrupted(run, s.state.step, how_to_resume), True
+            result.interrupted = True
         finally:
             s.close()
         result.step, result.seconds = s.state.step, time.perf_counter() - began
-        return result if result.interrupted else _finish(s, result)
+        try:  # the end (a last checkpoint, the LoRA, the summary) stops on a Ctrl-C as the loop does
+            if not result.interrupted:
+                _finish(s, result)
+                check_interrupted()  # one a __del__ swallowed while finishing
+        except KeyboardInterrupt:
+            result.interrupted = True
+        if result.interrupted:  # answered here: where the run stands and how to continue; nothing is lost
+            interrupt_handled()
+            result.checkpoint = interrupted(run, s.state.step, how_to_resume)
+        return result
 
 
 def _finish(s: Session, result: TrainResult) -> TrainResult:
