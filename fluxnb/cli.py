@@ -23,8 +23,7 @@ from .base.interrupts import watching_interrupts
 def cmd_tiny(args: argparse.Namespace) -> int:
     from .tiny.flux import build_tiny
 
-    assets = build_tiny(args.out)
-    print(f"model:   {assets.model}\ndataset: {assets.dataset}")
+    print("model:   {0.model}\ndataset: {0.dataset}".format(build_tiny(args.out)))
     return 0
 
 
@@ -35,7 +34,7 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
 
 _DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "width", "height", "buckets",
-              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length")
+              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length", "captioner")
 
 
 def _open_step_run(args: argparse.Namespace):
@@ -78,9 +77,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     from .data.captions import caption_step
 
-    run = _open_step_run(args)
-    if args.captioner:
-        run.config = run.config.replace(data={"captioner": args.captioner})
+    run = _open_step_run(args)  # with --captioner
     with _first_step(run.dir.root), run.writing("caption"):
         print(caption_step(run, overwrite=args.all, trigger=args.trigger))
         run.save()  # the folder captioned is the dataset the next steps read
@@ -100,7 +97,6 @@ def cmd_latents(args: argparse.Namespace) -> int:
     return 0
 
 
-# What a folder without config.json still needs before each command can run there (the steps make config.json).
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import open_existing_run
     from .train import presets, train
@@ -111,9 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
         run.save()
     given = {k: getattr(args, k) for k in _TRAIN_ARGS if getattr(args, k) is not None}  # after the preset: kept
-    again = f"python -m fluxnb train --run-dir {run.dir.root} --resume"
     result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, settings=given,
-                   live=False, how_to_resume=again)
+                   live=False, how_to_resume=f"python -m fluxnb train --run-dir {run.dir.root} --resume")
     if result.interrupted:  # train said where the run stands; the command ends as every interrupted one does
         raise KeyboardInterrupt
     return 0
