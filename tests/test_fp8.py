@@ -20,6 +20,7 @@ from fluxnb.base.errors import FluxnbError
 from fluxnb.config import LoRAConfig, ModelConfig
 from fluxnb.model import fp8, lora, quant
 from fluxnb.run.hardware import GPUInfo, Hardware
+from fluxnb.train import budget
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -155,3 +156,23 @@ def test_fp8_refuses_an_old_gpu_with_the_way_out():
     with pytest.raises(FluxnbError, match=r"compute capability 8.9.*Tesla T4 is 7.5.*quantization='nf4'"):
         quant.load_transformer(ModelConfig(quantization="fp8", model_id="/nonexistent"), t4)
 
+
+def test_planner_costs_fp8_weights_and_keeps_them_resident_on_a_24_gb_card():
+    """FLUX.1-dev in FP8: 11.98 GB (11.16 GiB) counted on its meta-device model, as fluxnb.model.fp8 stores it
+    (codes, scales, the 16-bit rest); the planner's estimate within 0.5% of that."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from test_quant_lora import FLUX_DEV
+
+    with init_empty_weights():
+        empty = fp8.quantize_fp8_(FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16), torch.bfloat16, "meta")
+    counted = sum(t.numel() * t.element_size() for t in [*empty.parameters(), *empty.buffers()])
+    assert counted == pytest.approx(11.98e9, rel=1e-3)
+    assert budget.resident_gib("fp8") == pytest.approx(counted / budget.GiB, rel=5e-3)
+    assert sum(budget.block_gib("fp8")) / sum(budget.block_gib()) == pytest.approx(1.78, abs=0.01)  # vs NF4
+    plan = budget.choose(23.6, quantization="fp8")
+    assert plan.fits and plan.layout.streamed == 0 and plan.layout.quantization == "fp8"  # resident first
+    assert plan.settings()["model"]["quantization"] == "fp8" and "FP8 weights" in plan.table()
+    small = budget.choose(14.7, quantization="fp8")
+    assert small.fits and 0 < small.layout.streamed < 57  # streamed below 24 GB
+    assert budget.choose(23.6).layout == budget.choose(23.6, quantization="nf4").layout  # NF4's plans unchanged
