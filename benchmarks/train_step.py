@@ -187,11 +187,13 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
     if "cap" in opts:  # emulate a smaller card: this process may allocate at most `cap` GiB
         torch.cuda.set_per_process_memory_fraction(float(opts["cap"]) * GiB / total)
     plan = None
+    quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
     if "budget" in opts:  # fluxnb.train.budget's plan for this budget at the first case's size (one case per run)
         from fluxnb.train.budget import choose
 
         width, height, tokens, _ = CASES[cases[0]]
-        chosen = choose(float(opts["budget"]), width, height, tokens, compiled="nocompile" not in opts)
+        chosen = choose(float(opts["budget"]), width, height, tokens, compiled="nocompile" not in opts,
+                        quantization=quantization)
         print(chosen.table(), flush=True)
         plan = chosen.settings()
         opts["batch"] = str(plan["train"]["batch_size"])
@@ -210,7 +212,6 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
 
         # Held for the whole process: a context manager entered as a temporary is closed when it is garbage
         # collected, which undid the exclusion at once in every run before 2026-12-01 (cuDNN attention ran).
-        quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
         _HELD.append(attention_backends(SimpleNamespace(device=torch.device("cuda")), quantization))
         _HELD[-1].__enter__()
     torch.manual_seed(0)

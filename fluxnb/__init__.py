@@ -35,9 +35,9 @@ class _DropLines(logging.Filter):
 # Lines every notebook and CLI command printed that say nothing about fluxnb's work, each dropped by its exact
 # wording on its own logger (any other warning of these loggers still shows). All four come from importing
 # diffusers, which imports torchao whenever it is installed (diffusers.quantizers checks is_torchao_available at
-# import); fluxnb itself imports torchao only for model.quantization="fp8" (fluxnb.model.quant.float8_).
+# import); fluxnb itself never imports it (its FP8 layer is its own: fluxnb.model.fp8).
 _NOISE = {
-    # torchao's CUDA-only kernels (mxfp8, cutlass) cannot load into a CPU build of torch; fp8 needs a GPU anyway.
+    # torchao's CUDA-only kernels (mxfp8, cutlass) cannot load into a CPU build of torch; fluxnb uses none of them.
     "torchao": ("Failed to load ",),
     # torchao registers two Enums with torch.compile's pytree, which newer torch reports as deprecated.
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),

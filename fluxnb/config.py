@@ -119,9 +119,9 @@ class ModelConfig:
     model_id: str | None = None  # hub id or local folder in diffusers layout; None = the base's Hub repo
     base: str = "FLUX.1-dev"  # which FLUX.1 (BASES) the LoRA is for: the model card and presets name it
     revision: str | None = None
-    quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = bf16 weights, float8 matmuls
+    quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = e4m3 weights, FP8 matmuls
     double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
-    prequantized: str | None = None  # folder or hub repo of an NF4 transformer saved by fluxnb.model.quant
+    prequantized: str | None = None  # folder or hub repo of an NF4 / FP8 transformer saved by fluxnb.model.quant
     dtype: str = "auto"  # compute dtype; "auto" = bf16 where the GPU has it, fp16 on T4/20-series, fp32 on CPU
     offload_blocks: int = 0  # transformer blocks (of 57) whose frozen weights wait in CPU RAM (fluxnb.model.offload)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from lora_helpers import make_lora
 from fluxnb.base import memory
 from fluxnb.base.errors import FluxnbError
 from fluxnb.infer import merge, sampling
+from fluxnb.model import fp8, quant
 from fluxnb.model.quant import _linear4bit_modules, quantize_nf4_
 from fluxnb.run import open_run
 from model_helpers import denoise
@@ -86,6 +88,28 @@ def test_streamed_merge_writes_shards_holding_one_at_a_time(run, unfused_lora, t
     loaded = merge.load_merged(run, tmp_path, quantize=False).state_dict()
     for key, value in fused.state_dict().items():
         assert torch.allclose(loaded[key], value, rtol=0, atol=1e-6 * value.abs().max().clamp(min=1)), key
+
+
+def test_an_fp8_base_merges_in_16_bit_in_memory_and_streamed_from_its_folder(run, tmp_path):
+    """fuse_into dequantizes an FP8 base (fluxnb.model.fp8) and folds the LoRA into those numbers; fuse_to_disk
+    reading a save_fp8 folder as its base does the same tensor by tensor: the scales are folded into their
+    weights, none is left in the 16-bit output, whose config carries no quantization."""
+    fp8_model = quant.load_transformer(dataclasses.replace(run.config.model, quantization="fp8"), run.hw)
+    quant.save_fp8(fp8_model, tmp_path / "base" / "transformer")
+    deltas = merge.lora_deltas(run.dir.lora / LORA)
+    name = sorted(deltas)[0]
+    numbers = fp8_model.get_submodule(name).dequantize(torch.float32)
+    fused = merge.fuse_into(fp8_model, run.dir.lora / LORA)
+    assert not fp8.fp8_layers(fused) and fused.config.quantization_config is None
+    a, b, scaling = deltas[name]
+    torch.testing.assert_close(fused.get_submodule(name).weight, numbers + scaling * b @ a, rtol=0, atol=1e-6)
+    fp8_run = dataclasses.replace(run, config=run.config.replace(model={"model_id": str(tmp_path / "base")}))
+    folder = merge.fuse_to_disk(fp8_run, run.dir.lora / LORA, out=tmp_path / "out", quantize=False)
+    assert "quantization_config" not in json.loads((folder / "transformer" / "config.json").read_text())
+    streamed, want = merge.load_merged(fp8_run, folder, quantize=False).state_dict(), fused.state_dict()
+    assert streamed.keys() == want.keys()  # no weight_scale left
+    for key, value in want.items():
+        assert torch.allclose(streamed[key], value, rtol=0, atol=1e-6 * value.abs().max().clamp(min=1)), key
 
 
 def test_merge_refuses_when_the_disk_is_too_small(run, monkeypatch):

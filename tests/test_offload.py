@@ -18,20 +18,23 @@ def _frozen_bytes(block):
     return sum(t.untyped_storage().nbytes() for t in offload._frozen_tensors(block))
 
 
-@pytest.mark.parametrize("count,double_quant,checkpointing", [(99, False, "around"), (1, True, "around"),
-                                                             (99, False, "inside")])
-def test_streamed_blocks_train_exactly_like_resident_ones(tiny_assets, count, double_quant, checkpointing):
+@pytest.mark.parametrize("count,double_quant,checkpointing,quantization",
+                         [(99, False, "around", "nf4"), (1, True, "around", "nf4"), (99, False, "inside", "nf4"),
+                          (99, False, "inside", "fp8")])
+def test_streamed_blocks_train_exactly_like_resident_ones(tiny_assets, count, double_quant, checkpointing,
+                                                          quantization):
     """Checkpointed around each block's call (diffusers' own: the re-run goes through the block's hooks) or
-    inside its forward (fluxnb.train.speed, eager here: the re-run does not)."""
+    inside its forward (fluxnb.train.speed, eager here: the re-run does not). NF4 or FP8 (fluxnb.model.fp8: codes,
+    scales and biases stream; the backward's transposed copy of the codes is made from the refilled ones)."""
     model_id = str(tiny_assets.model)
-    plain, streamed = model(model_id, double_quant), model(model_id, double_quant)
+    plain, streamed = model(model_id, double_quant, quantization), model(model_id, double_quant, quantization)
     blocks = offload.transformer_blocks(streamed)
     resident_bytes = [_frozen_bytes(b) for b in blocks]
     if checkpointing == "around":
         streamer = offload.stream_blocks(streamed, count)
     else:
-        streamer = speed.configure(streamed, ModelConfig(offload_blocks=count), TrainConfig(compile="off"), HW,
-                                 verbose=False)
+        streamer = speed.configure(streamed, ModelConfig(offload_blocks=count, quantization=quantization),
+                                   TrainConfig(compile="off"), HW, verbose=False)
         assert all(map(speed.is_checkpointed, blocks)) and not streamed.is_gradient_checkpointing
     chosen = sorted(streamer.parts)
     assert len(chosen) == min(count, len(blocks)) and streamer.offloaded_bytes > 0

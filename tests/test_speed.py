@@ -1,8 +1,8 @@
 """fluxnb.train.speed: the levers of the fast GPU step keep the plain step's numbers (checked here on the CPU).
 
 Tolerances: the compiled step's loss within 1e-6 relative of the eager step's, LoRA gradients within 1e-5
-(measured: loss identical, gradients 2e-8 apart; inductor may fuse and reorder float32 sums). FP8 is
-emulated on the CPU: only its wiring is checked here, its speed and memory in benchmarks/train_step.py.
+(measured: loss identical, gradients 2e-8 apart; inductor may fuse and reorder float32 sums). FP8's numbers
+are tests/test_fp8.py's, its speed and memory benchmarks/fp8_step.py's.
 """
 
 import pytest
@@ -10,9 +10,7 @@ import torch
 from model_helpers import HW, grads, loss, model
 
 from fluxnb.config import ConfigError, ModelConfig, TrainConfig
-from fluxnb.base.errors import FluxnbError
 from fluxnb.run.hardware import GPUInfo, Hardware
-from fluxnb.model import quant
 from fluxnb.model import offload
 from fluxnb.train import speed
 
@@ -67,26 +65,6 @@ def test_compile_auto_is_for_cuda_only():
     assert not speed.use_compile(TrainConfig(), HW)
     assert speed.use_compile(TrainConfig(compile="on"), HW)
     assert speed.describe(None, False, 57) == "fluxnb: all 57 blocks on the device; torch.compile: off"
-
-
-def test_fp8_swaps_the_big_linears_and_trains(tiny_assets):
-    from torchao.float8.float8_linear import Float8Linear  # requirements-dev.txt; for users fp8 is optional
-
-    fp8, plain = model(str(tiny_assets.model), quantization="fp8"), model(str(tiny_assets.model), quantization="none")
-    swapped = [n for n, m in fp8.named_modules() if isinstance(m, Float8Linear)]
-    assert swapped and not any(n == "proj_out" or "lora_" in n for n in swapped)
-    assert any(n.endswith("to_q.base_layer") for n in swapped)  # peft's LoRA wraps the float8 layer
-    got, expected = loss(fp8), loss(plain)
-    got.backward()
-    # emulated float8 vs bf16: 1% was the bound on tiny v1; v2 amplifies the pooled-text path (fluxnb.tiny.flux): 2%
-    assert torch.isfinite(got) and abs(got.item() - expected.item()) < 0.02 * expected.item()
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads(fp8).values())
-
-
-def test_fp8_refuses_an_old_gpu_with_the_way_out():
-    t4 = Hardware("real", torch.device("cuda"), torch.float16, GPUInfo("Tesla T4", (7, 5), 15.6), "test")
-    with pytest.raises(FluxnbError, match=r"compute capability 8.9.*Tesla T4 is 7.5.*quantization='nf4'"):
-        quant.float8_(torch.nn.Linear(32, 32), t4)
 
 
 def test_config_checks_the_new_settings():

@@ -38,7 +38,8 @@ from ..base.files import ShardWriter, atomic_write_text
 from ..base.hub_errors import hub_errors
 from ..base.memory import GiB, available_ram_gib
 from ..base.temps import abandoned, recover_folder, replace_folder, temp_folder
-from ..model.quant import bnb_config, load_transformer
+from ..model import fp8
+from ..model.quant import FP8_METHOD, bnb_config, load_transformer
 from ..run import Run, writes
 from .sampling import load_lora
 
@@ -110,12 +111,16 @@ def is_quantized(transformer: torch.nn.Module) -> bool:
 
 
 def fuse_into(transformer, lora: str | Path, lora_scale: float = 1.0):
-    """Fuse the LoRA file into `transformer` in place (stock diffusers calls); refuses a quantized base."""
+    """Fuse the LoRA file into `transformer` in place (stock diffusers calls); refuses an NF4/8-bit base. An FP8
+    base is dequantized first (fluxnb.model.fp8): the LoRA then folds into 16-bit numbers, the FP8 ones it was
+    trained on, and nothing of it rounds away."""
     from diffusers import FluxPipeline
 
     if is_quantized(transformer):
         raise FluxnbError("this transformer is quantized (NF4/8-bit): fusing into 4-bit weights rounds most of the "
                           "LoRA away. Load the base in 16-bit (quantization='none') to merge, then re-quantize.")
+    if fp8.fp8_layers(transformer):
+        fp8.dequantize_fp8_(transformer).register_to_config(quantization_config=None)  # saved: a 16-bit model
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=transformer)  # only the transformer: all fuse_lora touches
     load_lora(pipe, lora)
@@ -223,6 +228,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     check_memory(run, quantize)
     base, deltas = _base_folder(run), lora_deltas(lora, lora_scale)
     config = json.loads((base / "config.json").read_text())
+    scales = _fp8_scales(base, config)  # {} unless the base is an FP8 folder (fluxnb.model.quant.save_fp8)
     linear = _linear_names(config)
     missing = sorted(set(deltas) - linear)
     if missing:
@@ -236,8 +242,10 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
         for shard in sorted(base.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
-                    writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model))
+                    if key not in scales:  # an FP8 base's scales are folded into their weights (_fused)
+                        writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model, scales))
         writer.close()
+        config.pop("quantization_config", None)  # the base's (FP8), if any: the output is 16-bit or NF4
         if quantize:
             config["quantization_config"] = bnb_config(dtype, model.double_quant).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -250,8 +258,26 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     return out
 
 
-def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quantize: bool, run: Run, model):
-    """One base tensor as the merged checkpoint stores it: + the LoRA delta (in fp32), then NF4 or `dtype`."""
+def _fp8_scales(base: Path, config: dict) -> dict[str, torch.Tensor]:
+    """An FP8 base's per-channel scales by key (`...weight_scale`; a few MB), read first: the weight a scale
+    belongs to may sit in another shard."""
+    from safetensors import safe_open
+
+    if (config.get("quantization_config") or {}).get("quant_method") != FP8_METHOD:
+        return {}
+    scales = {}
+    for shard in sorted(base.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            scales |= {k: f.get_tensor(k) for k in f.keys() if k.endswith(".weight_scale")}  # noqa: SIM118
+    return scales
+
+
+def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quantize: bool, run: Run, model,
+           scales: dict[str, torch.Tensor]):
+    """One base tensor as the merged checkpoint stores it: + the LoRA delta (in fp32), then NF4 or `dtype`. An FP8
+    weight (codes, with their scales in `scales`) is first turned into its numbers, in fp32."""
+    if key + "_scale" in scales:
+        tensor = tensor.float() * scales[key + "_scale"]
     module = key.removesuffix(".weight")
     if module in deltas:
         a, b, scaling = deltas[module]

@@ -1,7 +1,9 @@
-"""Load the FLUX transformer for training: NF4 (QLoRA) or plain bf16/fp16, on a GPU or, for the tiny profile, the CPU.
+"""Load the FLUX transformer for training: NF4 (QLoRA), FP8 or plain bf16/fp16, on a GPU or, for the tiny profile,
+the CPU.
 
 Memory of FLUX.1-dev's transformer (11.9 B parameters) by format:
     bf16                  23.8 GB   (2 bytes / param)
+    FP8 (e4m3)            11.9 GB   (1 byte / param + one fp32 scale per output channel; embedders, output in bf16)
     NF4                    6.7 GB   (4 bits / param + one fp32 scale per 64 weights = 4.5 bits / param)
     NF4 + double quant     6.2 GB   (the scales themselves quantized to 8 bits: 0.37 bits / param less)
 
@@ -9,12 +11,16 @@ Paths (all return a FluxTransformer2DModel ready for `fluxnb.model.lora.add_lora
   - GPU, NF4: `from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4))`, the blog's path. It downloads
     23.8 GB and streams the ~10 GB bf16 shards through system RAM while quantizing: on Colab's 12.7 GB of RAM
     that is where sessions get killed. Do it once, `save_nf4` the result to Drive, and use the next path.
-  - GPU, pre-quantized: a folder or hub repo written by `save_nf4` (6.7 GB to download, no quantizing).
+  - pre-quantized: a folder or hub repo written by `save_nf4` (6.7 GB to download, no quantizing) or by
+    `save_fp8` (11.9 GB); the folder's config says which.
   - CPU, NF4: diffusers refuses bitsandbytes without a GPU, but bitsandbytes itself runs NF4 on the CPU. So the
     model is loaded in fp32 and its Linear layers are swapped for bitsandbytes Linear4bit with diffusers' own
     `replace_with_bnb_linear`, then quantized by bitsandbytes exactly as diffusers would on a GPU. CI trains that.
   - quantization "none": the plain bf16/fp16 model (about 27.5 GiB to train at 512x768: for 40/80 GB GPUs).
-  - quantization "fp8": the bf16 model with torchao's float8 matmuls (compute capability >= 8.9; `float8_`).
+  - quantization "fp8": FP8 weights and matmuls (fluxnb.model.fp8; compute capability >= 8.9, where the tensor
+    cores run FP8 at twice their bf16 rate), read tensor by tensor from the bf16 shards and quantized on the
+    device: neither the GPU nor the host ever holds the 23.8 GB. On the CPU (the tiny profile) torch runs the
+    same FP8 matmuls, slowly: CI checks the numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ..base.errors import FluxnbError
 from ..base.hub_errors import hub_errors
 from ..config import ModelConfig
 from ..run.hardware import Hardware
+from . import fp8
 
 TRANSFORMER = "transformer"
 
@@ -52,10 +59,11 @@ def load_transformer(model: ModelConfig, hw: Hardware, *, prepare_kbit: bool = F
     """
     if model.quantization == "none":
         transformer = _from_pretrained(model, dtype=hw.dtype).to(hw.device)
-    elif model.quantization == "fp8":  # bf16 weights, float8 matmuls (torchao)
-        transformer = float8_(_from_pretrained(model, dtype=hw.dtype).to(hw.device), hw)
-    elif model.prequantized:
+    elif model.prequantized:  # NF4 or FP8, as the folder says
         transformer = _load_prequantized(model, hw)
+    elif model.quantization == "fp8":
+        check_fp8(hw)  # before any download
+        transformer = _load_fp8(_local_folder(model.model_id, TRANSFORMER, model.revision), hw)
     elif hw.device.type == "cuda":
         transformer = _from_pretrained(model, dtype=hw.dtype,
                                        quantization_config=bnb_config(hw.dtype, model.double_quant))
@@ -135,7 +143,7 @@ def save_nf4(transformer, folder: str | Path) -> Path:
 
 
 def _prequantized_source(ref: str) -> tuple[str, str | None]:
-    """(repo or folder, subfolder): a folder written by save_nf4, or one with a transformer/ inside (hub too)."""
+    """(repo or folder, subfolder): a folder written by save_nf4 / save_fp8, or one with a transformer/ inside."""
     local = Path(ref).expanduser()
     if local.is_dir():
         return str(local), (TRANSFORMER if (local / TRANSFORMER / "config.json").is_file() else None)
@@ -145,39 +153,64 @@ def _prequantized_source(ref: str) -> tuple[str, str | None]:
         return ref, (TRANSFORMER if file_exists(ref, f"{TRANSFORMER}/config.json") else None)
 
 
-def _load_prequantized(model: ModelConfig, hw: Hardware):
-    source, subfolder = _prequantized_source(model.prequantized)
-    if hw.device.type == "cuda":
-        from diffusers import FluxTransformer2DModel
-
-        with hub_errors(source):
-            transformer = FluxTransformer2DModel.from_pretrained(source, subfolder=subfolder, dtype=hw.dtype)
-        return _finish_nf4(transformer, transformer.config.quantization_config, hw.dtype)
-    return _load_prequantized_cpu(source, subfolder, hw.dtype)
-
-
-def _load_prequantized_cpu(source: str, subfolder: str | None, dtype: torch.dtype):
-    """What diffusers does for a pre-quantized checkpoint, without its GPU check: empty model, NF4 layers, weights."""
-    import bitsandbytes as bnb
-    from accelerate import init_empty_weights
-    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
-    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
-    from safetensors.torch import load_file
-
-    folder = Path(source)
+def _local_folder(source: str, subfolder: str | None, revision: str | None = None) -> Path:
+    """The model's folder on this machine (config.json + safetensors); a hub repo downloads only `subfolder`."""
+    folder = Path(source).expanduser()
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         with hub_errors(source):
-            folder = Path(snapshot_download(source, allow_patterns=[f"{subfolder}/*"] if subfolder else None))
-    folder = folder / subfolder if subfolder else folder
+            folder = Path(snapshot_download(source, revision=revision,
+                                            allow_patterns=[f"{subfolder}/*"] if subfolder else None))
+    return folder / subfolder if subfolder else folder
+
+
+def _load_prequantized(model: ModelConfig, hw: Hardware):
+    folder = _local_folder(*_prequantized_source(model.prequantized))
+    raw_q = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    if raw_q.get("quant_method") == FP8_METHOD:
+        return _load_fp8(folder, hw)
+    if hw.device.type == "cuda":
+        from diffusers import FluxTransformer2DModel
+
+        transformer = FluxTransformer2DModel.from_pretrained(folder, dtype=hw.dtype)
+        return _finish_nf4(transformer, transformer.config.quantization_config, hw.dtype)
+    return _load_prequantized_cpu(folder, hw.dtype)
+
+
+def _empty_transformer(folder: Path):
+    """FLUX's transformer as `folder`'s config.json describes it, on the meta device; and its quantization_config."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
     config = json.loads((folder / "config.json").read_text())
     raw_q = config.pop("quantization_config", None)
-    if not raw_q or raw_q.get("bnb_4bit_quant_type") != "nf4":
-        raise FluxnbError(f"{folder} is not an NF4 checkpoint (no nf4 quantization_config in its config.json).")
-    cfg = BitsAndBytesConfig.from_dict({**raw_q, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")})
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(config)
+        return FluxTransformer2DModel.from_config(config), raw_q
+
+
+def _load_state(model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor], skip=()) -> None:
+    """Assign `state` to the empty `model`; a key missing or left over means the folder is not FLUX's layout."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not any(k.startswith(s) for s in skip)]
+    if missing or unexpected:
+        raise FluxnbError(f"{folder}: checkpoint does not match FLUX's layout (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
+def _load_prequantized_cpu(folder: Path, dtype: torch.dtype):
+    """What diffusers does for a pre-quantized checkpoint, without its GPU check: empty model, NF4 layers, weights."""
+    import bitsandbytes as bnb
+    from diffusers import BitsAndBytesConfig
+    from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+    from safetensors.torch import load_file
+
+    raw_q = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if not raw_q or raw_q.get("bnb_4bit_quant_type") != "nf4":
+        raise FluxnbError(f"{folder} is not an NF4 checkpoint, nor an FP8 one (its config.json has no nf4 or "
+                          f"{FP8_METHOD} quantization_config).")
+    model, _ = _empty_transformer(folder)
+    cfg = BitsAndBytesConfig.from_dict({**raw_q, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")})
     replace_with_bnb_linear(model, modules_to_not_convert=[], quantization_config=cfg)
     state: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -187,39 +220,65 @@ def _load_prequantized_cpu(source: str, subfolder: str | None, dtype: torch.dtyp
         stats = {k: state.pop(k) for k in [k for k in state if k.startswith(key + ".")]}
         layer.weight = bnb.nn.Params4bit.from_prequantized(state.pop(key), stats, device="cpu", module=layer)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not any(k.startswith(n + ".weight") for n, _ in _linear4bit_modules(model))]
-    if missing or unexpected:
-        raise FluxnbError(f"{folder}: checkpoint does not match FLUX's layout (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    _load_state(model, folder, state, skip=[f"{n}.weight" for n, _ in _linear4bit_modules(model)])
     return _finish_nf4(model.eval(), cfg, dtype)
 
 
 FP8_MIN_CAPABILITY = (8, 9)
+FP8_METHOD = "fluxnb-fp8"  # config.json's quantization_config.quant_method of an FP8 transformer (stock diffusers
+# refuses the unknown method instead of loading the codes as numbers)
+FP8_CONFIG = {"quant_method": FP8_METHOD, "weight_dtype": "float8_e4m3fn", "scales": "fp32, one per output channel",
+              "modules_to_not_convert": list(fp8.KEEP)}
 
 
-def _fp8_filter(module: torch.nn.Module, name: str) -> bool:
-    """diffusers-torchao's filter: not the output projection, and only layers float8 matmuls can take (dims % 16)."""
-    if name == "proj_out":
-        return False
-    return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-
-def float8_(transformer, hw: Hardware):
-    """Swap the transformer's Linear layers for torchao's Float8Linear (float8 matmuls, bf16 weights), in place.
-
-    Call before adding LoRA: peft then wraps the Float8Linear layers like any nn.Linear. On a CPU (the tiny
-    profile) torchao emulates float8, which checks the wiring but is no faster. Needs compute capability 8.9
-    (RTX 40, L4, L40S, H100) and room for 24 GB of bf16 weights.
-    """
-    try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-    except ImportError:
-        raise FluxnbError("model.quantization='fp8' needs torchao: pip install torchao (then restart the kernel), "
-                          "or use quantization='nf4'.") from None
+def check_fp8(hw: Hardware) -> None:
     if hw.device.type == "cuda" and hw.gpu is not None and tuple(hw.gpu.capability) < FP8_MIN_CAPABILITY:
         raise FluxnbError(f"model.quantization='fp8' needs a GPU of compute capability 8.9 or newer (RTX 40, L4, "
                           f"L40S, H100); {hw.gpu.name} is {hw.gpu.capability[0]}.{hw.gpu.capability[1]}. Use "
                           "quantization='nf4'.")
-    config = Float8LinearConfig(pad_inner_dim=True, emulate=hw.device.type != "cuda")
-    return convert_to_float8_training(transformer, module_filter_fn=_fp8_filter, config=config)
+
+
+def _load_fp8(folder: Path, hw: Hardware):
+    """An FP8 transformer from `folder`, tensor by tensor: a 16-bit checkpoint's Linear weights are quantized on
+    the device as they arrive (fluxnb.model.fp8), a save_fp8 folder's codes are taken as they are. The device holds
+    the FP8 model plus one 16-bit tensor; the host one tensor."""
+    from safetensors import safe_open
+
+    check_fp8(hw)
+    model, _ = _empty_transformer(folder)
+    for name, module in list(model.named_modules()):
+        if fp8.wants_fp8(name, module):
+            fp8.swap(model, name, fp8.Fp8Linear(module.in_features, module.out_features, module.bias is not None,
+                                                "meta", hw.dtype))
+    quantized = {f"{name}.weight" for name, _ in fp8.fp8_layers(model)}
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
+                t = f.get_tensor(key).to(hw.device)
+                if key in quantized and t.dtype != fp8.E4M3:  # a 16-bit checkpoint: quantized here
+                    state[key], state[key + "_scale"] = fp8.quantize_rows(t)
+                elif t.dtype == fp8.E4M3 or key.endswith(".weight_scale"):
+                    state[key] = t  # codes and their fp32 scales, as save_fp8 wrote them
+                else:
+                    state[key] = t.to(hw.dtype) if t.is_floating_point() else t
+    _load_state(model, folder, state)
+    return finish_fp8(model.eval())
+
+
+def finish_fp8(model: torch.nn.Module) -> torch.nn.Module:
+    model.register_to_config(quantization_config=FP8_CONFIG)  # save_pretrained then writes a pre-quantized model
+    return model
+
+
+def save_fp8(transformer, folder: str | Path) -> Path:
+    """Save an FP8 transformer (before adding LoRA) as a pre-quantized checkpoint: 11.9 GB for FLUX.1-dev, e4m3
+    codes and their scales in safetensors. Point ModelConfig.prequantized at it: half the bf16 download, no
+    quantizing. Stock diffusers refuses it (an unknown quantization method) rather than misreading the codes."""
+    if getattr(transformer, "peft_config", None):
+        raise FluxnbError("save_fp8 saves the frozen base only: call it before adding LoRA (fluxnb.model.lora.add_lora).")
+    if not fp8.fp8_layers(transformer):
+        raise FluxnbError("this transformer has no FP8 layers; load it with quantization='fp8' first.")
+    folder = Path(folder)
+    transformer.save_pretrained(folder, max_shard_size="5GB")
+    return folder

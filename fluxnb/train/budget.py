@@ -1,4 +1,4 @@
-"""The memory-budget policy: the fastest training layout of NF4 FLUX.1-dev that fits a GPU memory budget.
+"""The memory-budget policy: the fastest training layout of FLUX.1-dev (NF4 by default) that fits a GPU memory budget.
 
     plan = choose(14.7, width=512, height=768, compiled=False)   # a T4's memory, as torch reports it; no compile
     plan.settings()   # -> model.offload_blocks, train.batch_size / accumulation / keep_activations / optimizer
@@ -7,9 +7,12 @@
 Per block of the 57, three choices: its frozen weights resident on the GPU or streamed from CPU RAM
 (fluxnb.model.offload), its activations kept for the backward pass or recomputed there (gradient checkpointing);
 and one for the step: the batch split of its 4 samples. The estimate adds up per-block costs, each per token (image
-+ text tokens of a batch): weights are NF4 bytes (0.5 + 4/64 per parameter); a checkpointed block keeps its two
-inputs (6 KiB per token); the rest (LoRA, optimizer, embeddings, the output layers, gradients in flight) grows
-with the tokens of a batch. What a block that keeps its activations holds depends on how it runs:
++ text tokens of a batch): weights are the format's bytes (`WEIGHT_BYTES`: NF4 0.5 + 4/64 per parameter, FP8 1 +
+4 per output channel, 16-bit 2); a checkpointed block keeps its two inputs (6 KiB per token); the rest (LoRA,
+optimizer, embeddings, the output layers, gradients in flight) grows with the tokens of a batch. The activation
+figures were measured with NF4; the FP8 layer keeps nothing more for the backward pass (fluxnb.model.fp8), so
+they stand for it too until benchmarks/fp8_step.py measures it (FP8: compute capability 8.9 and up; no preset
+chooses it yet). What a block that keeps its activations holds depends on how it runs:
 - compiled (torch.compile, compute capability 8.0 and up): ~88 KiB per token, fitted to the peaks measured at
   512x768 and 1024x1024 (BENCHMARKS.md); the compiler rebuilds one checkpointed block at a time;
 - eager (compile off: a T4, or no Triton): what autograd saves, counted at FLUX.1-dev's sizes on the CPU
@@ -20,7 +23,8 @@ recomputation is the compiler's: fluxnb.train.speed); eager, keeping 8 or 18 blo
 measurable (1.19 s per step with none kept, 1.12 with 8, 1.18 with 18), so eager plans keep none. A streamed block
 costs almost nothing at batch 4 (its copy hides behind the compute), a smaller batch a lot. So the policy takes
 the largest batch that fits with every block streamed and checkpointed, then (compiled) spends what is left on
-kept activations (the last blocks, whose backward runs first), then on resident blocks. The first optimizer step
+kept activations (the last blocks, whose backward runs first), then on resident blocks; an FP8 or 16-bit base,
+whose copies would not hide, on resident blocks first (RESIDENT_FIRST). The first optimizer step
 measures the real peak; `adjust` moves one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
 """
 
@@ -46,6 +50,11 @@ SINGLE_LINEARS = {"norm.linear": (3072, 9216), "proj_mlp": (3072, 12288), "proj_
                   **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v")}}
 LARGEST_WIDTH = 5 * WIDTH  # a single-stream block's attention and MLP outputs, joined: a step's largest tensor
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights
+# Frozen weights by model.quantization: bytes per parameter, bytes per output channel (FP8's fp32 scale).
+WEIGHT_BYTES = {"nf4": (NF4_BYTES_PER_PARAM, 0), "fp8": (1.0, 4), "none": (2.0, 0)}
+# Parameters outside the 57 blocks (embedders, final norm, output projection): NF4 quantizes their Linear layers,
+# FP8 keeps them 16-bit (fluxnb.model.fp8.KEEP), as does "none". Counted on FLUX.1-dev's layout (meta device).
+OUTSIDE_PARAMS = 64_124_992
 # Fitted to the measured peaks (BENCHMARKS.md, "Memory-budget policy"), per token = image + text tokens of a batch.
 CHECKPOINTED_GIB_PER_TOKEN = 2 * WIDTH / GiB  # the block's input, bf16
 KEPT_GIB_PER_TOKEN = 8.61e-5  # compiled: everything a block's backward needs, kept (~88 KiB per token)
@@ -55,13 +64,31 @@ BASE_GIB, BASE_GIB_PER_TOKEN = 0.17, 3.83e-4  # LoRA + optimizer + everything ou
 EAGER_KEPT_GIB_PER_TOKEN = {"double": 120 * 2**10 / GiB, "single": 109 * 2**10 / GiB}
 EAGER_EXTRA_GIB_PER_TOKEN = 1.2e-4
 ADAMW8BIT_SAVES = 6  # bytes per LoRA parameter: fp32 Adam moments (8 B) vs 8-bit ones (2 B)
+# Formats whose blocks get memory before kept activations do. A streamed block crosses PCIe twice per step; NF4's
+# 6.2 GiB take ~0.27 s at the H200's ~50 GB/s, hidden behind a 0.5-0.6 s step. FP8's 11 GiB take twice that,
+# while its matmuls run at twice NF4's rate (0.3-0.35 s hoped for): the copies would set the pace (on a 4090's
+# PCIe 4, ~1 s). So an FP8 (or 16-bit) base is resident where it fits, streamed only below that.
+RESIDENT_FIRST = ("fp8", "none")
 
 
-def block_gib() -> list[float]:
-    """NF4 weights of each of the 57 blocks, in GiB (a double-stream block is 2.4 times a single-stream one)."""
-    double = sum(i * o for i, o in DOUBLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
-    single = sum(i * o for i, o in SINGLE_LINEARS.values()) * NF4_BYTES_PER_PARAM / GiB
+def block_gib(quantization: str = "nf4") -> list[float]:
+    """Frozen weights of each of the 57 blocks in GiB, as `quantization` stores them (a double-stream block is
+    2.4 times a single-stream one)."""
+    per_param, per_channel = WEIGHT_BYTES[quantization]
+    double = sum(i * o * per_param + o * per_channel for i, o in DOUBLE_LINEARS.values()) / GiB
+    single = sum(i * o * per_param + o * per_channel for i, o in SINGLE_LINEARS.values()) / GiB
     return [double] * DOUBLE + [single] * SINGLE
+
+
+def outside_gib(quantization: str = "nf4") -> float:
+    """The frozen weights outside the blocks, in GiB (always resident)."""
+    return OUTSIDE_PARAMS * (NF4_BYTES_PER_PARAM if quantization == "nf4" else 2.0) / GiB
+
+
+def resident_gib(quantization: str = "nf4") -> float:
+    """Every frozen weight of FLUX.1-dev on the GPU (nothing streamed): NF4 6.2 GiB, FP8 11.2 GiB (12.0 GB),
+    16-bit 22.2 GiB."""
+    return sum(block_gib(quantization)) + outside_gib(quantization)
 
 
 def lora_params(lora: LoRAConfig) -> int:
@@ -95,15 +122,18 @@ class Layout:
     streamed: int  # blocks whose frozen weights stream from CPU RAM (spread by pick_blocks)
     kept: int  # the last blocks, which keep their activations instead of being checkpointed
     compiled: bool = True  # blocks compiled by torch.compile (False: eager, e.g. on a T4)
+    quantization: str = "nf4"  # how the frozen weights are stored (model.quantization)
 
     def peak_gib(self, tokens: int) -> float:
         """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
-        sizes, bt = block_gib(), self.batch * tokens
+        sizes, bt = block_gib(self.quantization), self.batch * tokens
         streamed = set(pick_blocks(len(sizes), self.streamed))
         weights = sum(s for i, s in enumerate(sizes) if i not in streamed)
         in_flight = max((sizes[i] for i in streamed), default=0.0)  # the block being copied in
         checkpointed = len(sizes) - self.kept
-        base = BASE_GIB + BASE_GIB_PER_TOKEN * bt + weights + in_flight + bt * checkpointed * CHECKPOINTED_GIB_PER_TOKEN
+        outside = outside_gib(self.quantization) - outside_gib("nf4")  # BASE_GIB was fitted with NF4's
+        base = (BASE_GIB + outside + BASE_GIB_PER_TOKEN * bt + weights + in_flight
+                + bt * checkpointed * CHECKPOINTED_GIB_PER_TOKEN)
         if self.compiled:  # kept blocks' backward first, then one rebuilt at a time
             return base + bt * max(self.kept, 1 if checkpointed else 0) * KEPT_GIB_PER_TOKEN
         kinds = ["double"] * DOUBLE + ["single"] * SINGLE
@@ -134,7 +164,7 @@ class Plan:
     def settings(self) -> dict[str, dict]:
         """The config fields this plan sets: {"model": {...}, "train": {...}}."""
         lay = self.layout
-        return {"model": {"offload_blocks": lay.streamed},
+        return {"model": {"offload_blocks": lay.streamed, "quantization": lay.quantization},
                 "train": {"batch_size": lay.batch, "gradient_accumulation_steps": SAMPLES_PER_STEP // lay.batch,
                           "gradient_checkpointing": lay.kept < len(block_gib()), "keep_activations": lay.kept,
                           "optimizer": self.optimizer, "memory_budget_gib": self.budget_gib}}
@@ -163,8 +193,8 @@ class Plan:
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
             ("memory", fit, f"planned for {self.size} ({self.tokens} tokens per sample), "
-             f"{'compiled' if lay.compiled else 'eager'} blocks; budget minus {self.margin_gib:.1f} GiB for the "
-             "allocator's fragmentation"),
+             f"{'compiled' if lay.compiled else 'eager'} blocks, {_FORMATS[lay.quantization]} weights; budget minus "
+             f"{self.margin_gib:.1f} GiB for the allocator's fragmentation"),
         ]
 
     def table(self) -> str:
@@ -173,39 +203,49 @@ class Plan:
         return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows)
 
 
+_FORMATS = {"nf4": "NF4", "fp8": "FP8", "none": "16-bit"}
+
+
 def tokens_per_sample(width: int, height: int, text_tokens: int) -> int:
     return (width // 16) * (height // 16) + text_tokens  # FLUX packs 2x2 latent patches of the VAE's /8 latents
 
 
-def streamed_gib(count: int) -> float:
-    """CPU RAM that streaming `count` blocks takes (their NF4 weights, pinned)."""
-    sizes = block_gib()
+def streamed_gib(count: int, quantization: str = "nf4") -> float:
+    """CPU RAM that streaming `count` blocks takes (their frozen weights, pinned)."""
+    sizes = block_gib(quantization)
     return sum(sizes[i] for i in pick_blocks(len(sizes), count))
 
 
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
-           lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True) -> Plan:
+           lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True,
+           quantization: str = "nf4") -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
-    the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations."""
+    the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations.
+    quantization: the frozen weights' format (model.quantization: "nf4", "fp8", "none")."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     size = f"{width}x{height}, {text_tokens} text tokens"
-    most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
+    most = n if host_gib is None else _most(lambda s: streamed_gib(s, quantization) <= host_gib, n)
+    q = quantization
     params = lora_params(lora or LoRAConfig())
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
         margin = margin_gib(budget_gib, batch * tokens)
         usable = budget_gib - margin
-        if Layout(batch, most, 0, compiled).peak_gib(tokens) > usable:
+        if Layout(batch, most, 0, compiled, q).peak_gib(tokens) > usable:
             continue
-        kept = _most(lambda k: Layout(batch, most, k, compiled).peak_gib(tokens) <= usable, n) if compiled else 0
-        # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
-        # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
-        room = usable - margin
-        resident = _most(lambda r: Layout(batch, most - r, kept, compiled).peak_gib(tokens) <= room, most)
-        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept, compiled), optimizer, True, params,
+        first = q in RESIDENT_FIRST
+        resident = (_most(lambda r: Layout(batch, most - r, 0, compiled, q).peak_gib(tokens) <= usable, most)
+                    if first else 0)
+        kept = (_most(lambda k: Layout(batch, most - resident, k, compiled, q).peak_gib(tokens) <= usable, n)
+                if compiled else 0)
+        if not first:  # A resident NF4 block saves little (its copy hides behind the compute): it gets memory only
+            # while twice the margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
+            room = usable - margin
+            resident = _most(lambda r: Layout(batch, most - r, kept, compiled, q).peak_gib(tokens) <= room, most)
+        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept, compiled, q), optimizer, True, params,
                     host_gib, size)
-    return Plan(budget_gib, tokens, Layout(1, most, 0, compiled), optimizer, False, params, host_gib, size)
+    return Plan(budget_gib, tokens, Layout(1, most, 0, compiled, q), optimizer, False, params, host_gib, size)
 
 
 def _most(ok, top: int) -> int:

@@ -181,7 +181,7 @@ def fit_budget(transformer, model: ModelConfig, train: TrainConfig, hw, tokens: 
         return None
     n = len(transformer_blocks(transformer))
     layout = budget.Layout(train.batch_size, min(model.offload_blocks, n), kept_blocks(train, n),
-                           use_compile(train, hw))
+                           use_compile(train, hw), model.quantization)
     smaller = budget.adjust(layout, peak_gib, train.memory_budget_gib, tokens)
     if smaller is None:
         return None
