@@ -84,6 +84,9 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
     captioner: str = "Salesforce/blip-image-captioning-large"  # writes missing captions (fluxnb.data.captions)
+    masked_loss: bool = False  # weight the loss by a grey mask per image (white = learn, black = ignore): fluxnb.data.masks
+    mask_column: str = "mask"  # Hub datasets: the image column holding the masks (local folders: masks/ beside them)
+    mask_floor: float = 0.0  # the least weight a pixel gets: 0.0 = black ignores it, 0.1 = still learns a little
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
@@ -115,6 +118,8 @@ class DataConfig:
             all(isinstance(p, str) and p.strip() for p in self.validation_prompts),
             "validation_prompts must be non-empty strings.",
         )
+        floor = self.mask_floor
+        _check(isinstance(floor, (int, float)) and 0 <= floor < 1, f"mask_floor={floor!r} must be in [0, 1), e.g. 0.1.")
 
 
 @dataclass
