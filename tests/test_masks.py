@@ -185,3 +185,15 @@ def test_cli_latents_turns_masks_on_with_a_floor(tiny_assets, tmp_path):
     assert saved.masked_loss and saved.mask_floor == 0.25
     weights = torch.cat([load_tensors(p)["mask"].flatten() for p in run.dir.latents.glob("*.safetensors")])
     assert weights.min() == 0.25 and weights.max() == 1.0
+
+
+def test_a_mask_is_found_at_the_images_path_with_any_extension(tmp_path):
+    from fluxnb.data.sources import find_mask
+
+    (tmp_path / "masks" / "sub").mkdir(parents=True)
+    (tmp_path / "masks" / "sub" / "v1.2.png").write_bytes(b"mask")
+    (tmp_path / "masks" / "v1.png").write_bytes(b"not this one")
+    cfg = DataConfig(dataset=str(tmp_path), masked_loss=True)
+    assert find_mask(tmp_path, "sub/v1.2.jpg", cfg)() == b"mask"
+    assert find_mask(tmp_path, "sub/other.jpg", cfg) is None
+    assert find_mask(tmp_path, "sub/v1.2.jpg", DataConfig(dataset=str(tmp_path))) is None  # masks off

@@ -149,8 +149,8 @@ def find_mask(folder: Path, name: str, cfg: DataConfig) -> Callable[[], bytes] |
     """The reader of masks/<name> (any image extension), or None: masks off, no such file, or one outside."""
     if not cfg.masked_loss:
         return None
-    stem = (folder / MASKS_FOLDER / name).with_suffix("")
-    found = [stem.with_suffix(e) for e in IMAGE_EXTENSIONS if stem.with_suffix(e).is_file()]
+    same = folder / MASKS_FOLDER / name
+    found = [p for e in IMAGE_EXTENSIONS if (p := same.with_name(same.stem + e)).is_file()]  # "a.b.jpg" -> "a.b.png"
     return _file_reader(found[0]) if found and not _outside(folder, found[0]) else None
 
 
