@@ -34,7 +34,8 @@ def cmd_notebooks(args: argparse.Namespace) -> int:
 
 
 _DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "width", "height", "buckets",
-              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length", "captioner")
+              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length", "captioner",
+              "masked_loss", "mask_column", "mask_floor")
 
 
 def _open_step_run(args: argparse.Namespace):
@@ -175,6 +176,10 @@ _STEP_OPTIONS: dict[str, dict] = {
     "--bad-images": dict(choices=config.BAD_IMAGE_POLICIES, help="unreadable image files: skip them (listed in the "
                          "report), or stop (default: skip)"),
     "--max-sequence-length": dict(type=int, help="T5 tokens per caption, 1-512 (default: 77)"),
+    "--masked-loss": dict(action=argparse.BooleanOptionalAction, help="weigh the loss by a grey mask per image "
+                          "(white = learn, black = ignore): FOLDER/masks/<image's path>, or a Hub column"),
+    "--mask-column": dict(help="Hub dataset column holding the masks (default: mask)"),
+    "--mask-floor": dict(type=float, help="the least loss weight, where a mask is black, in [0, 1) (default: 0)"),
     "--overwrite": dict(action="store_true", help="rebuild a cache made with other settings"),
 }
 _USES = {
@@ -182,7 +187,7 @@ _USES = {
     "caption": ["--run-dir", "--profile", "--model", "--base", "--revision", "--dataset", "--caption-column",
                 "--instance-prompt", "--max-sequence-length"],
     "latents": ["--run-dir", "--profile", "--width", "--height", "--buckets", "--bucket-step", "--crop", "--flip",
-                "--small-images", "--bad-images", "--overwrite"],
+                "--small-images", "--bad-images", "--masked-loss", "--mask-column", "--mask-floor", "--overwrite"],
 }
 
 

@@ -61,7 +61,7 @@ _NOT_NEGATIVE = ("offload_blocks", "lr_warmup_steps", "guidance_scale", "keep_ac
                  "adam_weight_decay", "sample_every", "checkpoint_every", "validation_samples", "validate_every")
 _RANGES = {**dict.fromkeys(_POSITIVE, (lambda v: v > 0, "> 0")),
            **dict.fromkeys(_NOT_NEGATIVE, (lambda v: v >= 0, ">= 0")),
-           **dict.fromkeys(("dropout", "caption_dropout", "adam_beta1", "adam_beta2"),
+           **dict.fromkeys(("dropout", "caption_dropout", "mask_floor", "adam_beta1", "adam_beta2"),
                            (lambda v: 0 <= v < 1, "in [0, 1)"))}
 _CHOICES = {"crop": CROPS, "small_images": SMALL_IMAGE_POLICIES, "bad_images": BAD_IMAGE_POLICIES,
             "quantization": QUANTIZATIONS, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS, "compile": COMPILE_MODES,
@@ -93,6 +93,9 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this many pixels (a multiple of 16)
     max_sequence_length: int = 77  # T5 tokens; FLUX.1-dev allows up to 512
     captioner: str = "florence-community/Florence-2-large"  # writes missing captions (fluxnb.data.captioner)
+    masked_loss: bool = False  # weight the loss by a grey mask per image (white = learn, black = ignore): data.masks
+    mask_column: str = "mask"  # Hub datasets: the image column holding the masks (local folders: masks/ beside them)
+    mask_floor: float = 0.0  # the least weight a pixel gets: 0.0 = black ignores it, 0.1 = still learns a little
     validation_prompts: list[str] = field(default_factory=lambda: [
         "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
         "a puppy in a pond, alphonse mucha style"])

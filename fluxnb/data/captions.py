@@ -91,7 +91,7 @@ def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool
         raise FluxnbError(f"captioning needs a local folder of images; {str(folder)!r} is not one (a Hub dataset "
                           "comes with its captions: set caption_column, or download its images to a folder).")
     theirs = _metadata_lines(folder)
-    names = [p.relative_to(folder).as_posix() for p in images_in(folder)]
+    names = [p.relative_to(folder).as_posix() for p in images_in(folder, cfg)]
     if not names:
         raise FluxnbError(f"{folder} holds no images ({', '.join(('png', 'jpg', 'webp'))}, ...): nothing to caption.")
     plan, present = CaptionPlan(folder, cfg.caption_column, []), set(names)

@@ -10,6 +10,9 @@ What is stored is the VAE's latent *distribution*, mean and std (C, h, w) in flo
 scale, not one sample of it: training draws a fresh sample every time it sees the image (a little free
 augmentation, exactly what encoding on the fly would do), for twice the disk of a single sample (~0.8 MB per
 512x768 image).
+
+With data.masked_loss each file also holds the sample's loss mask at the latent's size, "mask" (1, h, w), and the
+hash of the mask file in its metadata: an edited mask makes the sample pending again (fluxnb.data.masks).
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import torch
 from PIL import Image
 
 from ..base.errors import FluxnbError
-from ..base.files import save_tensors
+from ..base.files import save_tensors, tensors_metadata
 from ..base.hub_errors import friendly_load
 from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
 from ..run import Run, RunDir, writes
 from ..run.hardware import Hardware
-from . import embeddings
+from . import embeddings, masks
 from .checks import CheckedDataset, Item, check_dataset, progress_bar
 from .store import (
     MISSING,
@@ -58,8 +61,9 @@ from .store import (
 def settings(config: RunConfig) -> dict[str, Any]:
     """What makes a cached latent valid: the VAE, and how images are sized and cropped."""
     m, d = config.model, config.data
+    masked = {"mask_floor": d.mask_floor} if d.masked_loss else {}  # absent when off: older caches stay valid
     return {"model_id": m.model_id, "revision": m.revision, "width": d.width, "height": d.height,
-            "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop}
+            "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop} | masked
 
 
 def latent_path(run: RunDir, sample_id: str) -> Path:
@@ -67,11 +71,14 @@ def latent_path(run: RunDir, sample_id: str) -> Path:
     return run.latents / f"{sample_id}.safetensors"
 
 
-def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tensor, settings_hash: str) -> None:
-    save_tensors(latent_path(run, sample.id), {"mean": mean, "std": std},
+def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tensor, settings_hash: str,
+                mask: tuple[torch.Tensor, str] | None = None) -> None:
+    """`mask`: (loss mask (1, h, w), fluxnb.data.masks.mask_tag) when the run trains with masked loss."""
+    extra = {"mask": mask[0]} if mask else {}
+    save_tensors(latent_path(run, sample.id), {"mean": mean, "std": std} | extra,
                  metadata={"id": sample.id, "settings": settings_hash, "caption_id": sample.caption_id,
                            "source": sample.source, "bucket": f"{sample.width}x{sample.height}",
-                           "flip": str(sample.flip)})
+                           "flip": str(sample.flip)} | ({"mask": mask[1]} if mask else {}))
 
 
 def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = None) -> str | None:
@@ -90,6 +97,13 @@ def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor
     """(mean, std) of one cached sample, each (C, h, w), checked (BrokenCacheFile when NaN or unreadable)."""
     tensors = load_checked(latent_path(run, sample_id), latent_problem, rerun(run.root, "latents"))
     return tensors["mean"], tensors["std"]
+
+
+def load_sample(run: RunDir, sample_id: str) -> dict[str, torch.Tensor]:
+    """What training reads of a cached sample: latent_mean, latent_std, and loss_mask (1, h, w) if it has one."""
+    tensors = load_checked(latent_path(run, sample_id), latent_problem, rerun(run.root, "latents"))
+    mask = {"loss_mask": tensors["mask"]} if "mask" in tensors else {}
+    return {"latent_mean": tensors["mean"], "latent_std": tensors["std"]} | mask
 
 
 def cached_size(run: RunDir) -> tuple[int, int] | None:
@@ -139,11 +153,15 @@ def problems(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> 
     wanted = settings(run.config)
     if not overwrite:
         check_meta(run.dir.latents, wanted, rebuild=True)
+    if masked := run.config.data.masked_loss:
+        masks.check_masks(prepared)  # a bad mask stops here, before the VAE loads
     tag, out = fingerprint(wanted), {}
     for item in prepared.items:
         path, s = latent_path(run.dir, item.sample.id), item.sample
         if why := cache_problem(path, tag, s.id, functools.partial(latent_problem, sample=s)):
             out[path] = (item, why)
+        elif masked and (tensors_metadata(path) or {}).get("mask") != masks.mask_tag(item.record):
+            out[path] = (item, OTHER_SETTINGS)  # its mask file changed since it was cached (or it gained or lost one)
     return out
 
 
@@ -189,12 +207,16 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
     wanted = settings(run.config)
     tag = fingerprint(wanted)
     remove_abandoned(run.dir, run.dir.latents)
+    if run.config.data.masked_loss and (missing := masks.unmasked(prepared)):
+        print(masks.missing_note(missing))
     if todo or overwrite or not check_meta(run.dir.latents, wanted, rebuild=True):
         write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
         s = item.sample
         mean, std = encode_checked(vae, item.image(), s.source)
-        save_latent(run.dir, s, mean, std, tag)
+        floor = run.config.data.mask_floor
+        mask = (masks.latent_mask(item, floor), masks.mask_tag(item.record)) if run.config.data.masked_loss else None
+        save_latent(run.dir, s, mean, std, tag, mask)
     if overwrite:
         prune(run.dir.latents, tag)
     write_samples(run.dir, prepared.samples)  # last: every row it lists now has a latent and an embedding

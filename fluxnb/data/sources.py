@@ -9,6 +9,9 @@
 - Local folder, imagefolder layout: images + `metadata.jsonl` (or `metadata.csv`) with a `file_name` column and
   the caption column, as `datasets` expects it.
 - Local folder of pairs: `cat.png` + `cat.txt` (the caption), in any sub-folder.
+- Masks (data.masked_loss): a local folder's `masks/` sub-folder holds one grey image per training image, at the
+  same path and name (any image extension): `cats/03.jpg` -> `masks/cats/03.png`; a Hub dataset's masks are its
+  `cfg.mask_column` image column. An image without one trains unmasked (fluxnb.data.masks).
 
 Only files inside a local dataset folder are ever read: a row whose file, followed through '..', an absolute path
 or a link, lies outside it is a data error naming the row, and is never opened.
@@ -34,6 +37,7 @@ from ..config import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MASKS_FOLDER = "masks"  # a local dataset's masks (data.masked_loss), at the same paths as the images
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Record:
     source: str  # how messages name this row: a file path inside the folder, or "row 12" of a Hub dataset
     caption: Any  # as found: normally a str; None when missing; anything else is reported as not text
     read: Callable[[], bytes]  # the image file's bytes (may raise OSError)
+    mask: Callable[[], bytes] | None = None  # its mask's bytes (data.masked_loss), None when it has none
 
 
 @dataclass
@@ -124,18 +129,29 @@ def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
             continue
         listed.add(path.resolve())
         read = _file_reader(path) if path.is_file() else _missing(path)
-        loaded.records.append(Record(name, row.get(cfg.caption_column), read))
+        loaded.records.append(Record(name, row.get(cfg.caption_column), read, find_mask(folder, name, cfg)))
     _refuse_outside(loaded, folder, outside)
-    unlisted = [p for p in images_in(folder) if p.resolve() not in listed]
+    unlisted = [p for p in images_in(folder, cfg) if p.resolve() not in listed]
     if unlisted:
         loaded.notes.append(f"{len(unlisted)} image(s) in the folder are not in {meta.name} and are left out "
                             f"(first: {unlisted[0].relative_to(folder)}).")
     return loaded
 
 
-def images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path, cfg: DataConfig | None = None) -> list[Path]:
+    masks = cfg is not None and cfg.masked_loss  # then masks/ holds the masks, not training images
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                  and not (masks and p.relative_to(folder).parts[0] == MASKS_FOLDER))
+
+
+def find_mask(folder: Path, name: str, cfg: DataConfig) -> Callable[[], bytes] | None:
+    """The reader of masks/<name> (any image extension), or None: masks off, no such file, or one outside."""
+    if not cfg.masked_loss:
+        return None
+    same = folder / MASKS_FOLDER / name
+    found = [p for e in IMAGE_EXTENSIONS if (p := same.with_name(same.stem + e)).is_file()]  # "a.b.jpg" -> "a.b.png"
+    return _file_reader(found[0]) if found and not _outside(folder, found[0]) else None
 
 
 def _read_caption(path: Path) -> Any:
@@ -147,14 +163,14 @@ def _read_caption(path: Path) -> Any:
         return path.read_bytes()  # reported as "not text": the file is not UTF-8
 
 
-def _load_pairs(folder: Path) -> Loaded:
+def _load_pairs(folder: Path, cfg: DataConfig) -> Loaded:
     loaded, outside = Loaded(f"local folder {folder} (images + .txt captions)", []), []
-    for image in images_in(folder):
+    for image in images_in(folder, cfg):
         name, txt = image.relative_to(folder).as_posix(), image.with_suffix(".txt")
         if _outside(folder, image) or _outside(folder, txt):  # a link leading out of the folder
             outside.append(name)
             continue
-        loaded.records.append(Record(name, _read_caption(txt), _file_reader(image)))
+        loaded.records.append(Record(name, _read_caption(txt), _file_reader(image), find_mask(folder, name, cfg)))
     _refuse_outside(loaded, folder, outside)
     return loaded
 
@@ -164,7 +180,7 @@ def load_local(folder: Path, cfg: DataConfig) -> Loaded:
         raise FluxnbError(f"dataset {str(folder)!r} is a file, not a folder: give the folder that holds the images "
                           "(with metadata.jsonl, or a .txt caption next to each image).")
     meta = next((folder / m for m in METADATA_FILES if (folder / m).is_file()), None)
-    return _load_imagefolder(folder, meta, cfg) if meta else _load_pairs(folder)
+    return _load_imagefolder(folder, meta, cfg) if meta else _load_pairs(folder, cfg)
 
 
 class NotInDataset(OSError):
@@ -193,6 +209,22 @@ def _hub_reader(ds: Any, index: int, column: str) -> Callable[[], bytes]:
                                "refused; put the image itself into the dataset")
         raise OSError(f"column '{column}' holds {type(value).__name__}, not an image")
     return read
+
+
+def _mask_column(ds: Any, dataset_id: str, cfg: DataConfig) -> Any:
+    import datasets
+
+    if not isinstance(ds.features.get(cfg.mask_column), datasets.Image):
+        raise FluxnbError(f"{dataset_id} has no image column '{cfg.mask_column}' for the masks (columns: "
+                          f"{', '.join(ds.column_names)}): set mask_column, or masked_loss=False.")
+    return ds.cast_column(cfg.mask_column, datasets.Image(decode=False))
+
+
+def _hub_mask(ds: Any, index: int, column: str) -> Callable[[], bytes] | None:
+    """A row's mask reader; None when its mask cell is empty (the row trains unmasked)."""
+    value = ds[index][column]
+    return _hub_reader(ds, index, column) if isinstance(value, dict) and (value.get("bytes") or value.get("path")) \
+        else None
 
 
 def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
@@ -225,7 +257,9 @@ def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
     else:
         raise FluxnbError(f"{dataset_id} has no caption column '{cfg.caption_column}' (columns: {', '.join(columns)}):"
                           " set caption_column, or give an instance_prompt to use for every image.")
-    records = [Record(f"row {i}", captions[i], _hub_reader(ds, i, cfg.image_column)) for i in range(len(ds))]
+    ds = _mask_column(ds, dataset_id, cfg) if cfg.masked_loss else ds
+    records = [Record(f"row {i}", captions[i], _hub_reader(ds, i, cfg.image_column),
+                      _hub_mask(ds, i, cfg.mask_column) if cfg.masked_loss else None) for i in range(len(ds))]
     return Loaded(f"Hub dataset {dataset_id}", records)
 
 

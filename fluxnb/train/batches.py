@@ -49,9 +49,8 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         sample = self.samples[index]
-        mean, std = latents.load_latent(self.run, sample.id)
-        return {"id": sample.id, "caption": sample.caption, "latent_mean": mean, "latent_std": std,
-                **embeddings.load_embedding(self.run, sample.caption)}
+        return {"id": sample.id, "caption": sample.caption, **latents.load_sample(self.run, sample.id),
+                **embeddings.load_embedding(self.run, sample.caption)}  # + loss_mask with data.masked_loss
 
 
 def sample_generator(seed: int, step: int, sample_id: str) -> torch.Generator:
@@ -158,8 +157,11 @@ class TrainingData:
     @staticmethod
     def collate(items: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         stack = lambda key: torch.stack([it[key] for it in items])  # noqa: E731
-        return {"latent_mean": stack("latent_mean").to(device, torch.float32),  # (B, 16, h, w)
+        batch = {"latent_mean": stack("latent_mean").to(device, torch.float32),  # (B, 16, h, w)
                 "latent_std": stack("latent_std").to(device, torch.float32),
                 "prompt_embeds": stack("prompt_embeds").to(device, dtype),  # (B, L, 4096)
                 "pooled_prompt_embeds": stack("pooled_prompt_embeds").to(device, dtype),  # (B, 768)
                 "text_ids": items[0]["text_ids"].to(device, dtype)}  # (L, 3): zeros for every caption
+        if "loss_mask" in items[0]:  # data.masked_loss: per-pixel loss weights (B, 1, h, w), fluxnb.data.masks
+            batch["loss_mask"] = stack("loss_mask").to(device, torch.float32)
+        return batch

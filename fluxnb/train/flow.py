@@ -120,9 +120,17 @@ def loss_weighting(weighting_scheme: str, sigmas: torch.Tensor, ndim: int = 4) -
     return compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None = None) -> torch.Tensor:
-    """Weighted MSE, in fp32: the mean over each example's elements, then over the batch. A scalar."""
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted MSE, in fp32: the mean over each example's elements, then over the batch. A scalar.
+
+    `mask` (B, 1, h, w) in [0, 1] (data.masked_loss) weighs each latent pixel's squared error, across channels.
+    The mean stays over ALL elements, as kohya-ss/sd-scripts' apply_masked_loss does (not divided by the mask's
+    sum): a mostly black mask gives a smaller loss and smaller steps, never a few pixels blown up to full weight.
+    """
     err = (pred.float() - target.float()) ** 2  # (B, C, h, w)
     if weighting is not None:
         err = weighting.float() * err
+    if mask is not None:
+        err = mask.float() * err  # (B, 1, h, w) broadcast over the 16 channels
     return err.reshape(err.shape[0], -1).mean(1).mean()

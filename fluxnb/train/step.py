@@ -79,7 +79,8 @@ def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.Noise
     f = latent.vae_scale_factor
     pred = FluxPipeline._unpack_latents(pred, h * f, w * f, f)  # (B, 16, h, w)
     target = flow.flow_matching_target(x, noise)  # eps - x
-    return flow.flow_matching_loss(pred, target, flow.loss_weighting(cfg.weighting_scheme, sigmas.to(x.device)))
+    weighting = flow.loss_weighting(cfg.weighting_scheme, sigmas.to(x.device))  # (B, 1, 1, 1)
+    return flow.flow_matching_loss(pred, target, weighting, batch.get("loss_mask"))  # mask: data.masked_loss
 
 
 @torch.no_grad()
