@@ -15,37 +15,33 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config
-from .base.errors import FluxnbError
-from .base.interrupts import watching_interrupts
+from .. import config
+from ..base.errors import FluxnbError
+from ..base.interrupts import watching_interrupts
+from .options import DATA_ARGS, RUN_DIR, STEP_OPTIONS, TRAIN_ARGS, TRAIN_OPTIONS, USES
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from .tiny.flux import build_tiny
+    from ..tiny.flux import build_tiny
 
     print("model:   {0.model}\ndataset: {0.dataset}".format(build_tiny(args.out)))
     return 0
 
 
 def cmd_notebooks(args: argparse.Namespace) -> int:
-    from .nb.runner import run_notebooks
+    from ..nb.runner import run_notebooks
 
     return run_notebooks(args.run_dir, only=args.only, timeout=args.timeout)
-
-
-_DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "width", "height", "buckets",
-              "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length", "captioner",
-              "masked_loss", "mask_column", "mask_floor")
 
 
 def _open_step_run(args: argparse.Namespace):
     """open_run(--run-dir), with the options given on the command line applied (saved once the step succeeds).
 
     Local paths are made absolute now: the caches' settings name the model, and later steps may run elsewhere."""
-    from .run import open_run
+    from ..run import open_run
 
     run = open_run(args.run_dir, profile=args.profile, create=False)
-    data = {k: getattr(args, k) for k in _DATA_ARGS if getattr(args, k, None) is not None}
+    data = {k: getattr(args, k) for k in DATA_ARGS if getattr(args, k, None) is not None}
     model = {k: getattr(args, a) for k, a in (("model_id", "model"), ("revision", "revision"), ("base", "base"))
              if getattr(args, a, None) is not None}
     run.config = run.config.replace(data=data, model=model).with_local_paths_resolved()
@@ -66,7 +62,7 @@ def _first_step(root: Path):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .data.embeddings import embed_step
+    from ..data.embeddings import embed_step
 
     run = _open_step_run(args)
     with _first_step(run.dir.root), run.writing("embed"):
@@ -76,7 +72,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .data.captions import caption_step
+    from ..data.captions import caption_step
 
     run = _open_step_run(args)  # with --captioner
     with _first_step(run.dir.root), run.writing("caption"):
@@ -86,7 +82,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_latents(args: argparse.Namespace) -> int:
-    from .data.latents import latents_step
+    from ..data.latents import latents_step
 
     run = _open_step_run(args)
     if not run.dir.config.is_file():
@@ -99,15 +95,15 @@ def cmd_latents(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run import open_existing_run
-    from .train import presets, train
+    from ..run import open_existing_run
+    from ..train import presets, train
 
     run = open_existing_run(args.run_dir, "train")
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
         run.save()
-    given = {k: getattr(args, k) for k in _TRAIN_ARGS if getattr(args, k) is not None}  # after the preset: kept
+    given = {k: getattr(args, k) for k in TRAIN_ARGS if getattr(args, k) is not None}  # after the preset: kept
     result = train(run, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps, settings=given,
                    live=False, how_to_resume=f"python -m fluxnb train --run-dir {run.dir.root} --resume")
     if result.interrupted:  # train said where the run stands; the command ends as every interrupted one does
@@ -116,8 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .infer.export import check_round_trip, export_lora, export_path
-    from .run import open_existing_run
+    from ..infer.export import check_round_trip, export_lora, export_path
+    from ..run import open_existing_run
 
     run = open_existing_run(args.run_dir)
     lora, out = args.lora or run.dir.lora_file, args.out or export_path(run.dir, args.format)
@@ -131,8 +127,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .run import open_existing_run
-    from .share.hub import HubSettings, push, stage, upload_blocker
+    from ..run import open_existing_run
+    from ..share.hub import HubSettings, push, stage, upload_blocker
 
     run = open_existing_run(args.run_dir)
     settings = HubSettings(repo_id=args.repo_id, private=not args.public, dry_run=args.dry_run,
@@ -149,59 +145,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0 if result.uploaded or args.dry_run else 1
 
 
-_RUN_DIR = "run directory (default: $FLUXNB_RUN_DIR, else runs/mucha, or runs/tiny on the tiny profile)"
-# Every option of embed, caption and latents, once, with its help line; each of them takes the ones it reads (_USES).
-# Not given, an option keeps the value in RUN/config.json (or fluxnb.config's default); given, it is saved there.
-_STEP_OPTIONS: dict[str, dict] = {
-    "--run-dir": dict(type=Path, help=_RUN_DIR),
-    "--profile": dict(choices=config.PROFILES, help="force a profile (default: detect; 'tiny' = the offline stand-in)"),
-    "--model": dict(help="FLUX checkpoint: Hub id or local diffusers folder (default: the --base's Hub repo)"),
-    "--base": dict(choices=list(config.BASES), help="which FLUX.1 to train for: FLUX.1-dev (default) or FLUX.1-Krea-dev "
-                   "(the same architecture); --model, if given, is a copy of it"),
-    "--revision": dict(help="model revision on the Hub: branch, tag or commit (default: main)"),
-    "--dataset": dict(help="Hub dataset id or local folder of images (default: derekl35/alphonse-mucha-style)"),
-    "--image-column": dict(help="dataset column holding the images (default: image)"),
-    "--caption-column": dict(help="dataset column (or metadata.jsonl field) holding the captions (default: text)"),
-    "--instance-prompt": dict(help="trigger words put before every caption, e.g. 'mucha style' (default: none)"),
-    "--width": dict(type=int, help="training width in pixels, a multiple of 16 (default: 512)"),
-    "--height": dict(type=int, help="training height in pixels, a multiple of 16 (default: 768)"),
-    "--buckets": dict(action=argparse.BooleanOptionalAction, help="aspect-ratio buckets of ~width x height pixels "
-                      "(default); --no-buckets: every image at width x height"),
-    "--bucket-step": dict(type=int, help="bucket sides are multiples of this many pixels, of 16 (default: 64)"),
-    "--crop": dict(choices=config.CROPS, help="cut images to their bucket in the middle, or at a spot fixed per image "
-                   "(default: center)"),
-    "--flip": dict(action=argparse.BooleanOptionalAction, help="also cache a mirrored copy of each image"),
-    "--small-images": dict(choices=config.SMALL_IMAGE_POLICIES, help="images smaller than their bucket: upscale them "
-                           "and warn, or skip them (default: warn)"),
-    "--bad-images": dict(choices=config.BAD_IMAGE_POLICIES, help="unreadable image files: skip them (listed in the "
-                         "report), or stop (default: skip)"),
-    "--max-sequence-length": dict(type=int, help="T5 tokens per caption, 1-512 (default: 77)"),
-    "--masked-loss": dict(action=argparse.BooleanOptionalAction, help="weigh the loss by a grey mask per image "
-                          "(white = learn, black = ignore): FOLDER/masks/<image's path>, or a Hub column"),
-    "--mask-column": dict(help="Hub dataset column holding the masks (default: mask)"),
-    "--mask-floor": dict(type=float, help="the least loss weight, where a mask is black, in [0, 1) (default: 0)"),
-    "--overwrite": dict(action="store_true", help="rebuild a cache made with other settings"),
-}
-_USES = {
-    "embed": list(_STEP_OPTIONS),
-    "caption": ["--run-dir", "--profile", "--model", "--base", "--revision", "--dataset", "--caption-column",
-                "--instance-prompt", "--max-sequence-length"],
-    "latents": ["--run-dir", "--profile", "--width", "--height", "--buckets", "--bucket-step", "--crop", "--flip",
-                "--small-images", "--bad-images", "--masked-loss", "--mask-column", "--mask-floor", "--overwrite"],
-}
-
-
-# train's options beyond the preset's (saved in RUN/config.json once training starts; not given: kept as there).
-_TRAIN_OPTIONS: dict[str, dict] = {
-    "--optimizer": dict(choices=config.OPTIMIZERS, help="adamw8bit or adamw (the preset picks), or prodigy"),
-    "--learning-rate": dict(type=float, help="Adam's step size (default 1e-4), or Prodigy's multiplier (give 1.0)"),
-    "--caption-dropout": dict(type=float, help="chance a sample trains on the empty prompt (default 0)"),
-    "--weighting-scheme": dict(choices=config.WEIGHTING_SCHEMES, help="how timesteps are drawn (default: none)"),
-    "--sigmoid-scale": dict(type=float, help="flux_shift's spread: sigmoid(scale * N(0, 1)) (default 1.0)"),
-}
-_TRAIN_ARGS = [o.removeprefix("--").replace("-", "_") for o in _TRAIN_OPTIONS]
-
-
 # No abbreviations: argparse's default takes any unique prefix, so `--max-step 5` ran as --max-steps 5.
 _Parser = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 
@@ -209,8 +152,8 @@ _Parser = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
 def _step_parser(sub, name: str, help: str, func) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=f"{help}. Options not given keep their value in RUN/config.json; "
                                                     "those given are saved there.")
-    for option in _USES[name]:
-        p.add_argument(option, default=None, **_STEP_OPTIONS[option])
+    for option in USES[name]:
+        p.add_argument(option, default=None, **STEP_OPTIONS[option])
     p.set_defaults(func=func, parser=p)
     return p
 
@@ -222,7 +165,7 @@ def _front_parsers(sub) -> None:
     p.set_defaults(func=cmd_tiny, parser=p)
 
     p = sub.add_parser("notebooks", help="execute notebooks 01-05 in order (tiny profile without a GPU)")
-    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR)
     p.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run, e.g. 01 02")
     p.add_argument("--timeout", type=int, default=3600, help="seconds one cell may take (default: 3600)")
     p.set_defaults(func=cmd_notebooks, parser=p)
@@ -231,10 +174,10 @@ def _front_parsers(sub) -> None:
 def _later_parsers(sub) -> None:
     """train, export and push: they read everything else from the trained run's config.json."""
     p = sub.add_parser("train", help="notebook 03: train the LoRA on the cached latents and embeddings")
-    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR)
     p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
-    for option, kwargs in _TRAIN_OPTIONS.items():
+    for option, kwargs in TRAIN_OPTIONS.items():
         p.add_argument(option, default=None, **kwargs)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest intact RUN/checkpoints/step-N")
@@ -242,7 +185,7 @@ def _later_parsers(sub) -> None:
     p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("export", help="notebook 04: write the LoRA for ComfyUI/Forge/kohya, or a diffusers copy")
-    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR)
     p.add_argument("--format", choices=config.EXPORT_FORMATS, default="comfyui",
                    help="comfyui: kohya's key names, which ComfyUI, Forge and kohya's sd-scripts load (default); "
                         "diffusers: a copy of the trained file")
@@ -251,7 +194,7 @@ def _later_parsers(sub) -> None:
     p.set_defaults(func=cmd_export, parser=p)
 
     p = sub.add_parser("push", help="notebook 05: model card + upload to the Hub (private; --dry-run lists the files)")
-    p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
+    p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR)
     p.add_argument("--repo-id", required=True, help="'name' (your account) or 'user-or-org/name'")
     p.add_argument("--dry-run", action="store_true", help="only list the files and print the card")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
