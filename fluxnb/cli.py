@@ -106,6 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import presets, train
 
     run = open_existing_run(args.run_dir, "train")
+    given = {"lora": {"type": args.lora_type}}
+    run.config = run.config.replace(**{part: {k: v for k, v in values.items() if v is not None}
+                                       for part, values in given.items()})  # saved by train once its checks pass
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
@@ -218,6 +221,9 @@ def _later_parsers(sub) -> None:
     p.add_argument("--run-dir", type=Path, default=None, help=_RUN_DIR)
     p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
+    p.add_argument("--lora-type", choices=config.LORA_TYPES, default=None,
+                   help="the adapter: lora (default), dora (LoRA + a learned magnitude per output row) or lokr "
+                        "(Kronecker factors; not on the NF4 base); saved as lora.type")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest RUN/checkpoints/step-N")
     mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")

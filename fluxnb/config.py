@@ -28,6 +28,7 @@ LORA_TARGETS: dict[str, list[str] | str] = {
     "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
 }
 LORA_INITS = ("gaussian", "default")
+LORA_TYPES = ("lora", "dora", "lokr")  # fluxnb.model.lora.peft_config: peft's LoRA, DoRA, LoKr
 # peft's inits that start the adapter from the weight's own decomposition and subtract that start from the frozen
 # base: the LoRA a run saves then belongs to that changed base, and every tool applies it to the original one.
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -147,6 +148,7 @@ class LoRAConfig:
     init: str = "gaussian"
     dropout: float = 0.0
     targets: str = "attention"  # a preset name, or comma-separated module names (e.g. "to_q,to_v")
+    type: str = "lora"  # "dora": + a learned magnitude per output row; "lokr": Kronecker factors (not on NF4)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.rank, int) and self.rank > 0, f"rank must be a positive integer, got {self.rank!r}.")
@@ -157,6 +159,8 @@ class LoRAConfig:
                f"default) or 'default'.")
         _check_choice("init", self.init, LORA_INITS)
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}.")
+        _check_choice("type", self.type, LORA_TYPES)
+        _check(self.type != "lokr" or self.dropout == 0, "dropout drops LoRA's input; LoKr has none: set dropout=0.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")
 
     @property

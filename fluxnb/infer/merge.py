@@ -1,6 +1,7 @@
 """Merge the LoRA into the base weights, then re-quantize (the blog's "Option 2").
 
     W' = W + scale * alpha / r * B @ A        for every adapted Linear, then NF4(W') for inference
+    (DoRA: W' = m * (W + dW) / ||W + dW|| row by row; LoKr: dW = scale * alpha / r * kron(w1, w2); peft's own merge)
 
 The merged model runs without adapter layers (a little faster, nothing extra in memory) and re-quantizes like
 any checkpoint. The order matters: the base is read in 16-bit (fp32 on the CPU), NOT in 4-bit, before fusing.
@@ -19,10 +20,13 @@ output shard (SHARD_GIB) and one tensor, not the 24 GB bf16 transformer: it fits
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ from ..base.errors import FluxnbError
 from ..base.files import atomic_write_text
 from ..base.hub_errors import hub_errors
 from ..base.memory import GiB, available_ram_gib
+from ..model.lora import merge_module, read_adapter
 from ..model.quant import bnb_config, load_transformer
 from ..run import Run, writes
 from .sampling import load_lora
@@ -121,19 +126,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def lora_deltas(lora: str | Path, lora_scale: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{transformer module name: (A (r, k), B (d, r), scale * alpha / r)} from a diffusers/fluxnb LoRA file."""
-    from diffusers import FluxPipeline
+def lora_merges(lora: str | Path, lora_scale: float = 1.0) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{transformer module name: fp32 weight (d, k) -> the same weight with the adapter merged, in place or new}.
 
-    path = Path(lora)
-    state, meta = FluxPipeline.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    meta = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
-    if "r" not in meta or meta.get("use_dora") or meta.get("rank_pattern") or meta.get("alpha_pattern"):
-        raise FluxnbError(f"{path} carries no plain LoRA config (rank, alpha) in its metadata: merge it with "
-                          "fuse_into on a machine with RAM for the 16-bit base, or use it unmerged.")
-    scaling = lora_scale * meta["lora_alpha"] / (meta["r"] ** 0.5 if meta.get("use_rslora") else meta["r"])
-    names = {k.removeprefix("transformer.").rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k}
-    return {n: (state[f"transformer.{n}.lora_A.weight"], state[f"transformer.{n}.lora_B.weight"], scaling) for n in names}
+    LoRA: W + scale * alpha / r * B @ A. DoRA and LoKr: peft's own merge of that one layer (fluxnb.model.lora.
+    merge_module: DoRA's magnitude over the new rows' norms, LoKr's Kronecker product)."""
+    adapter = read_adapter(lora)
+    if adapter.type != "lora":
+        return {name: functools.partial(merge_module, tensors=tensors, config=adapter.config, scale=lora_scale)
+                for name, tensors in adapter.modules.items()}
+    c = adapter.config
+    scaling = lora_scale * c.lora_alpha / (math.sqrt(c.r) if c.use_rslora else c.r)
+
+    def add(a: torch.Tensor, b: torch.Tensor):  # (r, k), (d, r)
+        return lambda w: w.add_(b.to(w) @ a.to(w), alpha=scaling)
+
+    return {name: add(t["lora_A.weight"], t["lora_B.weight"]) for name, t in adapter.modules.items()}
 
 
 def _linear_names(config: dict) -> set[str]:
@@ -203,10 +211,10 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     quantize = quantize_on_disk(run) if quantize is None else quantize
     dtype = run.hw.dtype  # fp16 on a T4, bf16 on newer GPUs, fp32 on the CPU
     check_memory(run, quantize)
-    base, deltas = _base_folder(run), lora_deltas(lora, lora_scale)
+    base, merges = _base_folder(run), lora_merges(lora, lora_scale)
     config = json.loads((base / "config.json").read_text())
     linear = _linear_names(config)
-    missing = sorted(set(deltas) - linear)
+    missing = sorted(set(merges) - linear)
     if missing:
         raise FluxnbError(f"{lora} adapts layers this base does not have as Linear layers (e.g. {missing[0]}).")
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +224,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
         for shard in sorted(base.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
-                    writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model))
+                    writer.add(_fused(f.get_tensor(key), key, merges, linear, dtype, quantize, run, model))
         writer.close()
         if quantize:
             config["quantization_config"] = bnb_config(dtype, model.double_quant).to_dict()
@@ -232,13 +240,11 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     return out
 
 
-def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quantize: bool, run: Run, model):
-    """One base tensor as the merged checkpoint stores it: + the LoRA delta (in fp32), then NF4 or `dtype`."""
+def _fused(tensor: torch.Tensor, key: str, merges, linear: set[str], dtype, quantize: bool, run: Run, model):
+    """One base tensor as the merged checkpoint stores it: the adapter merged (in fp32), then NF4 or `dtype`."""
     module = key.removesuffix(".weight")
-    if module in deltas:
-        a, b, scaling = deltas[module]
-        work = run.hw.device  # the (r, k) x (d, r) product and the add, on the GPU where there is one
-        tensor = tensor.to(work, torch.float32).add_(b.to(work, torch.float32) @ a.to(work, torch.float32), alpha=scaling)
+    if key.endswith(".weight") and module in merges:  # on the GPU where there is one
+        tensor = merges[module](tensor.to(run.hw.device, torch.float32))
     if quantize and key.endswith(".weight") and module in linear:
         return _nf4(tensor.to(dtype), key, run.hw.device, model.double_quant)
     return {key: tensor.to("cpu", dtype)}

@@ -11,7 +11,8 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..config import LORA_TARGETS, RunConfig
+from ..config import LORA_TARGETS, LORA_TYPES, RunConfig
+from ..model.lora import nf4_problem
 from ..run.hardware import Hardware
 from ..train.presets import PRESETS, TINY, apply_in_place, matching, plan, plan_if_unplanned
 from .widgets import config_form
@@ -21,7 +22,7 @@ TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accu
 
 
 def training_form(config: RunConfig, hw: Hardware):
-    """The notebook's settings form: preset, LoRA rank/alpha/targets, lr, steps, accumulation, resolution,
+    """The notebook's settings form: preset, LoRA type/rank/alpha/targets, lr, steps, accumulation, resolution,
     sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
     current = plan_if_unplanned(config, hw) or matching(config, hw)  # a new run gets this machine's preset
     options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
@@ -38,9 +39,11 @@ def training_form(config: RunConfig, hw: Hardware):
         else:
             note.value = f"<i>{html.escape(hw.describe())}</i>"
         forms.children = [
-            config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
-                        choices={"targets": (*LORA_TARGETS, *([config.lora.targets]
-                                                              if config.lora.targets not in LORA_TARGETS else []))}),
+            config_form(config.lora, ["type", "rank", "alpha", "targets"], "LoRA",
+                        choices={"type": LORA_TYPES,
+                                 "targets": (*LORA_TARGETS, *([config.lora.targets]
+                                                              if config.lora.targets not in LORA_TARGETS else []))},
+                        check=lambda lora: nf4_problem(lora, config.model.quantization)),
             config_form(config.train, TRAIN_FIELDS, "Training"),
             config_form(config.data, ["width", "height"],
                         "Resolution (the latents of notebook 02 were cached at this size; change it there)"),

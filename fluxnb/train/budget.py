@@ -22,10 +22,15 @@ costs almost nothing at batch 4 (its copy hides behind the compute), a smaller b
 the largest batch that fits with every block streamed and checkpointed, then (compiled) spends what is left on
 kept activations (the last blocks, whose backward runs first), then on resident blocks. The first optimizer step
 measures the real peak; `adjust` moves one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
+Options: DoRA (lora.type="dora") keeps two more outputs per adapted Linear (`dora_gib_per_token`: +46 / +36 KiB
+per token in a double / single block for the attention preset) and builds each B @ A in passing
+(`dora_transient_gib`); its magnitudes are 2.3 MB. LoKr trains no NF4 base (fluxnb.model.lora): no preset plans
+it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -64,20 +69,58 @@ def block_gib() -> list[float]:
     return [double] * DOUBLE + [single] * SINGLE
 
 
-def lora_params(lora: LoRAConfig) -> int:
-    """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear, the Linears chosen
-    as peft chooses them for fluxnb.model.lora (from the FLUX layout above, so no model is built)."""
+def adapted(lora: LoRAConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """{"double"/"single": [(name, in, out) of each Linear `lora` adapts in one block of that kind]}, chosen as
+    peft chooses them for fluxnb.model.lora (from the FLUX layout above, so no model is built)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
     config = PeftLoraConfig(target_modules=lora.target_modules)
     every = config.target_modules == "all-linear"  # peft's shorthand, expanded when it wraps a model
-    total = 0
-    for prefix, count, linears in (("transformer_blocks", DOUBLE, DOUBLE_LINEARS),
-                                   ("single_transformer_blocks", SINGLE, SINGLE_LINEARS)):
-        total += count * sum(i + o for n, (i, o) in linears.items()
-                             if every or check_target_module_exists(config, f"{prefix}.0.{n}"))
-    return total * lora.rank
+    return {kind: [(n, i, o) for n, (i, o) in linears.items()
+                   if every or check_target_module_exists(config, f"{prefix}.0.{n}")]
+            for kind, prefix, linears in (("double", "transformer_blocks", DOUBLE_LINEARS),
+                                          ("single", "single_transformer_blocks", SINGLE_LINEARS))}
+
+
+def _params(lora: LoRAConfig, i: int, o: int) -> int:
+    """Trainable numbers of an adapted (in, out) Linear: r (in + out), DoRA + out; LoKr as peft shapes it."""
+    if lora.type != "lokr":
+        return lora.rank * (i + o) + (o if lora.type == "dora" else 0)
+    from peft.tuners.lokr.layer import factorization
+
+    (in_m, in_n), (out_l, out_k) = factorization(i), factorization(o)
+    w2 = out_k * in_n if lora.rank >= max(out_k, in_n) / 2 else lora.rank * (out_k + in_n)
+    return out_l * in_m + w2
+
+
+def lora_params(lora: LoRAConfig) -> int:
+    """Trainable parameters of `lora` on FLUX.1-dev's blocks (see `adapted` and `_params`)."""
+    blocks = adapted(lora)
+    return sum(count * sum(_params(lora, i, o) for _, i, o in blocks[kind])
+               for kind, count in (("double", DOUBLE), ("single", SINGLE)))
+
+
+def dora_gib_per_token(lora: LoRAConfig) -> tuple[float, float]:
+    """(double, single): what DoRA keeps besides LoRA per token in a kept block: the base's and the LoRA's output of
+    each adapted Linear, 2 bytes each; in a double block, the costlier of the image and the text tokens' Linears.
+    The modulation Linears (norm*) run once per sample."""
+    if lora.type != "dora":
+        return 0.0, 0.0
+    blocks, text = adapted(lora), lambda n: "add" in n or "context" in n
+    cost = [sum(4 * o for n, _, o in blocks[kind] if not n.startswith("norm") and keep(n))
+            for kind, keep in (("double", lambda n: not text(n)), ("double", text), ("single", lambda n: True))]
+    return max(cost[:2]) / GiB, cost[2] / GiB
+
+
+def dora_transient_gib(lora: LoRAConfig) -> float:
+    """DoRA's largest passing allocation, in its widest adapted Linear's forward: peft builds B @ A from an (in, in)
+    identity (fp32 + autocast's 16-bit copy), then the 16-bit base weight, the product and their sum, (out, in)
+    each, for the norm of W + dW. A single block's proj_out (15360 in) takes 1.6 GiB, an attention projection 0.1."""
+    if lora.type != "dora":
+        return 0.0
+    return max((i * i * (4 + 2) + i * o * 3 * 2 for kind in ("double", "single") for _, i, o in adapted(lora)[kind]),
+               default=0) / GiB
 
 
 def margin_gib(budget: float, batch_tokens: int = 0) -> float:
@@ -95,6 +138,8 @@ class Layout:
     streamed: int  # blocks whose frozen weights stream from CPU RAM (spread by pick_blocks)
     kept: int  # the last blocks, which keep their activations instead of being checkpointed
     compiled: bool = True  # blocks compiled by torch.compile (False: eager, e.g. on a T4)
+    dora: tuple[float, float] = (0.0, 0.0)  # DoRA's extra GiB per token in a kept double / single block
+    extra_gib: float = 0.0  # what the options add at the peak: DoRA's passing allocation
 
     def peak_gib(self, tokens: int) -> float:
         """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
@@ -103,13 +148,19 @@ class Layout:
         weights = sum(s for i, s in enumerate(sizes) if i not in streamed)
         in_flight = max((sizes[i] for i in streamed), default=0.0)  # the block being copied in
         checkpointed = len(sizes) - self.kept
-        base = BASE_GIB + BASE_GIB_PER_TOKEN * bt + weights + in_flight + bt * checkpointed * CHECKPOINTED_GIB_PER_TOKEN
+        base = (BASE_GIB + self.extra_gib + BASE_GIB_PER_TOKEN * bt + weights + in_flight
+                + bt * (checkpointed * CHECKPOINTED_GIB_PER_TOKEN + self._kept(dict(zip(("double", "single"),
+                                                                                        self.dora)))))
         if self.compiled:  # kept blocks' backward first, then one rebuilt at a time
             return base + bt * max(self.kept, 1 if checkpointed else 0) * KEPT_GIB_PER_TOKEN
+        return base + bt * (self._kept(EAGER_KEPT_GIB_PER_TOKEN) + EAGER_EXTRA_GIB_PER_TOKEN)
+
+    def _kept(self, per_token: dict[str, float]) -> float:
+        """GiB per token of the kept blocks (the last ones) and of the one checkpointed block rebuilt at a time."""
         kinds = ["double"] * DOUBLE + ["single"] * SINGLE
-        kept = sum(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[len(kinds) - self.kept:]) if self.kept else 0.0
-        rebuilt = max(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[:checkpointed]) if checkpointed else 0.0
-        return base + bt * (kept + rebuilt + EAGER_EXTRA_GIB_PER_TOKEN)
+        checkpointed = len(kinds) - self.kept
+        return (sum(per_token[k] for k in kinds[checkpointed:])
+                + max((per_token[k] for k in kinds[:checkpointed]), default=0.0))
 
 
 @dataclass(frozen=True)
@@ -163,8 +214,9 @@ class Plan:
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
             ("memory", fit, f"planned for {self.size} ({self.tokens} tokens per sample), "
-             f"{'compiled' if lay.compiled else 'eager'} blocks; budget minus {self.margin_gib:.1f} GiB for the "
-             "allocator's fragmentation"),
+             f"{'compiled' if lay.compiled else 'eager'} blocks"
+             + (", DoRA's extra activations and its passing B @ A" if any(lay.dora) else "")
+             + f"; budget minus {self.margin_gib:.1f} GiB for the allocator's fragmentation"),
         ]
 
     def table(self) -> str:
@@ -191,21 +243,23 @@ def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: 
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     size = f"{width}x{height}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
-    params = lora_params(lora or LoRAConfig())
+    lora = lora or LoRAConfig()
+    params = lora_params(lora)
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
+    lay = functools.partial(Layout, compiled=compiled, dora=dora_gib_per_token(lora),
+                            extra_gib=dora_transient_gib(lora))
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
         margin = margin_gib(budget_gib, batch * tokens)
         usable = budget_gib - margin
-        if Layout(batch, most, 0, compiled).peak_gib(tokens) > usable:
+        if lay(batch, most, 0).peak_gib(tokens) > usable:
             continue
-        kept = _most(lambda k: Layout(batch, most, k, compiled).peak_gib(tokens) <= usable, n) if compiled else 0
+        kept = _most(lambda k: lay(batch, most, k).peak_gib(tokens) <= usable, n) if compiled else 0
         # A resident block saves little (its copy hides behind the compute): it gets memory only while twice the
         # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
         room = usable - margin
-        resident = _most(lambda r: Layout(batch, most - r, kept, compiled).peak_gib(tokens) <= room, most)
-        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept, compiled), optimizer, True, params,
-                    host_gib, size)
-    return Plan(budget_gib, tokens, Layout(1, most, 0, compiled), optimizer, False, params, host_gib, size)
+        resident = _most(lambda r: lay(batch, most - r, kept).peak_gib(tokens) <= room, most)
+        return Plan(budget_gib, tokens, lay(batch, most - resident, kept), optimizer, True, params, host_gib, size)
+    return Plan(budget_gib, tokens, lay(1, most, 0), optimizer, False, params, host_gib, size)
 
 
 def _most(ok, top: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..base import memory
 from ..base.interrupts import check_interrupted, watching_interrupts
+from ..config import RunConfig
 from ..data.store import read_samples
 from ..model import lora
 from ..run import Run, writes
@@ -63,6 +64,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     # Setup. Everything that can fail is checked before --overwrite deletes anything (fluxnb.train.guard).
     if max_steps is not None:
         run.config = run.config.replace(train={"max_train_steps": max_steps})  # validated here, saved below
+    # Settings changed since config.json was written (max_steps, the CLI's --lora-type): saved once checks passed.
+    edited = run.dir.config.is_file() and RunConfig.load(run.dir.root) != run.config
     samples = read_samples(run.dir)  # samples.jsonl, read once for every check and the training data
     guard.check_inputs(run, samples)
     start = guard.start_point(run, resume, overwrite)
@@ -73,7 +76,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     live = in_notebook() if live is None else live
     target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
     with cpu_threads(run.hw), speed.attention_backends(run.hw, run.config.model.quantization):
-        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=max_steps is not None,
+        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=edited,
                     live=live, how_to_resume=how_to_resume)
         result = TrainResult(s.state.step, None, s.newest_path, train_loss_before=s.on_main(s.fixed_loss))
         if s.state.step == 0:

@@ -88,9 +88,9 @@ def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig
 
 
 def unplanned(config: RunConfig) -> bool:
-    """A real run whose training settings are still the blog recipe's defaults: no preset was chosen yet (a new
-    run directory; opening a run plans nothing, notebook 03's form and the CLI's `train` do)."""
-    return config.profile == "real" and config.train == RunConfig(profile="real").train
+    """A real run whose training settings are still the blog recipe's defaults: no preset was chosen yet (a new run directory; opening a run plans nothing, notebook 03's form and the CLI's
+    `train` do). Never a LoKr run: presets plan the NF4 base, which LoKr cannot train (fluxnb.model.lora)."""
+    return config.profile == "real" and config.lora.type != "lokr" and config.train == RunConfig(profile="real").train
 
 
 def plan_if_unplanned(config: RunConfig, hw: Hardware) -> str | None:
