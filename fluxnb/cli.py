@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import presets, train
 
     run = open_existing_run(args.run_dir, "train")
-    given = {"lora": {"type": args.lora_type}}
+    given = {"lora": {"type": args.lora_type}, "train": {"ema_decay": args.ema_decay}}
     run.config = run.config.replace(**{part: {k: v for k, v in values.items() if v is not None}
                                        for part, values in given.items()})  # saved by train once its checks pass
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
@@ -224,6 +224,9 @@ def _later_parsers(sub) -> None:
     p.add_argument("--lora-type", choices=config.LORA_TYPES, default=None,
                    help="the adapter: lora (default), dora (LoRA + a learned magnitude per output row) or lokr "
                         "(Kronecker factors; not on the NF4 base); saved as lora.type")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an EMA of the LoRA weights, e.g. 0.999: samples and saved LoRAs use it (0 = off, the "
+                        "default); saved as train.ema_decay")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest RUN/checkpoints/step-N")
     mode.add_argument("--overwrite", action="store_true", help="start over: delete checkpoints, samples and LoRA")

@@ -203,6 +203,7 @@ class TrainConfig:
     sample_steps: int = 20  # denoising steps for the validation grids
     validation_samples: int = 2  # images held out of training for the validation loss (0 = a fixed training subset)
     validate_every: int = 25  # optimizer steps between validation losses (0 = never)
+    ema_decay: float = 0.0  # EMA of the LoRA weights (0 = off, 0.999 typical); samples and saved LoRAs use it
 
     def __post_init__(self) -> None:
         _check_positive("learning_rate", self.learning_rate)
@@ -226,6 +227,7 @@ class TrainConfig:
         _check(self.adam_weight_decay >= 0, f"adam_weight_decay must be >= 0, got {self.adam_weight_decay!r}.")
         _check_positive("adam_epsilon", self.adam_epsilon)
         _check_positive("max_grad_norm", self.max_grad_norm)
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (0 = off, 0.999 typical), got {self.ema_decay!r}.")
         for name in ("sample_every", "checkpoint_every", "validation_samples", "validate_every"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}.")

@@ -211,7 +211,7 @@ def test_a_stock_pipeline_loads_them_and_an_nf4_one_refuses_lokr(tiny_assets, tm
 
 
 def test_the_cli_and_notebook_03s_form_set_both_options(tmp_path, tmp_path_factory, capsys):
-    """`train --lora-type` (saved once training's checks pass) and the form's LoRA type."""
+    """`train --lora-type/--ema-decay` (saved once training's checks pass) and the form's LoRA type and EMA decay."""
     import ipywidgets as W
 
     from fluxnb.cli import main
@@ -222,19 +222,24 @@ def test_the_cli_and_notebook_03s_form_set_both_options(tmp_path, tmp_path_facto
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lora.type='lokr' cannot train on the NF4 base" in err
     assert RunConfig.load(run.dir.root).lora.type == "lora"  # refused: nothing saved
-    assert main(["train", "--run-dir", str(run.dir.root), "--lora-type", "dora", "--max-steps", "2"]) == 0
+    assert main(["train", "--run-dir", str(run.dir.root), "--ema-decay", "1.5"]) == 2
+    assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(run.dir.root), "--lora-type", "dora", "--ema-decay", "0.9",
+                 "--max-steps", "2"]) == 0
     saved = RunConfig.load(run.dir.root)
-    assert (saved.lora.type, saved.train.max_train_steps) == ("dora", 2)
-    assert lora.file_type(run.dir.lora_file) == "dora"
+    assert (saved.lora.type, saved.train.ema_decay, saved.train.max_train_steps) == ("dora", 0.9, 2)
+    assert lora.file_type(run.dir.lora_file) == "dora" and "ema" in checkpoint.latest(run.dir).training_state()
 
     config = RunConfig.load(run.dir.root)
     form = training_form(config, run.hw)
     fields = {w.description: w for f in form.children[2].children for w in f.children if hasattr(w, "description")}
     kind, message = fields["type"], form.children[2].children[0].children[-1]
     assert isinstance(kind, W.Dropdown) and kind.options == ("lora", "dora", "lokr") and kind.value == "dora"
+    assert fields["ema decay"].value == 0.9
     kind.value = "lokr"  # the config's base is NF4: refused in red, the last good value kept
     assert config.lora.type == "dora" and "cannot train on the NF4 base" in message.value
     config.model.quantization = "none"
     kind.value = "lora"
     kind.value = "lokr"
-    assert config.lora.type == "lokr" and message.value == ""
+    fields["ema decay"].value = 0.0
+    assert (config.lora.type, config.train.ema_decay) == ("lokr", 0.0) and message.value == ""

@@ -18,12 +18,12 @@ from ..train.presets import PRESETS, TINY, apply_in_place, matching, plan, plan_
 from .widgets import config_form
 
 TRAIN_FIELDS = ["learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps", "sample_every",
-                "checkpoint_every", "validation_samples", "validate_every"]
+                "checkpoint_every", "validation_samples", "validate_every", "ema_decay"]
 
 
 def training_form(config: RunConfig, hw: Hardware):
     """The notebook's settings form: preset, LoRA type/rank/alpha/targets, lr, steps, accumulation, resolution,
-    sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
+    sample/checkpoint intervals, EMA decay. Edits go straight into `config` (call run.save() to keep them)."""
     current = plan_if_unplanned(config, hw) or matching(config, hw)  # a new run gets this machine's preset
     options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
     chooser = W.Dropdown(options=options, value=current, description="hardware preset",

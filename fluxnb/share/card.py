@@ -62,6 +62,7 @@ def training_summary(run: Run) -> dict[str, object]:
             "resolution": f"{c.data.width}x{c.data.height}", "quantization": c.model.quantization,
             "adapter": c.lora.type if c.lora.type != "lora" else None,  # DoRA, LoKr (a plain LoRA: no row)
             "LoRA rank": c.lora.rank, "LoRA alpha": c.lora.alpha, "LoRA targets": c.lora.targets,
+            "EMA decay (the weights shared)": c.train.ema_decay or None,
             "optimizer": c.train.optimizer, "learning rate": c.train.learning_rate, "lr scheduler": c.train.lr_scheduler,
             "batch size": c.train.batch_size, "gradient accumulation": c.train.gradient_accumulation_steps,
             "optimizer steps (planned)": c.train.max_train_steps, "optimizer steps (done)": steps,

@@ -24,8 +24,8 @@ kept activations (the last blocks, whose backward runs first), then on resident 
 measures the real peak; `adjust` moves one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
 Options: DoRA (lora.type="dora") keeps two more outputs per adapted Linear (`dora_gib_per_token`: +46 / +36 KiB
 per token in a double / single block for the attention preset) and builds each B @ A in passing
-(`dora_transient_gib`); its magnitudes are 2.3 MB. LoKr trains no NF4 base (fluxnb.model.lora): no preset plans
-it.
+(`dora_transient_gib`); its magnitudes are 2.3 MB. An EMA (train.ema_decay) adds its fp32 copy where it is on the
+GPU (`ema_on_gpu`; the blog's rank 4: 19 MB). LoKr trains no NF4 base (fluxnb.model.lora): no preset plans it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ BASE_GIB, BASE_GIB_PER_TOKEN = 0.17, 3.83e-4  # LoRA + optimizer + everything ou
 EAGER_KEPT_GIB_PER_TOKEN = {"double": 120 * 2**10 / GiB, "single": 109 * 2**10 / GiB}
 EAGER_EXTRA_GIB_PER_TOKEN = 1.2e-4
 ADAMW8BIT_SAVES = 6  # bytes per LoRA parameter: fp32 Adam moments (8 B) vs 8-bit ones (2 B)
+EMA_GPU_SHARE = 0.02  # an EMA of the LoRA weights stays on the GPU while its fp32 copy takes at most this of the budget
 
 
 def block_gib() -> list[float]:
@@ -123,6 +124,11 @@ def dora_transient_gib(lora: LoRAConfig) -> float:
                default=0) / GiB
 
 
+def ema_on_gpu(params: int, budget_gib: float) -> bool:
+    """Whether an fp32 EMA of `params` LoRA weights stays on the GPU (at most EMA_GPU_SHARE of the budget)."""
+    return 4 * params / GiB <= EMA_GPU_SHARE * budget_gib
+
+
 def margin_gib(budget: float, batch_tokens: int = 0) -> float:
     """Headroom left under the budget for the allocator's fragmentation (reserved above allocated): 3% of it, at
     least 0.3 GiB, and at least twice the step's largest tensor, batch_tokens (image + text tokens of a batch) x
@@ -139,7 +145,7 @@ class Layout:
     kept: int  # the last blocks, which keep their activations instead of being checkpointed
     compiled: bool = True  # blocks compiled by torch.compile (False: eager, e.g. on a T4)
     dora: tuple[float, float] = (0.0, 0.0)  # DoRA's extra GiB per token in a kept double / single block
-    extra_gib: float = 0.0  # what the options add at the peak: DoRA's passing allocation
+    extra_gib: float = 0.0  # what the options add at the peak: an EMA on the GPU, DoRA's passing allocation
 
     def peak_gib(self, tokens: int) -> float:
         """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
@@ -173,6 +179,7 @@ class Plan:
     lora_params: int
     host_gib: float | None = None  # CPU RAM the streamed weights were allowed
     size: str = ""  # what was planned for: "512x768, 77 text tokens"
+    ema: bool = False  # an EMA of the LoRA weights is kept (train.ema_decay > 0)
 
     @property
     def estimate_gib(self) -> float:
@@ -213,6 +220,10 @@ class Plan:
             ("optimizer", self.optimizer,
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
+            *([("EMA", "on the GPU" if ema_on_gpu(self.lora_params, self.budget_gib) else "in CPU RAM",
+                f"an fp32 copy of the LoRA, {4 * self.lora_params / 2**20:.0f} MiB: on the GPU up to "
+                f"{100 * EMA_GPU_SHARE:g}% of the budget, else in CPU RAM (copied there after each step)")]
+              if self.ema else []),
             ("memory", fit, f"planned for {self.size} ({self.tokens} tokens per sample), "
              f"{'compiled' if lay.compiled else 'eager'} blocks"
              + (", DoRA's extra activations and its passing B @ A" if any(lay.dora) else "")
@@ -236,18 +247,21 @@ def streamed_gib(count: int) -> float:
 
 
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
-           lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True) -> Plan:
+           lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True,
+           ema: bool = False) -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
-    the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations."""
+    the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations.
+    ema: an EMA of the LoRA weights is kept (train.ema_decay > 0)."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     size = f"{width}x{height}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s) <= host_gib, n)
     lora = lora or LoRAConfig()
     params = lora_params(lora)
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
+    ema_gib = 4 * params / GiB if ema and ema_on_gpu(params, budget_gib) else 0.0
     lay = functools.partial(Layout, compiled=compiled, dora=dora_gib_per_token(lora),
-                            extra_gib=dora_transient_gib(lora))
+                            extra_gib=ema_gib + dora_transient_gib(lora))
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
         margin = margin_gib(budget_gib, batch * tokens)
         usable = budget_gib - margin
@@ -258,8 +272,8 @@ def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: 
         # margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
         room = usable - margin
         resident = _most(lambda r: lay(batch, most - r, kept).peak_gib(tokens) <= room, most)
-        return Plan(budget_gib, tokens, lay(batch, most - resident, kept), optimizer, True, params, host_gib, size)
-    return Plan(budget_gib, tokens, lay(1, most, 0), optimizer, False, params, host_gib, size)
+        return Plan(budget_gib, tokens, lay(batch, most - resident, kept), optimizer, True, params, host_gib, size, ema)
+    return Plan(budget_gib, tokens, lay(1, most, 0), optimizer, False, params, host_gib, size, ema)
 
 
 def _most(ok, top: int) -> int:

@@ -7,7 +7,8 @@ notebook 02 (latents/) and waits on the CPU to decode sample grids. One optimize
 micro-batch, each micro-batch one `training_step` (fluxnb.train.step, the math in fluxnb.train.flow). Every
 `checkpoint_every` steps the TrainState goes to checkpoints/step-N (fluxnb.train.checkpoint): `train(run,
 resume=True)` replays the run from there exactly. At the end: RUN/lora/pytorch_lora_weights.safetensors, for
-stock `FluxPipeline.load_lora_weights`. What the loop sets up and says lives beside it (fluxnb.train.session).
+stock `FluxPipeline.load_lora_weights` (with train.ema_decay > 0: the EMA of the weights, fluxnb.train.state).
+What the loop sets up and says lives beside it (fluxnb.train.session).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _finish(s: Session, result: TrainResult) -> TrainResult:
         if s.main:  # kept with the last checkpoint, so a later call on this finished run can report them
             checkpoint.annotate(s.newest, train_loss_before=result.train_loss_before,
                                 train_loss_after=result.train_loss_after, train_seconds=round(result.seconds, 1))
-        result.lora = s.on_main(lora.save_lora, s.model, run.dir.lora)
+        with state.averaged():  # train.ema_decay > 0: the EMA of the weights is the run's LoRA
+            result.lora = s.on_main(lora.save_lora, s.model, run.dir.lora)
         s.accelerator.print(f"fluxnb: LoRA saved to {result.lora}")
     best = checkpoint.best(run.dir)
     result.best_checkpoint = best.path if best else None

@@ -11,7 +11,7 @@ in BENCHMARKS.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import RunConfig
 from ..run.hardware import Hardware
@@ -76,7 +76,7 @@ def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Pla
     """fluxnb.train.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
     d = config.data
     return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
-                         PRESETS[name].host_gib, compiles(name, hw))
+                         PRESETS[name].host_gib, compiles(name, hw), ema=config.train.ema_decay > 0)
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:
@@ -88,9 +88,12 @@ def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig
 
 
 def unplanned(config: RunConfig) -> bool:
-    """A real run whose training settings are still the blog recipe's defaults: no preset was chosen yet (a new run directory; opening a run plans nothing, notebook 03's form and the CLI's
+    """A real run whose training settings are still the blog recipe's defaults (EMA aside: no preset sets it): no
+    preset was chosen yet (a new run directory; opening a run plans nothing, notebook 03's form and the CLI's
     `train` do). Never a LoKr run: presets plan the NF4 base, which LoKr cannot train (fluxnb.model.lora)."""
-    return config.profile == "real" and config.lora.type != "lokr" and config.train == RunConfig(profile="real").train
+    default = RunConfig(profile="real").train
+    return (config.profile == "real" and config.lora.type != "lokr"
+            and replace(config.train, ema_decay=default.ema_decay) == default)
 
 
 def plan_if_unplanned(config: RunConfig, hw: Hardware) -> str | None:
