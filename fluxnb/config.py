@@ -33,6 +33,7 @@ LORA_TARGETS: dict[str, list[str] | str] = {
     "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
 }
 LORA_INITS = ("gaussian", "default")
+LORA_TYPES = ("lora", "dora", "lokr")  # fluxnb.model.lora.peft_config: peft's LoRA, DoRA, LoKr
 # peft's inits that start the adapter from the weight's own decomposition and subtract that start from the frozen
 # base: the LoRA a run saves then belongs to that changed base, and every tool applies it to the original one.
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -61,11 +62,12 @@ _NOT_NEGATIVE = ("offload_blocks", "lr_warmup_steps", "guidance_scale", "keep_ac
                  "adam_weight_decay", "sample_every", "checkpoint_every", "validation_samples", "validate_every")
 _RANGES = {**dict.fromkeys(_POSITIVE, (lambda v: v > 0, "> 0")),
            **dict.fromkeys(_NOT_NEGATIVE, (lambda v: v >= 0, ">= 0")),
-           **dict.fromkeys(("dropout", "caption_dropout", "mask_floor", "adam_beta1", "adam_beta2"),
+           **dict.fromkeys(("dropout", "caption_dropout", "mask_floor", "ema_decay", "adam_beta1", "adam_beta2"),
                            (lambda v: 0 <= v < 1, "in [0, 1)"))}
 _CHOICES = {"crop": CROPS, "small_images": SMALL_IMAGE_POLICIES, "bad_images": BAD_IMAGE_POLICIES,
             "quantization": QUANTIZATIONS, "dtype": DTYPES, "lr_scheduler": LR_SCHEDULERS, "compile": COMPILE_MODES,
             "weighting_scheme": WEIGHTING_SCHEMES, "optimizer": OPTIMIZERS, "profile": PROFILES, "init": LORA_INITS,
+            "type": LORA_TYPES,
             "base": tuple(BASES)}
 
 
@@ -146,6 +148,7 @@ class LoRAConfig:
     init: str = "gaussian"
     dropout: float = 0.0
     targets: str = "attention"  # a preset name, or comma-separated module names (e.g. "to_q,to_v")
+    type: str = "lora"  # "dora": + a learned magnitude per output row; "lokr": Kronecker factors (not on NF4)
 
     def __post_init__(self) -> None:
         _check(self.init not in BASE_CHANGING_INITS,  # before the choices: this one has its own reason
@@ -153,6 +156,7 @@ class LoRAConfig:
                f"diffusers and fluxnb's merge would apply the saved LoRA to the wrong base: use 'gaussian' (the "
                f"default) or 'default'.")
         _check_fields(self, "lora.")
+        _check(self.type != "lokr" or self.dropout == 0, "dropout drops LoRA's input; LoKr has none: set dropout=0.")
         _check(bool(self.targets.strip()), f"targets is empty; use a preset ({', '.join(LORA_TARGETS)}) or names.")
 
     @property
@@ -197,6 +201,7 @@ class TrainConfig:
     sample_steps: int = 20  # denoising steps for the validation grids
     validation_samples: int = 2  # images held out of training for the validation loss (0 = a fixed training subset)
     validate_every: int = 25  # optimizer steps between validation losses (0 = never)
+    ema_decay: float = 0.0  # EMA of the LoRA weights (0 = off, 0.999 typical); samples and saved LoRAs use it
 
     def __post_init__(self) -> None:
         _check_fields(self, "train.")

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import config
 from ..base.errors import FluxnbError
 from ..base.interrupts import watching_interrupts
-from .options import DATA_ARGS, RUN_DIR, STEP_OPTIONS, TRAIN_ARGS, TRAIN_OPTIONS, USES
+from .options import ADAPTER_OPTIONS, DATA_ARGS, RUN_DIR, STEP_OPTIONS, TRAIN_ARGS, TRAIN_OPTIONS, USES
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -99,6 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import presets, train
 
     run = open_existing_run(args.run_dir, "train")
+    given = {"lora": {"type": args.lora_type}, "train": {"ema_decay": args.ema_decay}}
+    run.config = run.config.replace(**{part: {k: v for k, v in values.items() if v is not None}
+                                       for part, values in given.items()})  # saved by train once its checks pass
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")
@@ -177,7 +180,7 @@ def _later_parsers(sub) -> None:
     p.add_argument("--run-dir", type=Path, default=None, help=RUN_DIR)
     p.add_argument("--max-steps", type=int, default=None,
                    help="total optimizer steps (saved as train.max_train_steps in RUN/config.json)")
-    for option, kwargs in TRAIN_OPTIONS.items():
+    for option, kwargs in (ADAPTER_OPTIONS | TRAIN_OPTIONS).items():
         p.add_argument(option, default=None, **kwargs)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue from the newest intact RUN/checkpoints/step-N")

@@ -53,6 +53,13 @@ USES = {
 }
 
 
+# train's options that change what a preset plans (lora.type, train.ema_decay): applied before it plans.
+ADAPTER_OPTIONS: dict[str, dict] = {
+    "--lora-type": dict(choices=config.LORA_TYPES, help="the adapter: lora (default), dora (LoRA + a learned magnitude "
+                        "per output row) or lokr (Kronecker factors; not on the NF4 base); saved as lora.type"),
+    "--ema-decay": dict(type=float, help="keep an EMA of the LoRA weights, e.g. 0.999: samples and saved LoRAs use it "
+                        "(0 = off, the default); saved as train.ema_decay"),
+}
 # train's options beyond the preset's (saved in RUN/config.json once training starts; not given: kept as there).
 TRAIN_OPTIONS: dict[str, dict] = {
     "--optimizer": dict(choices=config.OPTIMIZERS, help="adamw8bit or adamw (the preset picks), or prodigy"),

@@ -12,10 +12,8 @@ BFL fuses q, k and v into ONE Linear (img_attn_qkv; in single blocks linear1 = q
 become one rank-3r LoRA: A stacked row-wise, B block-diagonal (each part's B touches only its own rows and
 columns), alpha = 3 * alpha so that alpha / R stays alpha / r. A missing part (mlp in linear1) gets a zero block:
 diffusers' reader (`_convert_kohya_flux_lora_to_diffusers`) then sees the block-diagonal layout and splits it
-back into the exact rank-r q, k, v LoRAs, and ComfyUI adds B @ A to the fused weight, which is the same delta.
-The zero blocks cost space: the blog's rank-4 attention LoRA is 18.7 MB in diffusers' layout, ~73 MB in this one.
-
-kohya's FLUX LoRA has no slot in the final layer, so this file leaves LoRAs there out (`left_out` names them).
+back into the exact rank-r q, k, v LoRAs; ComfyUI adds B @ A to the fused weight, the same delta (zero blocks cost
+space: the blog's LoRA, 18.7 MB in diffusers' layout, is ~73 MB here). kohya's has no final layer: see `left_out`.
 """
 
 from __future__ import annotations
@@ -31,7 +29,9 @@ from ..base.errors import FluxnbError
 from ..base.files import atomic_write_bytes, save_tensors
 from ..base.temps import remove_abandoned_files
 from ..config import EXPORT_FORMATS as FORMATS
+from ..model.lora import NAMES, adapter_type, file_type, read_adapter
 from ..run import LORA_FILE, RunDir
+from . import lycoris
 
 # diffusers module (inside transformer_blocks.N / single_transformer_blocks.N / the model) -> (BFL name, part).
 # part is the index inside a fused BFL Linear, or None for a 1:1 module. Read off diffusers' converter.
@@ -129,8 +129,8 @@ def read_lora(source: str | Path | dict[str, torch.Tensor]) -> dict[str, LoraPai
     if other:
         raise FluxnbError(f"{name} has LoRA weights that diffusers' load_lora_weights does not put into the "
                           f"transformer ({', '.join(other)}); fluxnb handles transformer LoRAs only.")
-    if any("lora_magnitude_vector" in k for k in state):
-        raise FluxnbError(f"{name} is a DoRA; fluxnb handles plain LoRAs only.")
+    if (kind := adapter_type(state)) != "lora":
+        raise FluxnbError(f"{name} is a {NAMES[kind]}, not LoRA pairs: fluxnb.infer.lycoris exports it.")
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     cfg = _config(state, alphas, metadata)
     pairs = {}
@@ -232,16 +232,18 @@ def comfyui_metadata(loras: dict[str, LoraPair]) -> dict[str, str]:
 
 
 def export_lora(lora: str | Path, fmt: str, out: str | Path) -> Path:
-    """Write the LoRA at `lora` (diffusers file) to `out` in `fmt` ("comfyui" or "diffusers"); returns `out`."""
+    """Write the LoRA file `lora` to `out` as `fmt`: "diffusers" or "comfyui" (DoRA, LoKr: fluxnb.infer.lycoris)."""
     if fmt not in FORMATS:
         raise FluxnbError(f"export format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}.")
-    loras, out = read_lora(lora), Path(out)  # reading first also validates a "diffusers" copy
+    plain = file_type(lora) == "lora"  # DoRA and LoKr: LyCORIS's layout (fluxnb.infer.lycoris)
+    loras, out = read_lora(lora) if plain else read_adapter(lora), Path(out)  # reading also validates a copy
     remove_abandoned_files(out.parent, [out.name])  # what a killed export of this file left, and nothing else
     if fmt == "diffusers":
         if Path(lora).resolve() != out.resolve():
             atomic_write_bytes(out, Path(lora).read_bytes())  # byte copy: keeps diffusers' rank/alpha metadata
     else:
-        save_tensors(out, to_comfyui(loras), metadata=comfyui_metadata(loras))
+        tensors, meta = (to_comfyui(loras), comfyui_metadata(loras)) if plain else lycoris.comfyui(loras)
+        save_tensors(out, tensors, metadata=meta)
     return out
 
 
@@ -270,12 +272,12 @@ _TOP_LEVEL = ("diffusers' kohya reader drops LoRAs on the input embedders (img_i
 
 
 def check_round_trip(original: str | Path, exported: str | Path) -> RoundTrip:
-    """Read `exported` back through diffusers' loader and compare every module's delta W with `original`.
-
-    The tolerance is a few units of rounding of the file's dtype: the kohya reader multiplies A by alpha / r once.
-    """
+    """Read `exported` back through diffusers' loader and compare every module's delta W with `original` (to a few
+    units of rounding of the file's dtype: the kohya reader multiplies A by alpha / r once)."""
     from safetensors.torch import load_file
 
+    if file_type(original) != "lora":  # read back by ComfyUI's rules: diffusers reads no LyCORIS FLUX.1 file
+        return RoundTrip(*lycoris.compare(original, exported), 0, {}, [])
     want, state = read_lora(original), load_file(str(exported))
     dropped = left_out(want)
     top = {f"lora_unet_{name}" for name in _TOP.values() if name not in NO_KOHYA_SLOT}

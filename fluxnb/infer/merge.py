@@ -1,6 +1,7 @@
 """Merge the LoRA into the base weights, then re-quantize (the blog's "Option 2").
 
     W' = W + scale * alpha / r * B @ A        for every adapted Linear, then NF4(W') for inference
+    (DoRA: W' = m * (W + dW) / ||W + dW|| row by row; LoKr: dW = scale * alpha / r * kron(w1, w2); peft's own merge)
 
 The merged model runs without adapter layers (a little faster, nothing extra in memory) and re-quantizes like
 any checkpoint. The order matters: the base is read in 16-bit (fp32 on the CPU), NOT in 4-bit, before fusing.
@@ -25,9 +26,12 @@ renames and removes the temporaries nobody writes, saying so in one line.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ from ..base.hub_errors import hub_errors
 from ..base.memory import GiB, available_ram_gib
 from ..base.temps import replace_folder, temp_folder
 from ..model import fp8
+from ..model.lora import merge_module, read_adapter
 from ..model.quant import FP8_METHOD, bnb_config, load_transformer
 from ..run import Run, writes
 from .merged import MERGE_INFO, is_complete, leftovers, repair
@@ -133,19 +138,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def lora_deltas(lora: str | Path, lora_scale: float = 1.0) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{transformer module name: (A (r, k), B (d, r), scale * alpha / r)} from a diffusers/fluxnb LoRA file."""
-    from diffusers import FluxPipeline
+def lora_merges(lora: str | Path, lora_scale: float = 1.0) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{transformer module name: fp32 weight (d, k) -> the same weight with the adapter merged, in place or new}.
 
-    path = Path(lora)
-    state, meta = FluxPipeline.lora_state_dict(str(path.parent), weight_name=path.name, return_lora_metadata=True)
-    meta = {k.removeprefix("transformer."): v for k, v in (meta or {}).items()}
-    if "r" not in meta or meta.get("use_dora") or meta.get("rank_pattern") or meta.get("alpha_pattern"):
-        raise FluxnbError(f"{path} carries no plain LoRA config (rank, alpha) in its metadata: merge it with "
-                          "fuse_into on a machine with RAM for the 16-bit base, or use it unmerged.")
-    scaling = lora_scale * meta["lora_alpha"] / (meta["r"] ** 0.5 if meta.get("use_rslora") else meta["r"])
-    names = {k.removeprefix("transformer.").rsplit(".lora_A.", 1)[0] for k in state if ".lora_A." in k}
-    return {n: (state[f"transformer.{n}.lora_A.weight"], state[f"transformer.{n}.lora_B.weight"], scaling) for n in names}
+    LoRA: W + scale * alpha / r * B @ A. DoRA and LoKr: peft's own merge of that one layer (fluxnb.model.lora.
+    merge_module: DoRA's magnitude over the new rows' norms, LoKr's Kronecker product)."""
+    adapter = read_adapter(lora)
+    if adapter.type != "lora":
+        return {name: functools.partial(merge_module, tensors=tensors, config=adapter.config, scale=lora_scale)
+                for name, tensors in adapter.modules.items()}
+    c = adapter.config
+    scaling = lora_scale * c.lora_alpha / (math.sqrt(c.r) if c.use_rslora else c.r)
+
+    def add(a: torch.Tensor, b: torch.Tensor):  # (r, k), (d, r)
+        return lambda w: w.add_(b.to(w) @ a.to(w), alpha=scaling)
+
+    return {name: add(t["lora_A.weight"], t["lora_B.weight"]) for name, t in adapter.modules.items()}
 
 
 def _linear_names(config: dict) -> set[str]:
@@ -181,11 +189,11 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
     dtype = run.hw.dtype  # fp16 on a T4, bf16 on newer GPUs, fp32 on the CPU
     repair(out)  # first: what a stopped merge left may be what fills the disk the check below measures
     check_memory(run, quantize)
-    base, deltas = _base_folder(run), lora_deltas(lora, lora_scale)
+    base, merges = _base_folder(run), lora_merges(lora, lora_scale)
     config = json.loads((base / "config.json").read_text())
     scales = _fp8_scales(base, config)  # {} unless the base is an FP8 folder (fluxnb.model.quant.save_fp8)
     linear = _linear_names(config)
-    missing = sorted(set(deltas) - linear)
+    missing = sorted(set(merges) - linear)
     if missing:
         raise FluxnbError(f"{lora} adapts layers this base does not have as Linear layers (e.g. {missing[0]}).")
     target = out / "transformer"
@@ -198,7 +206,7 @@ def fuse_to_disk(run: Run, lora: str | Path, lora_scale: float = 1.0, out: Path 
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __iter__)
                     if key not in scales:  # an FP8 base's scales are folded into their weights (_fused)
-                        writer.add(_fused(f.get_tensor(key), key, deltas, linear, dtype, quantize, run, model, scales))
+                        writer.add(_fused(f.get_tensor(key), key, merges, linear, dtype, quantize, run, model, scales))
         writer.close()
         config.pop("quantization_config", None)  # the base's (FP8), if any: the output is 16-bit or NF4
         if quantize:
@@ -227,17 +235,15 @@ def _fp8_scales(base: Path, config: dict) -> dict[str, torch.Tensor]:
     return scales
 
 
-def _fused(tensor: torch.Tensor, key: str, deltas, linear: set[str], dtype, quantize: bool, run: Run, model,
+def _fused(tensor: torch.Tensor, key: str, merges, linear: set[str], dtype, quantize: bool, run: Run, model,
            scales: dict[str, torch.Tensor]):
-    """One base tensor as the merged checkpoint stores it: + the LoRA delta (in fp32), then NF4 or `dtype`. An FP8
-    weight (codes, with their scales in `scales`) is first turned into its numbers, in fp32."""
+    """One base tensor as the merged checkpoint stores it: the adapter merged (in fp32), then NF4 or `dtype`. An
+    FP8 weight (codes, with their scales in `scales`) is first turned into its numbers, in fp32."""
     if key + "_scale" in scales:
         tensor = tensor.float() * scales[key + "_scale"]
     module = key.removesuffix(".weight")
-    if module in deltas:
-        a, b, scaling = deltas[module]
-        work = run.hw.device  # the (r, k) x (d, r) product and the add, on the GPU where there is one
-        tensor = tensor.to(work, torch.float32).add_(b.to(work, torch.float32) @ a.to(work, torch.float32), alpha=scaling)
+    if key.endswith(".weight") and module in merges:  # on the GPU where there is one
+        tensor = merges[module](tensor.to(run.hw.device, torch.float32))
     if quantize and key.endswith(".weight") and module in linear:
         return _nf4(tensor.to(dtype), key, run.hw.device, model.double_quant)
     return {key: tensor.to("cpu", dtype)}

@@ -29,6 +29,7 @@ from ..base.memory import GiB, free, trim_host_memory
 from ..base.plots import image_grid, save_figure
 from ..base.progress import Bar
 from ..data import embeddings
+from ..model.lora import adapter_type
 from ..model.offload import stream_blocks, streamer_of, transformer_blocks
 from ..model.quant import load_transformer
 from ..run import Run
@@ -121,19 +122,41 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
 
 
 def load_lora(pipe, path: str | Path, name: str = ADAPTER) -> str:
-    """Load a diffusers (or kohya/ComfyUI) LoRA file as adapter `name`, active at scale 1."""
+    """Load a diffusers (or kohya/ComfyUI) LoRA file as adapter `name`, active at scale 1.
+
+    DoRA files load like LoRAs. A LoKr goes onto the transformer with diffusers' `load_lora_adapter` (the
+    pipeline's load_lora_weights wants "lora" in every key); set_adapters, disable_lora and fuse_lora see it alike.
+    It cannot run on an NF4 transformer (fluxnb.model.lora.nf4_problem): merge it there (fluxnb.infer.merge)."""
     path = Path(path)
     if not path.is_file():
         raise FluxnbError(f"{path} does not exist: train first (notebook 03), or pick another LoRA file.")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        lokr = adapter_type(f.keys()) == "lokr"
+    if lokr and is_nf4(pipe.transformer):
+        raise FluxnbError(f"{path.name} is a LoKr, which cannot run on this NF4 transformer: load the pipeline in 16-bit "
+                          "(plan_pipeline's quantize=False, 24 GB of GPU memory for FLUX.1-dev), or merge it into the "
+                          "base (merge.fuse_to_disk) and sample the merged model.")
     quiet = logging.getLogger("diffusers.loaders.lora_base")  # "no LoRA keys for the text encoder": by design
     level, _ = quiet.level, quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():  # peft on a second adapter: "this will lead to multiple adapters" - yes
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            if lokr:
+                pipe.transformer.load_lora_adapter(str(path.parent), weight_name=path.name, adapter_name=name,
+                                                   prefix="transformer")
+            else:
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     finally:
         quiet.setLevel(level)
     return name
+
+
+def is_nf4(transformer) -> bool:
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in transformer.modules())
 
 
 def set_scale(pipe, scale: float, name: str = ADAPTER) -> None:

@@ -11,20 +11,21 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..config import BASES, LORA_TARGETS, OPTIMIZERS, WEIGHTING_SCHEMES, RunConfig
+from ..config import BASES, LORA_TARGETS, LORA_TYPES, OPTIMIZERS, WEIGHTING_SCHEMES, RunConfig
+from ..model.lora import nf4_problem
 from ..run.hardware import Hardware
 from ..train.presets import PRESETS, TINY, apply_in_place, describe, matching, plan, plan_if_unplanned
 from ..train.step import optimizer_note
 from .widgets import config_form
 
 TRAIN_FIELDS = ["optimizer", "learning_rate", "max_train_steps", "batch_size", "gradient_accumulation_steps",
-                "caption_dropout", "weighting_scheme", "sigmoid_scale", "sample_every", "checkpoint_every",
+                "caption_dropout", "weighting_scheme", "sigmoid_scale", "ema_decay", "sample_every", "checkpoint_every",
                 "validation_samples", "validate_every"]
 
 
 def training_form(config: RunConfig, hw: Hardware):
-    """The notebook's settings form: preset, LoRA rank/alpha/targets, lr, steps, accumulation, resolution,
-    sample/checkpoint intervals. Edits go straight into `config` (call run.save() to keep them)."""
+    """The notebook's settings form: preset, LoRA type/rank/alpha/targets, lr, steps, accumulation, resolution,
+    sample/checkpoint intervals, EMA decay. Edits go straight into `config` (call run.save() to keep them)."""
     current = plan_if_unplanned(config, hw) or matching(config, hw)  # a new run gets this machine's preset
     options = [*PRESETS, TINY] + (["custom"] if current == "custom" else [])
     chooser = W.Dropdown(options=options, value=current, description="hardware preset",
@@ -43,9 +44,11 @@ def training_form(config: RunConfig, hw: Hardware):
             apply_in_place(config, chooser.value, hw)
         describe_choice()
         forms.children = [
-            config_form(config.lora, ["rank", "alpha", "targets"], "LoRA",
-                        choices={"targets": (*LORA_TARGETS, *([config.lora.targets]
-                                                              if config.lora.targets not in LORA_TARGETS else []))}),
+            config_form(config.lora, ["type", "rank", "alpha", "targets"], "LoRA",
+                        choices={"type": LORA_TYPES,
+                                 "targets": (*LORA_TARGETS, *([config.lora.targets]
+                                                              if config.lora.targets not in LORA_TARGETS else []))},
+                        check=lambda lora: nf4_problem(lora, config.model.quantization)),
             training_fields(config, then=describe_choice),
             config_form(config.data, ["width", "height"],
                         "Resolution (the latents of notebook 02 were cached at this size; change it there)"),

@@ -10,6 +10,7 @@ the dataclass keeps its last good value. Headless (nbval, CLI) the form is simpl
 from __future__ import annotations
 
 import dataclasses
+import html
 import typing
 from typing import Any
 
@@ -47,8 +48,10 @@ def _parse(widget: W.Widget, old: Any) -> Any:
 
 
 def config_form(obj: Any, fields: list[str] | None = None, title: str = "", *,
-                choices: dict[str, tuple[str, ...]] | None = None) -> W.VBox:
-    """A form for some `fields` of dataclass `obj`; each valid edit is written back to `obj` immediately."""
+                choices: dict[str, tuple[str, ...]] | None = None, check=None) -> W.VBox:
+    """A form for some `fields` of dataclass `obj`; each valid edit is written back to `obj` immediately.
+    check(candidate): what is wrong with an edited copy beyond its own validation (another section's settings), or
+    None."""
     names = fields or [f.name for f in dataclasses.fields(obj)]
     hints = typing.get_type_hints(type(obj))
     choices = choices or {}
@@ -60,9 +63,11 @@ def config_form(obj: Any, fields: list[str] | None = None, title: str = "", *,
         def on_change(change: dict, name: str = name, widget: W.Widget = widget) -> None:
             try:
                 new = _parse(widget, getattr(obj, name))
-                dataclasses.replace(obj, **{name: new})  # runs __post_init__: validates without touching obj
+                candidate = dataclasses.replace(obj, **{name: new})  # runs __post_init__: validates, obj untouched
+                if check is not None and (problem := check(candidate)):
+                    raise FluxnbError(problem)
             except (FluxnbError, ValueError, TypeError) as err:
-                message.value = f"<span style='color:#b00'>{err}</span>"
+                message.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
                 return
             setattr(obj, name, new)
             message.value = ""

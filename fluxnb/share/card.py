@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config import BASES
 from ..data.store import read_samples
 from ..infer.export import left_out, read_lora
+from ..model.lora import NAMES, file_type
 from ..run import LORA_FILE, Run
 from ..run.records import MetricsLog, read_gallery_index
 
@@ -64,7 +65,9 @@ def training_summary(run: Run) -> dict[str, object]:
     steps = rows[-1].get("step") if rows else None
     return {"base model": _public_name(c.model.model_id), "base": c.model.base, "dataset": _public_name(c.data.dataset),
             "resolution": f"{c.data.width}x{c.data.height}", "quantization": c.model.quantization,
+            "adapter": c.lora.type if c.lora.type != "lora" else None,  # DoRA, LoKr (a plain LoRA: no row)
             "LoRA rank": c.lora.rank, "LoRA alpha": c.lora.alpha, "LoRA targets": c.lora.targets,
+            "EMA decay (the weights shared)": c.train.ema_decay or None,
             "optimizer": c.train.optimizer, "learning rate": c.train.learning_rate, "lr scheduler": c.train.lr_scheduler,
             "batch size": c.train.batch_size, "gradient accumulation": c.train.gradient_accumulation_steps,
             "optimizer steps (planned)": c.train.max_train_steps, "optimizer steps (done)": steps,
@@ -119,7 +122,8 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
     if base != BASES[c.model.base] and c.profile != "tiny":  # a local copy, a mirror: say which FLUX.1 it holds
         link += f" ({text(c.model.base)})"
     lora = run.dir.lora_file
-    dropped = left_out(read_lora(lora)) if lora.is_file() else []
+    plain = not lora.is_file() or file_type(lora) == "lora"
+    dropped = left_out(read_lora(lora)) if lora.is_file() and plain else []
     tiny = ("\n\n**Test artifact**: trained on fluxnb's offline tiny model (random weights, a few layers) to check the "
             "pipeline end to end; it is not a usable style." if c.profile == "tiny" else "")
     body = "\n\n".join([
@@ -132,10 +136,13 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
         f"Put {code(trigger)} in your prompt." if trigger else "No trigger word: the style applies to any prompt.",
         "## Use it with diffusers", _usage(run, base if on_hub else "path/to/base-model", repo_id, images),
         "## ComfyUI, Forge, kohya",
-        f"{code(comfy_file)} holds the same LoRA in kohya's layout with FLUX's own layer names "
-        "(`lora_unet_double_blocks_0_img_attn_qkv`, ...): put it in `ComfyUI/models/loras/` and load it with a "
-        "LoraLoader node." + (f" It leaves out the LoRA on FLUX's final layer ({', '.join(map(code, dropped))}): "
-                              f"kohya's layout has no slot there; {code(LORA_FILE)} has it." if dropped else ""),
+        (f"{code(comfy_file)} holds the same LoRA in kohya's layout with FLUX's own layer names "
+         "(`lora_unet_double_blocks_0_img_attn_qkv`, ...)" if plain else
+         f"{code(comfy_file)} holds the same {NAMES[c.lora.type]} in LyCORIS's layout with diffusers' layer names "
+         "(`lycoris_transformer_blocks_0_attn_to_q`, ...)")
+        + ": put it in `ComfyUI/models/loras/` and load it with a LoraLoader node." + (
+            f" It leaves out the LoRA on FLUX's final layer ({', '.join(map(code, dropped))}): "
+            f"kohya's layout has no slot there; {code(LORA_FILE)} has it." if dropped else ""),
         "## Samples", _gallery_table(images),
         "## Training", "| setting | value |\n|---|---|\n" + "\n".join(
             f"| {text(k)} | {text(v)} |" for k, v in training_summary(run).items() if v is not None),
@@ -150,11 +157,13 @@ def _usage(run: Run, base: str, repo_id: str, images: list[dict]) -> str:
     """The diffusers snippet; `base` and `repo_id` are Hub ids (validated: no quotes), the prompt a Python repr."""
     c = run.config
     prompt = " ".join((images[0]["prompt"] if images else c.data.validation_prompts[0]).split())
+    load = (f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_FILE}")' if c.lora.type != "lokr" else
+            f'pipe.transformer.load_lora_adapter("{repo_id}", weight_name="{LORA_FILE}", prefix="transformer")')
     code_ = f"""import torch
 from diffusers import FluxPipeline
 
 pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)
-pipe.load_lora_weights("{repo_id}", weight_name="{LORA_FILE}")
+{load}
 pipe.enable_model_cpu_offload()
 image = pipe({prompt!r}, num_inference_steps=28, guidance_scale=3.5,
              width={c.data.width}, height={c.data.height}, generator=torch.manual_seed(0)).images[0]"""

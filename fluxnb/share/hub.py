@@ -21,6 +21,7 @@ from pathlib import Path
 from ..base.errors import FluxnbError
 from ..base.files import atomic_write_bytes, atomic_write_text
 from ..infer.export import comfyui_name, export_lora, left_out, left_out_note, read_lora
+from ..model.lora import file_type
 from ..run import LORA_FILE, Run, writes
 from .card import card_text, gallery
 
@@ -95,7 +96,7 @@ def stage(run: Run, settings: HubSettings) -> Staged:
         _copy(run.dir.comparison, folder / "images" / run.dir.comparison.name)
     if not images:
         notes.append("no sample images yet: run notebook 04 to add a gallery to the card")
-    if dropped := left_out(read_lora(lora)):
+    if file_type(lora) == "lora" and (dropped := left_out(read_lora(lora))):
         notes.append(left_out_note(dropped))
     card = card_text(run, settings.trigger_word, comfy, images, settings.repo_id)
     atomic_write_text(folder / "README.md", card)

@@ -26,28 +26,35 @@ the largest batch that fits with every block streamed and checkpointed, then (co
 kept activations (the last blocks, whose backward runs first), then on resident blocks; an FP8 or 16-bit base,
 whose copies would not hide, on resident blocks first (RESIDENT_FIRST). The first optimizer step
 measures the real peak; `adjust` moves one notch toward memory if it is over (fluxnb.train.speed.fit_budget).
+Options: DoRA (lora.type="dora") keeps two more outputs per adapted Linear (`dora_gib_per_token`: +46 / +36 KiB
+per token in a double / single block for the attention preset) and builds each B @ A in passing
+(`dora_transient_gib`); its magnitudes are 2.3 MB. An EMA (train.ema_decay) adds its fp32 copy where it is on the
+GPU (`ema_on_gpu`; the blog's rank 4: 19 MB). LoKr trains no NF4 base (fluxnb.model.lora): no preset plans it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
 from ..config import LoRAConfig
 from ..model.offload import pick_blocks
-
-GiB = 2**30
+from .adapter_sizes import (  # noqa: F401 (EMA_GPU_SHARE, adapted: read through fluxnb.train.budget too)
+    DOUBLE,
+    DOUBLE_LINEARS,
+    EMA_GPU_SHARE,
+    SINGLE,
+    SINGLE_LINEARS,
+    WIDTH,
+    GiB,
+    adapted,
+    dora_gib_per_token,
+    dora_transient_gib,
+    ema_on_gpu,
+    lora_params,
+)
 SAMPLES_PER_STEP = 4  # the blog's batch 1 x accumulation 4
-DOUBLE, SINGLE = 19, 38  # FLUX.1-dev's double- and single-stream blocks, in the order they run
-WIDTH = 3072  # FLUX.1-dev's hidden size
-# FLUX.1-dev's Linear layers per block: name -> (in, out) features.
-DOUBLE_LINEARS = {"norm1.linear": (3072, 18432), "norm1_context.linear": (3072, 18432),
-                  **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
-                                                          "add_v_proj", "to_out.0", "to_add_out")},
-                  "ff.net.0.proj": (3072, 12288), "ff.net.2": (12288, 3072),
-                  "ff_context.net.0.proj": (3072, 12288), "ff_context.net.2": (12288, 3072)}
-SINGLE_LINEARS = {"norm.linear": (3072, 9216), "proj_mlp": (3072, 12288), "proj_out": (15360, 3072),
-                  **{f"attn.{n}": (3072, 3072) for n in ("to_q", "to_k", "to_v")}}
 LARGEST_WIDTH = 5 * WIDTH  # a single-stream block's attention and MLP outputs, joined: a step's largest tensor
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes + one fp32 absmax per 64 weights
 # Frozen weights by model.quantization: bytes per parameter, bytes per output channel (FP8's fp32 scale).
@@ -91,22 +98,6 @@ def resident_gib(quantization: str = "nf4") -> float:
     return sum(block_gib(quantization)) + outside_gib(quantization)
 
 
-def lora_params(lora: LoRAConfig) -> int:
-    """LoRA parameters of `lora` on FLUX.1-dev's blocks: rank x (in + out) per adapted Linear, the Linears chosen
-    as peft chooses them for fluxnb.model.lora (from the FLUX layout above, so no model is built)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    config = PeftLoraConfig(target_modules=lora.target_modules)
-    every = config.target_modules == "all-linear"  # peft's shorthand, expanded when it wraps a model
-    total = 0
-    for prefix, count, linears in (("transformer_blocks", DOUBLE, DOUBLE_LINEARS),
-                                   ("single_transformer_blocks", SINGLE, SINGLE_LINEARS)):
-        total += count * sum(i + o for n, (i, o) in linears.items()
-                             if every or check_target_module_exists(config, f"{prefix}.0.{n}"))
-    return total * lora.rank
-
-
 def margin_gib(budget: float, batch_tokens: int = 0) -> float:
     """Headroom left under the budget for the allocator's fragmentation (reserved above allocated): 3% of it, at
     least 0.3 GiB, and at least twice the step's largest tensor, batch_tokens (image + text tokens of a batch) x
@@ -123,6 +114,8 @@ class Layout:
     kept: int  # the last blocks, which keep their activations instead of being checkpointed
     compiled: bool = True  # blocks compiled by torch.compile (False: eager, e.g. on a T4)
     quantization: str = "nf4"  # how the frozen weights are stored (model.quantization)
+    dora: tuple[float, float] = (0.0, 0.0)  # DoRA's extra GiB per token in a kept double / single block
+    extra_gib: float = 0.0  # what the options add at the peak: an EMA on the GPU, DoRA's passing allocation
 
     def peak_gib(self, tokens: int) -> float:
         """Estimated peak GPU memory of a training step; `tokens` = image + text tokens of one sample."""
@@ -132,14 +125,19 @@ class Layout:
         in_flight = max((sizes[i] for i in streamed), default=0.0)  # the block being copied in
         checkpointed = len(sizes) - self.kept
         outside = outside_gib(self.quantization) - outside_gib("nf4")  # BASE_GIB was fitted with NF4's
-        base = (BASE_GIB + outside + BASE_GIB_PER_TOKEN * bt + weights + in_flight
-                + bt * checkpointed * CHECKPOINTED_GIB_PER_TOKEN)
+        base = (BASE_GIB + outside + self.extra_gib + BASE_GIB_PER_TOKEN * bt + weights + in_flight
+                + bt * (checkpointed * CHECKPOINTED_GIB_PER_TOKEN + self._kept(dict(zip(("double", "single"),
+                                                                                        self.dora)))))
         if self.compiled:  # kept blocks' backward first, then one rebuilt at a time
             return base + bt * max(self.kept, 1 if checkpointed else 0) * KEPT_GIB_PER_TOKEN
+        return base + bt * (self._kept(EAGER_KEPT_GIB_PER_TOKEN) + EAGER_EXTRA_GIB_PER_TOKEN)
+
+    def _kept(self, per_token: dict[str, float]) -> float:
+        """GiB per token of the kept blocks (the last ones) and of the one checkpointed block rebuilt at a time."""
         kinds = ["double"] * DOUBLE + ["single"] * SINGLE
-        kept = sum(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[len(kinds) - self.kept:]) if self.kept else 0.0
-        rebuilt = max(EAGER_KEPT_GIB_PER_TOKEN[k] for k in kinds[:checkpointed]) if checkpointed else 0.0
-        return base + bt * (kept + rebuilt + EAGER_EXTRA_GIB_PER_TOKEN)
+        checkpointed = len(kinds) - self.kept
+        return (sum(per_token[k] for k in kinds[checkpointed:])
+                + max((per_token[k] for k in kinds[:checkpointed]), default=0.0))
 
 
 @dataclass(frozen=True)
@@ -152,6 +150,7 @@ class Plan:
     lora_params: int
     host_gib: float | None = None  # CPU RAM the streamed weights were allowed
     size: str = ""  # what was planned for: "512x768, 77 text tokens"
+    ema: bool = False  # an EMA of the LoRA weights is kept (train.ema_decay > 0)
 
     @property
     def estimate_gib(self) -> float:
@@ -192,9 +191,14 @@ class Plan:
             ("optimizer", self.optimizer,
              f"8-bit AdamW would save {saved * 1024:.0f} MiB ({100 * saved / self.budget_gib:.2f}% of the budget)"
              + (": not worth its slower step" if self.optimizer == "adamw" else "")),
+            *([("EMA", "on the GPU" if ema_on_gpu(self.lora_params, self.budget_gib) else "in CPU RAM",
+                f"an fp32 copy of the LoRA, {4 * self.lora_params / 2**20:.0f} MiB: on the GPU up to "
+                f"{100 * EMA_GPU_SHARE:g}% of the budget, else in CPU RAM (copied there after each step)")]
+              if self.ema else []),
             ("memory", fit, f"planned for {self.size} ({self.tokens} tokens per sample), "
-             f"{'compiled' if lay.compiled else 'eager'} blocks, {_FORMATS[lay.quantization]} weights; budget minus "
-             f"{self.margin_gib:.1f} GiB for the allocator's fragmentation"),
+             f"{'compiled' if lay.compiled else 'eager'} blocks, {_FORMATS[lay.quantization]} weights"
+             + (", DoRA's extra activations and its passing B @ A" if any(lay.dora) else "")
+             + f"; budget minus {self.margin_gib:.1f} GiB for the allocator's fragmentation"),
         ]
 
     def table(self) -> str:
@@ -218,34 +222,35 @@ def streamed_gib(count: int, quantization: str = "nf4") -> float:
 
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
            lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True,
-           quantization: str = "nf4") -> Plan:
+           quantization: str = "nf4", ema: bool = False) -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
     the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations.
-    quantization: the frozen weights' format (model.quantization: "nf4", "fp8", "none")."""
+    quantization: the frozen weights' format (model.quantization: "nf4", "fp8", "none"). ema: an EMA of the LoRA
+    weights is kept (train.ema_decay > 0)."""
     tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
     size = f"{width}x{height}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s, quantization) <= host_gib, n)
-    q = quantization
-    params = lora_params(lora or LoRAConfig())
+    lora = lora or LoRAConfig()
+    params = lora_params(lora)
     optimizer = "adamw" if ADAMW8BIT_SAVES * params / GiB < 0.01 * budget_gib else "adamw8bit"
+    ema_gib = 4 * params / GiB if ema and ema_on_gpu(params, budget_gib) else 0.0
+    lay = functools.partial(Layout, compiled=compiled, quantization=quantization, dora=dora_gib_per_token(lora),
+                            extra_gib=ema_gib + dora_transient_gib(lora))
     for batch in (b for b in (4, 2, 1) if SAMPLES_PER_STEP % b == 0):
         margin = margin_gib(budget_gib, batch * tokens)
         usable = budget_gib - margin
-        if Layout(batch, most, 0, compiled, q).peak_gib(tokens) > usable:
+        if lay(batch, most, 0).peak_gib(tokens) > usable:
             continue
-        first = q in RESIDENT_FIRST
-        resident = (_most(lambda r: Layout(batch, most - r, 0, compiled, q).peak_gib(tokens) <= usable, most)
-                    if first else 0)
-        kept = (_most(lambda k: Layout(batch, most - resident, k, compiled, q).peak_gib(tokens) <= usable, n)
-                if compiled else 0)
+        first = quantization in RESIDENT_FIRST
+        resident = _most(lambda r: lay(batch, most - r, 0).peak_gib(tokens) <= usable, most) if first else 0
+        kept = _most(lambda k: lay(batch, most - resident, k).peak_gib(tokens) <= usable, n) if compiled else 0
         if not first:  # A resident NF4 block saves little (its copy hides behind the compute): it gets memory only
             # while twice the margin stays free, so a plan is not pushed to the budget's edge for a gain that small.
             room = usable - margin
-            resident = _most(lambda r: Layout(batch, most - r, kept, compiled, q).peak_gib(tokens) <= room, most)
-        return Plan(budget_gib, tokens, Layout(batch, most - resident, kept, compiled, q), optimizer, True, params,
-                    host_gib, size)
-    return Plan(budget_gib, tokens, Layout(1, most, 0, compiled, q), optimizer, False, params, host_gib, size)
+            resident = _most(lambda r: lay(batch, most - r, kept).peak_gib(tokens) <= room, most)
+        return Plan(budget_gib, tokens, lay(batch, most - resident, kept), optimizer, True, params, host_gib, size, ema)
+    return Plan(budget_gib, tokens, lay(1, most, 0), optimizer, False, params, host_gib, size, ema)
 
 
 def _most(ok, top: int) -> int:

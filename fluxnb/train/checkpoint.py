@@ -2,10 +2,13 @@
 
 A checkpoint holds everything that decides the rest of the run, so resuming reproduces the uninterrupted run:
 
-    pytorch_lora_weights.safetensors   the LoRA (stock diffusers format: loadable for inference as it is)
+    pytorch_lora_weights.safetensors   the LoRA (stock diffusers format: loadable for inference as it is); with
+                                       train.ema_decay > 0 the EMA of its weights, as the final LoRA will be
     training_state.pt                  optimizer moments, LR-schedule position, fp16 loss scale, torch's global
                                        RNG (LoRA dropout), and the optimizer step, which fixes the data order
-                                       and every draw of noise, timesteps and latents (fluxnb.train.batches)
+                                       and every draw of noise, timesteps and latents (fluxnb.train.batches);
+                                       with EMA, the average's state and the weights being trained
+                                       (fluxnb.train.state)
     config.json                        the run's config at that moment (to refuse resuming with another LoRA)
     state.json                         step, loss, lr, the training set's fingerprint (to refuse resuming on
                                        other data), written last
@@ -180,7 +183,8 @@ def save(run: RunDir, config: RunConfig, state: TrainState, *, info: dict[str, A
     try:
         with disk_errors(run.checkpoints, folder_size(previous.path) if previous else None):
             tmp.mkdir(parents=True)
-            save_lora(state.model, tmp)
+            with state.averaged():  # the LoRA to use at this step: with EMA on, the average
+                save_lora(state.model, tmp)
             # Through a Python file: torch's own writer (given a path) reports a full disk as a bare RuntimeError.
             with atomic_path(tmp / STATE_FILE) as part, open(part, "wb") as f:
                 torch.save(state.state_dict(), f)
@@ -209,6 +213,7 @@ def annotate(checkpoint: Checkpoint, **info: Any) -> None:
 
 
 def restore(checkpoint: Checkpoint, state: TrainState) -> None:
-    """Everything `save` wrote goes back where it came from: the LoRA weights into the adapter, then the rest."""
+    """Everything `save` wrote goes back where it came from: the LoRA weights into the adapter, then the rest
+    (with EMA, the weights being trained replace the average the LoRA file held)."""
     load_lora_(state.model, checkpoint.path)
     state.load_state_dict(checkpoint.training_state())

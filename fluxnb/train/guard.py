@@ -21,6 +21,7 @@ from ..base.errors import FluxnbError
 from ..base.interrupts import check_interrupted
 from ..data import embeddings, latents
 from ..data.store import Sample, fingerprint
+from ..model.lora import nf4_problem
 from ..run import Run
 from . import checkpoint
 
@@ -28,8 +29,11 @@ RESUME_IN_PYTHON = "train(run, resume=True)"
 
 
 def check_inputs(run: Run, samples: list[Sample]) -> None:
-    """The caches training reads (`samples`: samples.jsonl) are complete and made with the config's settings.
-    Their contents (NaN, unreadable) are checked when training loads them (fluxnb.train.batches.CachedDataset)."""
+    """The adapter can train on this base, and the caches training reads (`samples`: samples.jsonl) are complete
+    and made with the config's settings. Their contents (NaN, unreadable) are checked when training loads them
+    (fluxnb.train.batches.CachedDataset)."""
+    if problem := nf4_problem(run.config.lora, run.config.model.quantization):  # before loading any model
+        raise FluxnbError(problem)
     cached, now = latents.cached_size(run.dir), (run.config.data.width, run.config.data.height)
     if cached is not None and cached != now:
         raise FluxnbError(f"the latents in {run.dir.latents} were cached at {cached[0]}x{cached[1]}, but the config "

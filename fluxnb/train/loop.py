@@ -7,7 +7,8 @@ notebook 02 (latents/) and waits on the CPU to decode sample grids. One optimize
 micro-batch, each micro-batch one `training_step` (fluxnb.train.step, the math in fluxnb.train.flow). Every
 `checkpoint_every` steps the TrainState goes to checkpoints/step-N (fluxnb.train.checkpoint): `train(run,
 resume=True)` replays the run from there exactly. At the end: RUN/lora/pytorch_lora_weights.safetensors, for
-stock `FluxPipeline.load_lora_weights`. What the loop sets up and says lives beside it (fluxnb.train.session).
+stock `FluxPipeline.load_lora_weights` (with train.ema_decay > 0: the EMA of the weights, fluxnb.train.state).
+What the loop sets up and says lives beside it (fluxnb.train.session).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..base import memory
 from ..base.interrupts import check_interrupted, interrupt_handled, watching_interrupts
+from ..config import RunConfig
 from ..data.store import read_samples
 from ..model import lora
 from ..run import Run, writes
@@ -65,6 +67,8 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     changes = (settings or {}) | ({"max_train_steps": max_steps} if max_steps is not None else {})
     if changes:
         run.config = run.config.replace(train=changes)  # validated here, saved below
+    # Settings changed since config.json was written (these, the CLI's --lora-type): saved once checks passed.
+    edited = run.dir.config.is_file() and RunConfig.load(run.dir.root) != run.config
     samples = read_samples(run.dir)  # samples.jsonl, read once for every check and the training data
     guard.check_inputs(run, samples)
     start = guard.start_point(run, resume, overwrite)
@@ -75,7 +79,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     live = in_notebook() if live is None else live
     target = tc.max_train_steps if stop_after is None else min(stop_after, tc.max_train_steps)
     with cpu_threads(run.hw), speed.attention_backends(run.hw, run.config.model.quantization):
-        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=bool(changes),
+        s = Session(run, transformer, start, samples, overwrite=overwrite, save_config=edited,
                     live=live, how_to_resume=how_to_resume)
         result = TrainResult(s.state.step, None, s.newest_path, train_loss_before=s.on_main(s.fixed_loss))
         if s.state.step == 0:
@@ -125,7 +129,8 @@ def _finish(s: Session, result: TrainResult) -> TrainResult:
         if s.main:  # kept with the last checkpoint, so a later call on this finished run can report them
             checkpoint.annotate(s.newest, train_loss_before=result.train_loss_before,
                                 train_loss_after=result.train_loss_after, train_seconds=round(result.seconds, 1))
-        result.lora = s.on_main(lora.save_lora, s.model, run.dir.lora)
+        with state.averaged():  # train.ema_decay > 0: the EMA of the weights is the run's LoRA
+            result.lora = s.on_main(lora.save_lora, s.model, run.dir.lora)
         s.accelerator.print(f"fluxnb: LoRA saved to {result.lora}")
     best = checkpoint.best(run.dir)
     result.best_checkpoint = best.path if best else None

@@ -12,7 +12,7 @@ A preset picks 8-bit or plain AdamW for memory; Prodigy (train.optimizer) is a c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import RunConfig
 from ..run.hardware import Hardware
@@ -77,7 +77,7 @@ def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Pla
     """fluxnb.train.budget's layout for this preset's budget at the config's image size, text length and LoRA."""
     d = config.data
     return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
-                         PRESETS[name].host_gib, compiles(name, hw))
+                         PRESETS[name].host_gib, compiles(name, hw), ema=config.train.ema_decay > 0)
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:
@@ -99,9 +99,12 @@ def describe(config: RunConfig, name: str) -> str:
 
 
 def unplanned(config: RunConfig) -> bool:
-    """A real run whose training settings are still the blog recipe's defaults: no preset was chosen yet (a new
-    run directory; opening a run plans nothing, notebook 03's form and the CLI's `train` do)."""
-    return config.profile == "real" and config.train == RunConfig(profile="real").train
+    """A real run whose training settings are still the blog recipe's defaults (EMA aside: no preset sets it): no
+    preset was chosen yet (a new run directory; opening a run plans nothing, notebook 03's form and the CLI's
+    `train` do). Never a LoKr run: presets plan the NF4 base, which LoKr cannot train (fluxnb.model.lora)."""
+    default = RunConfig(profile="real").train
+    return (config.profile == "real" and config.lora.type != "lokr"
+            and replace(config.train, ema_decay=default.ema_decay) == default)
 
 
 def plan_if_unplanned(config: RunConfig, hw: Hardware) -> str | None:

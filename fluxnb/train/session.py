@@ -91,8 +91,9 @@ class Session:
         return out
 
     def fixed_loss(self) -> float:
-        return step.evaluate(self.model, self.data, self.table, self.tc, self.latent, self.run.hw,
-                             autocast=self.accelerator.autocast)
+        with self.state.averaged():  # with EMA on, the average: what the run shows and saves (fluxnb.train.state)
+            return step.evaluate(self.model, self.data, self.table, self.tc, self.latent, self.run.hw,
+                                 autocast=self.accelerator.autocast)
 
     def start(self) -> float:
         """The progress bar, and the moment training starts (the budget check measures steps from here)."""
@@ -129,14 +130,16 @@ class Session:
                    "epoch": (s - 1) // self.data.steps_per_epoch, "seconds": round(time.perf_counter() - self.began, 3)}
             row |= {k: round(v, 3) for k, v in memory.snapshot().items() if k.startswith("gpu_peak")}
             if self.val.due(s, target):  # held-out loss at fixed noise, beside the training loss
-                row["val_loss"] = self.val.loss(self.model, s, self.accelerator.autocast)
+                with self.state.averaged():
+                    row["val_loss"] = self.val.loss(self.model, s, self.accelerator.autocast)
             MetricsLog(self.run.dir.metrics).append(row)
             self.progress.update(row)
         self.accelerator.wait_for_everyone()  # the held-out loss is the main process's alone
 
     def grid(self, at: int) -> None:
         if self.sampler is not None:
-            self.on_main(self.sampler.grid, self.model, at, self.live)
+            with self.state.averaged():  # the same swap on every process, undone before the next step
+                self.on_main(self.sampler.grid, self.model, at, self.live)
 
     @property
     def newest_path(self) -> Path | None:

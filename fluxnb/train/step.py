@@ -165,6 +165,7 @@ def optimizer_step(accelerator, wrapped, state, data: TrainingData, latent: Late
             state.optimizer.step()  # a no-op before the last micro-batch (accelerate)
             if accelerator.sync_gradients and not state.optimizer.step_was_skipped:
                 state.schedule.step()  # once per optimizer step, whatever the number of processes
+                state.update_ema()  # the average of the LoRA weights (train.ema_decay > 0), from the weights just moved
             state.optimizer.zero_grad(set_to_none=True)
         samples = len(micro.ids) if micro.scale else 0
         total += torch.stack([loss.detach().float() * samples, torch.tensor(float(samples), device=total.device)])
