@@ -223,7 +223,7 @@ def test_the_cli_and_notebook_03s_form_set_both_options(tmp_path, tmp_path_facto
     assert err.count("\n") == 1 and "lora.type='lokr' cannot train on the NF4 base" in err
     assert RunConfig.load(run.dir.root).lora.type == "lora"  # refused: nothing saved
     assert main(["train", "--run-dir", str(run.dir.root), "--ema-decay", "1.5"]) == 2
-    assert "ema_decay must be in [0, 1)" in capsys.readouterr().err
+    assert "ema_decay must be a number in [0, 1)" in capsys.readouterr().err
     assert main(["train", "--run-dir", str(run.dir.root), "--lora-type", "dora", "--ema-decay", "0.9",
                  "--max-steps", "2"]) == 0
     saved = RunConfig.load(run.dir.root)

@@ -51,7 +51,7 @@ def _expected_ema(raw: list[list[torch.Tensor]], decay: float) -> list[list[torc
 def test_ema_is_off_by_default_and_checked():
     assert TrainConfig().ema_decay == 0.0
     for bad in (1.0, -0.1):
-        with pytest.raises(ConfigError, match="ema_decay must be in"):
+        with pytest.raises(ConfigError, match=r"ema_decay must be a number in \[0, 1\)"):
             TrainConfig(ema_decay=bad)
 
 

@@ -96,13 +96,12 @@ def test_an_fp8_base_merges_in_16_bit_in_memory_and_streamed_from_its_folder(run
     weights, none is left in the 16-bit output, whose config carries no quantization."""
     fp8_model = quant.load_transformer(dataclasses.replace(run.config.model, quantization="fp8"), run.hw)
     quant.save_fp8(fp8_model, tmp_path / "base" / "transformer")
-    deltas = merge.lora_deltas(run.dir.lora / LORA)
-    name = sorted(deltas)[0]
+    merges = merge.lora_merges(run.dir.lora / LORA)  # {module: its weight -> W + alpha / r * B @ A}
+    name = sorted(merges)[0]
     numbers = fp8_model.get_submodule(name).dequantize(torch.float32)
     fused = merge.fuse_into(fp8_model, run.dir.lora / LORA)
     assert not fp8.fp8_layers(fused) and fused.config.quantization_config is None
-    a, b, scaling = deltas[name]
-    torch.testing.assert_close(fused.get_submodule(name).weight, numbers + scaling * b @ a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused.get_submodule(name).weight, merges[name](numbers.clone()), rtol=0, atol=1e-6)
     fp8_run = dataclasses.replace(run, config=run.config.replace(model={"model_id": str(tmp_path / "base")}))
     folder = merge.fuse_to_disk(fp8_run, run.dir.lora / LORA, out=tmp_path / "out", quantize=False)
     assert "quantization_config" not in json.loads((folder / "transformer" / "config.json").read_text())

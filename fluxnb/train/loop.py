@@ -65,8 +65,7 @@ def train(run: Run, *, transformer=None, resume: bool = True, overwrite: bool = 
     """
     # Setup. Everything that can fail is checked before --overwrite deletes anything (fluxnb.train.guard).
     changes = (settings or {}) | ({"max_train_steps": max_steps} if max_steps is not None else {})
-    if changes:
-        run.config = run.config.replace(train=changes)  # validated here, saved below
+    run.config = run.config.replace(train=changes) if changes else run.config  # validated here, saved below
     # Settings changed since config.json was written (these, the CLI's --lora-type): saved once checks passed.
     edited = run.dir.config.is_file() and RunConfig.load(run.dir.root) != run.config
     samples = read_samples(run.dir)  # samples.jsonl, read once for every check and the training data
