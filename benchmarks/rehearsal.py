@@ -22,7 +22,8 @@
 3. Results (per envelope and notebook: wall time, GPU peaks, host RssAnon / RssFile peaks, disk written, the
    training's s/step, what 04 rendered and merged) go to --out after every notebook, so a timeout keeps them.
 
---quick: notebook 03 alone, 5 optimizer steps, its inputs made by the CLI (embed, latents): the rehearsal every
+--quick: notebook 03 alone, 5 optimizer steps, every image at 512x768 (no buckets: one compile per block type),
+its inputs made by the CLI (embed, latents): the rehearsal every
 change to training, the planner, the loaders, inference or notebooks 03-04 runs before it lands. Every results
 file records the commit it ran (--commit) and, per envelope, "passed".
 
@@ -59,7 +60,8 @@ STEPS = 30
 QUICK_STEPS = 5
 
 
-def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, steps: int = STEPS) -> None:
+def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, steps: int = STEPS,
+              buckets: bool = True) -> None:
     """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4.
     The preset's plan is made for the envelope's machine (its GPU size and compute capability), as notebook
     03's form makes it."""
@@ -67,7 +69,7 @@ def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, s
     from fluxnb.config import RunConfig
 
     config = presets.apply(RunConfig(profile="real"), env["preset"], envelope_hardware(env)).replace(
-        data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": PROMPTS},
+        data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": PROMPTS, "buckets": buckets},
         model={"model_id": str(model), "dtype": env["dtype"], "prequantized": str(nf4) if env["prequantized"] else None},
         train={"max_train_steps": steps, "sample_every": steps, "checkpoint_every": steps})
     config.save(run_dir)
@@ -205,7 +207,10 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         save(lambda: report.update(env))
-        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if mode == "quick" else STEPS)
+        quick = mode == "quick"  # one image size: one compile per block type, not one per bucket (~2-3 min each
+        # on a shared GPU); the planner plans for width x height, which the buckets' sizes stay near
+        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if quick else STEPS, buckets=not quick)
+        save(lambda: report.update(buckets=not quick))
     if mode == "quick":
         start = time.perf_counter()
         prepare_by_cli(run_dir, env, log, deadline, steps=("embed", "latents"))
