@@ -99,9 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import presets, train
 
     run = open_existing_run(args.run_dir, "train")
-    given = {"lora": {"type": args.lora_type}, "train": {"ema_decay": args.ema_decay}}
+    adapter = {"lora": {"type": args.lora_type}, "train": {"ema_decay": args.ema_decay}}  # before the preset plans
     run.config = run.config.replace(**{part: {k: v for k, v in values.items() if v is not None}
-                                       for part, values in given.items()})  # saved by train once its checks pass
+                                       for part, values in adapter.items()})  # saved by train once its checks pass
     planned = presets.plan_if_unplanned(run.config, run.hw)  # a run no form planned: this machine's preset
     if planned:
         print(f"fluxnb: training settings from the {planned!r} preset (fluxnb.train.presets), saved to config.json")

@@ -95,8 +95,8 @@ def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = Non
 
 def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of one cached sample, each (C, h, w), checked (BrokenCacheFile when NaN or unreadable)."""
-    tensors = load_checked(latent_path(run, sample_id), latent_problem, rerun(run.root, "latents"))
-    return tensors["mean"], tensors["std"]
+    sample = load_sample(run, sample_id)
+    return sample["latent_mean"], sample["latent_std"]
 
 
 def load_sample(run: RunDir, sample_id: str) -> dict[str, torch.Tensor]:
