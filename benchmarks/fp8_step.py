@@ -135,6 +135,7 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
     from fluxnb.model import fp8
 
     fp8.FORWARD_FAST_ACCUM = fast
+    torch._dynamo.reset()  # each case compiles the same forwards afresh: past 8 recompiles dynamo runs them eager
     linear = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = fp8.Fp8Linear.from_linear(linear, torch.bfloat16)
     x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -144,6 +145,7 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
     y32.backward(g.float())
     row = {"k": k, "n": n, "fast_accum": fast}
     for name, module in (("bf16", linear), ("fp8", layer)):
+        x.grad = None  # the timing below accumulates into it
         y = module(x)
         y.backward(g)
         row[f"{name}_out_rel_error"] = ((y.float() - y32).norm() / y32.norm()).item()

@@ -123,9 +123,9 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     hw = Hardware("real", torch.device("cuda"), dtype, cuda_info(), "benchmark")
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
     plan = plan or {"model": {}, "train": {}}
-    model = ModelConfig(model_id=str(ckpt), quantization=quantization, double_quant="dq" in opts,
-                        prequantized=opts.get("nf4"),
-                        **({"offload_blocks": int(opts.get("offload", 0))} | plan["model"]))
+    model = ModelConfig(model_id=str(ckpt), double_quant="dq" in opts, prequantized=opts.get("nf4"),
+                        **({"quantization": quantization, "offload_blocks": int(opts.get("offload", 0))}
+                           | plan["model"]))  # the plan's choices win (it names the quantization too)
     compile_mode = "off" if "nocompile" in opts else "on" if "compile" in opts else "auto"
     train = TrainConfig(**({"gradient_checkpointing": "nockpt" not in opts, "compile": compile_mode,
                             "keep_activations": int(opts.get("keep", 0)),
