@@ -22,8 +22,12 @@
 3. Results (per envelope and notebook: wall time, GPU peaks, host RssAnon / RssFile peaks, disk written, the
    training's s/step, what 04 rendered and merged) go to --out after every notebook, so a timeout keeps them.
 
---quick: notebook 03 alone, 5 optimizer steps, every image at 512x768 (no buckets: one compile per block type),
-its inputs made by the CLI (embed, latents): the rehearsal every
+Every image trains at 512x768 (data.buckets off) unless --buckets: the 24-image dataset's buckets would be
+512x768, 768x512, 576x640 and 512x704, none with more tokens than 512x768 (1536), so the memory peaks are
+those of its largest shape either way, while each extra shape costs every compiled envelope 2-3 minutes of
+compilation on the shared GPU (one device call could not hold the full series then).
+
+--quick: notebook 03 alone, 5 optimizer steps, its inputs made by the CLI (embed, latents): the rehearsal every
 change to training, the planner, the loaders, inference or notebooks 03-04 runs before it lands. Every results
 file records the commit it ran (--commit) and, per envelope, "passed".
 
@@ -194,7 +198,7 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
 
 
 def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, deadline: float, log: Path,
-             save, mode: str = "full", notebooks: list[str] = NOTEBOOKS) -> dict:
+             save, mode: str = "full", notebooks: list[str] = NOTEBOOKS, buckets: bool = False) -> dict:
     """Fill `report` (already in the results) with envelope report["envelope"]'s run. Every change to it goes
     through save(change), which makes it under the results' lock (--parallel: other threads serialise them).
     mode "full": a new run directory, `notebooks` in order; "quick": a new one, its embeddings and latents made
@@ -207,10 +211,9 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         save(lambda: report.update(env))
-        quick = mode == "quick"  # one image size: one compile per block type, not one per bucket (~2-3 min each
-        # on a shared GPU); the planner plans for width x height, which the buckets' sizes stay near
-        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if quick else STEPS, buckets=not quick)
-        save(lambda: report.update(buckets=not quick))
+        quick = mode == "quick"  # buckets: see the module docstring
+        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if quick else STEPS, buckets=buckets)
+        save(lambda: report.update(buckets=buckets))
     if mode == "quick":
         start = time.perf_counter()
         prepare_by_cli(run_dir, env, log, deadline, steps=("embed", "latents"))
@@ -286,6 +289,7 @@ def main() -> None:
                         help=f"notebook 03 alone, {QUICK_STEPS} optimizer steps, its inputs made by the CLI")
     parser.add_argument("--resume", action="store_true",
                         help="run --notebooks in the run directories and results an earlier call left (warm machine)")
+    parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets on (default off: see above)")
     parser.add_argument("--parallel", action="store_true",
                         help="run the envelopes at the same time on the one GPU (each capped, its own cgroup and log): "
                              "the same caps and limits, longer wall times; cgroup peaks can differ, as cached file "
@@ -337,7 +341,7 @@ def main() -> None:
         def run(report=report, own_log=own_log) -> None:
             try:
                 rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
-                         args.root / "flux-nf4", deadline, own_log, save, mode, args.notebooks)
+                         args.root / "flux-nf4", deadline, own_log, save, mode, args.notebooks, args.buckets)
             except Exception as err:  # recorded, so one envelope's failure neither vanishes nor stops the others
                 error = f"{type(err).__name__}: {err}"
                 save(lambda: report.update(passed=False, error=error))
