@@ -24,7 +24,7 @@ from ..model import lora
 from ..model.quant import load_transformer
 from ..run import Run
 from ..run.records import MetricsLog
-from . import checkpoint, flow, guard, speed, step, validation
+from . import checkpoint, flow, guard, presets, speed, step, validation
 from .batches import TrainingData
 from .budget import tokens_per_sample
 from .monitor import Progress, ValidationSampler, in_notebook
@@ -118,7 +118,8 @@ class Session:
         if self.state.step == self.first_step + 1:
             d = self.run.config.data
             fitted = speed.fit_budget(self.model, self.run.config.model, self.tc, hw,
-                                      tokens_per_sample(d.width, d.height, d.max_sequence_length))
+                                      tokens_per_sample(d.width, d.height, d.max_sequence_length,
+                                                        presets.kontext(self.run.config)))
             self.tc = fitted[1] if fitted else self.tc  # the settings in force from here on (messages name them)
         return out
 
