@@ -2,6 +2,8 @@
 Kontext LoRA script (tests/reference_kontext_step.py), on the tiny model with a LoRA; and the batches that feed it."""
 
 import json
+
+import numpy as np
 from types import SimpleNamespace
 
 import peft
@@ -150,3 +152,76 @@ def test_collate_carries_the_control_latents():
     batch = TrainingData.collate(paired, torch.device("cpu"), torch.bfloat16)
     assert batch["control_latents"].shape == (2, 16, 4, 6) and batch["control_latents"].dtype == torch.float32
     assert batch["control_latents"][:, 0, 0, 0].tolist() == [1.0, 2.0]
+
+
+def _sampler_run(tmp_path, tmp_path_factory):
+    from train_helpers import make_run
+
+    from fluxnb.run.hardware import Hardware
+
+    run = make_run(tmp_path / "run", tmp_path_factory)
+    run.hw = Hardware("tiny", torch.device("cpu"), torch.bfloat16, None, "bf16 on the CPU, as a GPU would run")
+    return run
+
+
+def test_kontext_sample_grid_edits_each_prompts_control(tmp_path, tmp_path_factory, monkeypatch):
+    """With controls the sampler renders through FluxKontextPipeline at data.width x data.height (the control's
+    tokens ride along: 2 x 24 image tokens at 64x96), each prompt with its own control, and the grid shows each
+    control beside its result."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from PIL import Image
+
+    from fluxnb.train import load_for_training, monitor
+
+    run = _sampler_run(tmp_path, tmp_path_factory)
+    transformer = load_for_training(run)
+    model_id = run.config.model.model_id
+    vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", dtype=torch.bfloat16)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder="scheduler")
+    prompts = run.config.data.validation_prompts[:2]
+    controls = [Image.new("RGB", (64, 96), color) for color in ("white", "navy")]
+    calls = []
+    hook = transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    sampler = monitor.ValidationSampler(run.dir, prompts, scheduler, vae, run.hw, 64, 96, steps=2,
+                                        controls=controls)
+    images = sampler.images(transformer)
+    hook.remove()
+    assert [im.size for im in images] == [(64, 96)] * 2
+    assert calls[0]["hidden_states"].shape[1] == 2 * 24 and calls[0]["img_ids"][24:, 0].eq(1).all()
+    same_seed = monitor.ValidationSampler(run.dir, prompts[:1], scheduler, vae, run.hw, 64, 96, steps=2,
+                                          controls=controls[1:])  # prompt 0 with the other control
+    assert (np.asarray(same_seed.images(transformer)[0]) != np.asarray(images[0])).any()
+    shown = {}
+    monkeypatch.setattr(monitor, "image_grid", lambda ims, caps, **kw: shown.update(ims=ims, caps=caps, **kw)
+                        or monitor_figure())
+    assert sampler.grid(transformer, 5, live=False).is_file()
+    assert shown["ims"][0] is controls[0] and shown["ims"][2] is controls[1] and shown["ncols"] == 4
+    assert shown["caps"] == ["input", prompts[0], "input", prompts[1]]
+
+
+def monitor_figure():
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(1, 1))
+
+
+def test_make_sampler_gives_a_kontext_run_its_validation_controls(tmp_path, tmp_path_factory, monkeypatch):
+    """make_sampler takes the controls from validation_controls(run) for a FLUX.1-Kontext-dev run (the data side's
+    function; a stand-in here, so this holds whichever way that module is built), and none otherwise."""
+    import sys
+    import types
+
+    from PIL import Image
+
+    from fluxnb.train import presets, session
+
+    run = _sampler_run(tmp_path, tmp_path_factory)
+    run.config = run.config.replace(train={"sample_every": 1})
+    controls = [Image.new("RGB", (run.config.data.width, run.config.data.height))]
+    stand_in = types.ModuleType("fluxnb.data.controls")
+    stand_in.validation_controls = lambda r: controls if r is run else None
+    monkeypatch.setitem(sys.modules, "fluxnb.data.controls", stand_in)
+    scheduler = session.load_scales(run)[2]
+    assert session.make_sampler(run, scheduler).controls is None  # FLUX.1-dev: text to image
+    monkeypatch.setattr(presets, "kontext", lambda config: config is run.config)
+    assert session.make_sampler(run, scheduler).controls is controls

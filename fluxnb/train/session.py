@@ -208,13 +208,19 @@ def load_scales(run: Run):
 
 
 def make_sampler(run: Run, scheduler) -> ValidationSampler | None:
-    """The sample-grid maker (its VAE, 168 MB in bf16, waits on the CPU between grids), or None if never used."""
+    """The sample-grid maker (its VAE, 168 MB in bf16, waits on the CPU between grids), or None if never used.
+    FLUX.1-Kontext-dev's prompts each edit a control image (data.validation_images, or the training pairs')."""
     cfg, tc = run.config, run.config.train
     if not tc.sample_every:
         return None
+    controls = None
+    if presets.kontext(cfg):
+        from ..data.controls import validation_controls
+
+        controls = validation_controls(run)  # one per prompt, already data.width x data.height
     vae = latents.load_vae(cfg.model, replace(run.hw, device=torch.device("cpu")))
     return ValidationSampler(run.dir, cfg.data.validation_prompts, scheduler, vae, run.hw, cfg.data.width,
-                             cfg.data.height, tc.sample_steps, seed=tc.seed)
+                             cfg.data.height, tc.sample_steps, seed=tc.seed, controls=controls)
 
 
 def diverged(what: str, at: int, last: Path | None, hw, how_to_resume: str) -> TrainingDiverged:
