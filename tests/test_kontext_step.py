@@ -225,3 +225,26 @@ def test_make_sampler_gives_a_kontext_run_its_validation_controls(tmp_path, tmp_
     assert session.make_sampler(run, scheduler).controls is None  # FLUX.1-dev: text to image
     monkeypatch.setattr(presets, "kontext", lambda config: config is run.config)
     assert session.make_sampler(run, scheduler).controls is controls
+
+
+def test_paired_items_train_through_the_loops_batches(tmp_path, tmp_path_factory):
+    """Items that carry "control_latents" (as the latents cache loads them for FLUX.1-Kontext-dev) reach the step
+    through TrainingData's micro-batches and the fixed-noise evaluation; here each control is its target mirrored."""
+    from fluxnb.train import load_for_training
+    from fluxnb.train.session import load_scales
+    from fluxnb.train.step import evaluate
+
+    run = _sampler_run(tmp_path, tmp_path_factory)
+    run.hw = run.hw.__class__("tiny", torch.device("cpu"), torch.float32, None, "fp32 on the CPU")
+    transformer = load_for_training(run)
+    latent, table, _ = load_scales(run)
+    data = TrainingData(run.dir, batch_size=2, seed=0)
+    plain = evaluate(transformer, data, table, run.config.train, latent, run.hw, limit=2)
+    for item in data.items:
+        item["control_latents"] = item["latent_mean"].flip(-1)
+    micro = data.micro_batches(0, 0, torch.device("cpu"), torch.float32)[0]
+    assert micro.batch["control_latents"].shape == micro.batch["latent_mean"].shape
+    loss = training_step(transformer, micro.batch, table, run.config.train, latent, micro.generators, torch.float32)
+    assert torch.isfinite(loss)
+    paired = evaluate(transformer, data, table, run.config.train, latent, run.hw, limit=2)
+    assert paired != pytest.approx(plain, rel=1e-6)  # the controls took part

@@ -1,7 +1,9 @@
 """One training step, one optimizer step, a fixed-noise evaluation, the optimizer.
 
 `training_step` is the reference script's step (tests/reference_step.py transcribes the script and checks that
-both give the same loss); the math itself is in fluxnb.train.flow, the loop that calls this in fluxnb.train.loop.
+both give the same loss; FLUX.1-Kontext-dev's, with a control image, is diffusers' Kontext script's step,
+tests/reference_kontext_step.py); the math itself is in fluxnb.train.flow, the loop that calls this in
+fluxnb.train.loop.
 """
 
 from __future__ import annotations
