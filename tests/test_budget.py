@@ -73,3 +73,18 @@ def test_host_ram_limits_what_streams():
     assert budget.choose(14.7, host_gib=0.0).layout.streamed == 0  # e.g. Colab: every block resident
     some = budget.choose(6.0, host_gib=3.0)
     assert 0 < budget.streamed_gib(some.layout.streamed) <= 3.0 and some.layout.batch < 4  # less streams: smaller batch
+
+
+def test_a_kontext_sample_is_planned_with_its_control_tokens():
+    """FLUX.1-Kontext-dev's step puts each sample's control image through every block beside the target: at
+    512x768 that is 2 x 1536 image tokens + 77 text tokens, and the plan is the plain plan at that token count
+    (the same as for a plain image twice as tall), its table saying what it planned for."""
+    kontext = budget.choose(14.7, 512, 768, 77, control=True)
+    assert kontext.tokens == budget.tokens_per_sample(512, 768, 77, control=True) == 2 * 1536 + 77
+    same_tokens = budget.choose(14.7, 512, 1536, 77)
+    assert kontext.layout == same_tokens.layout and kontext.estimate_gib == same_tokens.estimate_gib
+    for layout in (budget.Layout(2, 57, 6), budget.Layout(1, 0, 0, compiled=False)):
+        assert layout.peak_gib(kontext.tokens) == layout.peak_gib(SMALL + 1536)
+    assert "planned for 512x768 + its control image, 77 text tokens (3149 tokens per sample)" in kontext.table()
+    small = budget.choose(6.0, control=True)  # the 8-12gb preset's budget: twice the tokens, half the batch
+    assert small.fits and small.layout.batch == 2 and budget.choose(6.0).layout.batch == 4

@@ -26,6 +26,9 @@ from fluxnb.run.hardware import GPUInfo, Hardware
 from saved_activations import count
 
 SIZES = {"512x768": (512, 768, 77), "1024x1024": (1024, 1024, 512)}
+# FLUX.1-Kontext-dev: a sample with its control image puts through each block the tokens of a plain image twice as
+# tall (same text); what autograd keeps for it is counted at that size.
+CONTROL_SIZES = {"512x768": (512, 1536, 77), "1024x1024": (1024, 2048, 512)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 POINTS = json.loads((Path(__file__).parent / "data" / "gpu_peaks.json").read_text())["points"]
 # The GPU each preset is for: its memory as torch reports it, and whether it compiles (T4: compute capability 7.5).
@@ -36,8 +39,11 @@ GPUS = {"8-12gb": GPUInfo("RTX 3060", (8, 6), 7.6), "t4-16gb": GPUInfo("Tesla T4
 @pytest.fixture(scope="module")
 def saved():
     """count(...) for every size, batch, dtype and checkpointing: {(size, batch, dtype, checkpointed): Saved}."""
-    return {(size, batch, dtype, ckpt): count(*SIZES[size], batch, DTYPES[dtype], checkpointed=ckpt)
-            for size in SIZES for batch in (1, 4) for dtype in DTYPES for ckpt in (False, True)}
+    plain = {(size, batch, dtype, ckpt): count(*SIZES[size], batch, DTYPES[dtype], checkpointed=ckpt)
+             for size in SIZES for batch in (1, 4) for dtype in DTYPES for ckpt in (False, True)}
+    return plain | {(f"{size}+control", 4, "fp16", ckpt): count(*CONTROL_SIZES[size], 4, torch.float16,
+                                                                checkpointed=ckpt)
+                    for size in CONTROL_SIZES for ckpt in (False, True)}
 
 
 def test_what_a_block_keeps_grows_with_its_tokens_alone(saved):
@@ -97,12 +103,20 @@ def eager_extra(saved) -> float:
     return (point["peak_gib"] - counted) / (layout.batch * tokens)
 
 
+# FLUX.1-Kontext-dev at 1024x1024 (8704 tokens per sample) fits no layout of a 6 GiB budget (8-12gb, compiled or
+# eager) nor a T4 without torch.compile: the plan is the most frugal one (batch 1, nothing kept), flagged.
+KONTEXT_OVER = {("8-12gb", True, "1024x1024"), ("8-12gb", False, "1024x1024"), ("t4-16gb", False, "1024x1024")}
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["", "kontext"])
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 @pytest.mark.parametrize("name", list(presets.PRESETS))
-def test_every_presets_plan_fits_its_gpu(saved, name, compiled, size):
+def test_every_presets_plan_fits_its_gpu(saved, name, compiled, size, control):
     """The plan notebook 03 makes for each preset's GPU fits its budget by the plan's margin (at least 0.3 GiB
-    and 3%): eager plans by the count of what autograd keeps, compiled ones by the GPU-calibrated estimate."""
+    and 3%): eager plans by the count of what autograd keeps, compiled ones by the GPU-calibrated estimate.
+    FLUX.1-Kontext-dev (control) plans for each sample's control tokens too; where nothing fits (KONTEXT_OVER)
+    the plan says so."""
     gpu = GPUS[name]
     gpu = gpu if compiled == (gpu.capability >= (8, 0)) else GPUInfo(gpu.name, (7, 5) if not compiled else (8, 9),
                                                                       gpu.total_gib)
@@ -111,11 +125,18 @@ def test_every_presets_plan_fits_its_gpu(saved, name, compiled, size):
     config = RunConfig(profile="real").replace(data={"width": width, "height": height, "max_sequence_length": text})
     with pytest.MonkeyPatch.context() as mp:  # a Linux CUDA machine: Triton is there
         mp.setattr("torch.utils._triton.has_triton", lambda: True)
+        mp.setattr(presets, "kontext", lambda config: control)  # a FLUX.1-Kontext-dev run's config when True
         plan = presets.plan(config, name, hw)
-    tokens = budget.tokens_per_sample(width, height, text)
-    peak = plan.estimate_gib if compiled else counted_peak(plan.layout, tokens, size, "fp16", saved)
+    tokens = budget.tokens_per_sample(width, height, text, control)
+    assert plan.tokens == tokens
+    peak = plan.estimate_gib if compiled else counted_peak(plan.layout, tokens, size + "+control" * control, "fp16",
+                                                           saved)
     margin = budget.margin_gib(plan.budget_gib, plan.layout.batch * tokens)
     assert margin >= max(0.3, 0.03 * plan.budget_gib)
+    if control and (name, compiled, size) in KONTEXT_OVER:
+        assert not plan.fits and plan.layout.batch == 1 and plan.layout.kept == 0
+        assert "over the" in plan.table() and "+ its control image" in plan.table()
+        return
     assert plan.fits and peak <= plan.budget_gib - margin, (name, plan.layout, round(peak, 2), plan.budget_gib)
 
 

@@ -164,4 +164,7 @@ class TrainingData:
                 "text_ids": items[0]["text_ids"].to(device, dtype)}  # (L, 3): zeros for every caption
         if "loss_mask" in items[0]:  # data.masked_loss: per-pixel loss weights (B, 1, h, w), fluxnb.data.masks
             batch["loss_mask"] = stack("loss_mask").to(device, torch.float32)
+        if "control_latents" in items[0]:  # FLUX.1-Kontext-dev: each pair's input image, the VAE mean (B, 16, h, w);
+            # fp32 like the target's, which the step scales before casting (fluxnb.train.step.with_control)
+            batch["control_latents"] = stack("control_latents").to(device, torch.float32)
         return batch

@@ -210,8 +210,10 @@ class Plan:
 _FORMATS = {"nf4": "NF4", "fp8": "FP8", "none": "16-bit"}
 
 
-def tokens_per_sample(width: int, height: int, text_tokens: int) -> int:
-    return (width // 16) * (height // 16) + text_tokens  # FLUX packs 2x2 latent patches of the VAE's /8 latents
+def tokens_per_sample(width: int, height: int, text_tokens: int, control: bool = False) -> int:
+    """What one sample puts through each block: FLUX packs 2x2 patches of the VAE's /8 latent into image tokens,
+    then the text's; FLUX.1-Kontext-dev's `control` image (the pair's input, same size) adds as many again."""
+    return (width // 16) * (height // 16) * (2 if control else 1) + text_tokens
 
 
 def streamed_gib(count: int, quantization: str = "nf4") -> float:
@@ -222,14 +224,14 @@ def streamed_gib(count: int, quantization: str = "nf4") -> float:
 
 def choose(budget_gib: float, width: int = 512, height: int = 768, text_tokens: int = 77,
            lora: LoRAConfig | None = None, host_gib: float | None = None, compiled: bool = True,
-           quantization: str = "nf4", ema: bool = False) -> Plan:
+           quantization: str = "nf4", ema: bool = False, control: bool = False) -> Plan:
     """The fastest layout whose estimated peak fits `budget_gib` (see the module docstring for the order).
     host_gib: CPU RAM the streamed weights may take (None: no limit; 0: every block resident). compiled: whether
     the blocks run compiled (fluxnb.run.hardware.Hardware.compiles); eager, no block keeps its activations.
     quantization: the frozen weights' format (model.quantization: "nf4", "fp8", "none"). ema: an EMA of the LoRA
-    weights is kept (train.ema_decay > 0)."""
-    tokens, n = tokens_per_sample(width, height, text_tokens), len(block_gib())
-    size = f"{width}x{height}, {text_tokens} text tokens"
+    weights is kept (train.ema_decay > 0). control: FLUX.1-Kontext-dev, each sample with its control image."""
+    tokens, n = tokens_per_sample(width, height, text_tokens, control), len(block_gib())
+    size = f"{width}x{height}{' + its control image' if control else ''}, {text_tokens} text tokens"
     most = n if host_gib is None else _most(lambda s: streamed_gib(s, quantization) <= host_gib, n)
     lora = lora or LoRAConfig()
     params = lora_params(lora)

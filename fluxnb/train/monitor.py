@@ -95,22 +95,39 @@ class ValidationSampler:
 
     The VAE (168 MB in bf16) waits on the CPU and visits the GPU only to decode, so it costs no GPU memory while
     training. The transformer is the one being trained (NF4 + LoRA), switched to eval mode for the grid.
+
+    With `controls` (FLUX.1-Kontext-dev: one input image per prompt, already width x height) each prompt edits its
+    control through FluxKontextPipeline, at width x height exactly (max_area = width * height, no auto-resize to
+    Kontext's ~1 MP sizes), and the grid shows each control beside its result.
     """
 
     def __init__(self, run: RunDir, prompts: list[str], scheduler, vae, hw, width: int, height: int,
-                 steps: int, guidance_scale: float = 3.5, seed: int = 0) -> None:
+                 steps: int, guidance_scale: float = 3.5, seed: int = 0, controls: list | None = None) -> None:
         self.run, self.prompts, self.scheduler, self.vae, self.hw = run, prompts, scheduler, vae, hw
         self.size, self.steps, self.guidance_scale, self.seed = (width, height), steps, guidance_scale, seed
+        self.controls = controls
         self.prompt_embeds, self.pooled = load_prompts(run, prompts)  # (P, L, 4096), (P, 768)
+
+    def _pipeline(self, transformer):
+        """FluxPipeline, or FluxKontextPipeline with controls: the same components either way."""
+        from diffusers import FluxKontextPipeline, FluxPipeline
+
+        cls = FluxPipeline if self.controls is None else FluxKontextPipeline
+        pipe = cls(scheduler=self.scheduler, vae=self.vae.to(self.hw.device), text_encoder=None, tokenizer=None,
+                   text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _control(self, i: int) -> dict:
+        """The Kontext pipeline's arguments for prompt i: its control, rendered at exactly width x height."""
+        if self.controls is None:
+            return {}
+        return {"image": self.controls[i], "max_area": self.size[0] * self.size[1], "_auto_resize": False}
 
     @torch.no_grad()
     def images(self, transformer) -> list:
-        from diffusers import FluxPipeline
-
         device, dtype = self.hw.device, self.hw.dtype
-        pipe = FluxPipeline(scheduler=self.scheduler, vae=self.vae.to(device), text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = self._pipeline(transformer)
         was_training = transformer.training
         transformer.eval()
         # Autocast as in training: the LoRA weights are fp32, so without it the transformer returns fp32
@@ -122,7 +139,8 @@ class ValidationSampler:
                                pooled_prompt_embeds=self.pooled[i : i + 1].to(device, dtype),
                                width=self.size[0], height=self.size[1], num_inference_steps=self.steps,
                                guidance_scale=self.guidance_scale,
-                               generator=torch.Generator("cpu").manual_seed(self.seed + i)).images[0]
+                               generator=torch.Generator("cpu").manual_seed(self.seed + i),
+                               **self._control(i)).images[0]
                           for i in range(len(self.prompts))]
         finally:
             transformer.train(was_training)
@@ -135,7 +153,11 @@ class ValidationSampler:
         """Sample, save RUN/samples/step-000100.png, show it in a notebook."""
         import matplotlib.pyplot as plt
 
-        fig = image_grid(self.images(transformer), self.prompts, title=f"step {step}")
+        images, captions = self.images(transformer), self.prompts
+        if self.controls is not None:  # Kontext: each control, then what the prompt made of it
+            images = [im for pair in zip(self.controls, images) for im in pair]
+            captions = [text for prompt in self.prompts for text in ("input", prompt)]
+        fig = image_grid(images, captions, ncols=4 if len(self.prompts) > 1 else 2, title=f"step {step}")
         path = save_figure(fig, self.run.grid(step))
         plt.close(fig)
         if live:

@@ -24,7 +24,7 @@ from ..model import lora
 from ..model.quant import load_transformer
 from ..run import Run
 from ..run.records import MetricsLog
-from . import checkpoint, flow, guard, speed, step, validation
+from . import checkpoint, flow, guard, presets, speed, step, validation
 from .batches import TrainingData
 from .budget import tokens_per_sample
 from .monitor import Progress, ValidationSampler, in_notebook
@@ -118,7 +118,8 @@ class Session:
         if self.state.step == self.first_step + 1:
             d = self.run.config.data
             fitted = speed.fit_budget(self.model, self.run.config.model, self.tc, hw,
-                                      tokens_per_sample(d.width, d.height, d.max_sequence_length))
+                                      tokens_per_sample(d.width, d.height, d.max_sequence_length,
+                                                        presets.kontext(self.run.config)))
             self.tc = fitted[1] if fitted else self.tc  # the settings in force from here on (messages name them)
         return out
 
@@ -207,13 +208,19 @@ def load_scales(run: Run):
 
 
 def make_sampler(run: Run, scheduler) -> ValidationSampler | None:
-    """The sample-grid maker (its VAE, 168 MB in bf16, waits on the CPU between grids), or None if never used."""
+    """The sample-grid maker (its VAE, 168 MB in bf16, waits on the CPU between grids), or None if never used.
+    FLUX.1-Kontext-dev's prompts each edit a control image (data.validation_images, or the training pairs')."""
     cfg, tc = run.config, run.config.train
     if not tc.sample_every:
         return None
+    controls = None
+    if presets.kontext(cfg):
+        from ..data.controls import validation_controls
+
+        controls = validation_controls(run)  # one per prompt, already data.width x data.height
     vae = latents.load_vae(cfg.model, replace(run.hw, device=torch.device("cpu")))
     return ValidationSampler(run.dir, cfg.data.validation_prompts, scheduler, vae, run.hw, cfg.data.width,
-                             cfg.data.height, tc.sample_steps, seed=tc.seed)
+                             cfg.data.height, tc.sample_steps, seed=tc.seed, controls=controls)
 
 
 def diverged(what: str, at: int, last: Path | None, hw, how_to_resume: str) -> TrainingDiverged:

@@ -1,7 +1,9 @@
 """One training step, one optimizer step, a fixed-noise evaluation, the optimizer.
 
 `training_step` is the reference script's step (tests/reference_step.py transcribes the script and checks that
-both give the same loss); the math itself is in fluxnb.train.flow, the loop that calls this in fluxnb.train.loop.
+both give the same loss; FLUX.1-Kontext-dev's, with a control image, is diffusers' Kontext script's step,
+tests/reference_kontext_step.py); the math itself is in fluxnb.train.flow, the loop that calls this in
+fluxnb.train.loop.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.Noise
                   latent: LatentScale, generator: Generators, dtype: torch.dtype) -> torch.Tensor:
     """One micro-batch's flow-matching loss, the reference script's step (tests/reference_step.py checks it).
 
+    With "control_latents" in the batch (FLUX.1-Kontext-dev) the control image's tokens join the target's
+    (`with_control`) and the loss covers the target's alone; flux_shift's resolution shift counts the target's
+    tokens, as FluxKontextPipeline's sampler does (its mu comes from the noisy latents before the control joins).
+
     `generator` draws every random number of the step (latent sample, noise, timestep): one generator for the
     batch (as the reference draws from torch's global RNG), or one per sample (the training loop: then each
     sample's draws depend on the sample and the step alone, not on how samples are split into batches or GPUs).
@@ -70,17 +76,38 @@ def training_step(transformer, batch: dict[str, torch.Tensor], table: flow.Noise
         timesteps, sigmas = torch.cat([t for t, _ in drawn]), torch.cat([s for _, s in drawn])
     noisy = flow.add_noise(x, noise, sigmas)  # (1 - sigma) x + sigma eps
     packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # 2x2 patches -> tokens: (B, h/2 * w/2, 64)
+    control = "control_latents" in batch  # FLUX.1-Kontext-dev: the pair's input image rides along
+    if control:
+        packed, img_ids = with_control(packed, img_ids, batch["control_latents"], latent, dtype)  # (B, N + N', 64)
     # FLUX.1-dev is guidance-distilled: it takes the guidance scale as an input embedding (1.0 while training).
     config = extract_model_from_parallel(transformer).config  # under DistributedDataParallel too
     guidance = torch.full((b,), cfg.guidance_scale, device=x.device) if config.guidance_embeds else None
     pred = transformer(hidden_states=packed, timestep=(timesteps / 1000).to(x.device), guidance=guidance,
                        pooled_projections=batch["pooled_prompt_embeds"], encoder_hidden_states=batch["prompt_embeds"],
                        txt_ids=batch["text_ids"], img_ids=img_ids, return_dict=False)[0]  # (B, h/2 * w/2, 64)
+    if control:
+        pred = pred[:, : (h // 2) * (w // 2)]  # the target's tokens: nothing is learnt about the control's
     f = latent.vae_scale_factor
     pred = FluxPipeline._unpack_latents(pred, h * f, w * f, f)  # (B, 16, h, w)
     target = flow.flow_matching_target(x, noise)  # eps - x
     weighting = flow.loss_weighting(cfg.weighting_scheme, sigmas.to(x.device))  # (B, 1, 1, 1)
     return flow.flow_matching_loss(pred, target, weighting, batch.get("loss_mask"))  # mask: data.masked_loss
+
+
+def with_control(packed: torch.Tensor, img_ids: torch.Tensor, control: torch.Tensor, latent: LatentScale,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kontext's input: the control image's tokens after the noisy target's, as FluxKontextPipeline.prepare_latents
+    lays them out. The control is the cached VAE mean, scaled like the target and never noised; its position ids
+    are its own grid's with the first coordinate 1 (the target's is 0), which is how the model tells them apart.
+    control: (B, 16, h', w') unscaled, fp32. Returns the tokens (B, N + h'/2 * w'/2, 64) and ids (N + ..., 3)."""
+    from diffusers import FluxPipeline
+
+    z = flow.scale_latents(control.to(packed.device), latent.shift, latent.scale).to(dtype)  # (B, 16, h', w')
+    b, c, h, w = z.shape
+    ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, dtype)  # (h'/2 * w'/2, 3)
+    ids[..., 0] = 1
+    tokens = FluxPipeline._pack_latents(z, b, c, h, w)  # (B, h'/2 * w'/2, 64)
+    return torch.cat([packed, tokens], dim=1), torch.cat([img_ids, ids], dim=0)
 
 
 @torch.no_grad()
