@@ -106,18 +106,15 @@ def tiny_data_for_base(config: RunConfig) -> RunConfig:
     tiny default moves: a dataset the user chose stays. The tiny model serves both (FluxKontextPipeline loads it)."""
     if config.profile != "tiny":
         return config
-    from ..tiny.flux import ensure_tiny
-    from ..tiny.pairs import VALIDATION_PROMPTS, ensure_tiny_pairs, pairs_root
+    from ..tiny import pairs
+    from ..tiny.dataset import VALIDATION_PROMPTS
+    from ..tiny.flux import ensure_tiny, tiny_root
 
-    images = ensure_tiny()
-    drawings = (images.dataset, list(images.validation_prompts))
-    if config.model.kontext:
-        pairs = ensure_tiny_pairs()
-        have, want = drawings, (pairs.dataset, pairs.validation_prompts)
-    else:
-        have, want = (pairs_root(), VALIDATION_PROMPTS), drawings
-    if Path(config.data.dataset).expanduser().resolve() != Path(have[0]).resolve():
+    drawings, paired = (tiny_root() / "dataset", VALIDATION_PROMPTS), (pairs.pairs_root(), pairs.VALIDATION_PROMPTS)
+    have, want = (drawings, paired) if config.model.kontext else (paired, drawings)
+    if Path(config.data.dataset).expanduser().resolve() != have[0]:
         return config
+    (pairs.ensure_tiny_pairs if config.model.kontext else ensure_tiny)()  # what it moves to, built if missing
     prompts = {"validation_prompts": list(want[1])} if config.data.validation_prompts == list(have[1]) else {}
     return config.replace(data={"dataset": str(want[0])} | prompts)
 

@@ -17,7 +17,6 @@ FluxPipeline folder, and FluxKontextPipeline.from_pretrained loads the same comp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from ..base.files import build_into
 from .dataset import _SIZE_OVERRIDES, DEFAULT_SIZE, SUBJECTS, TRIGGER_WORD, _Shape, draw
+from .flux import tiny_root
 
 PAIRS = 8  # the first 8 subjects of fluxnb.tiny.dataset
 BIG_CONTROL = 3  # this pair's control is drawn at twice its target's size
@@ -96,9 +96,8 @@ def _is_current(root: Path) -> bool:
 
 
 def pairs_root() -> Path:
-    """Where the paired dataset lives: beside the tiny model's folder ($FLUXNB_TINY_DIR or ~/.cache/fluxnb/tiny)."""
-    tiny = os.environ.get("FLUXNB_TINY_DIR") or Path.home() / ".cache" / "fluxnb" / "tiny"
-    return Path(tiny).expanduser().resolve().parent / "tiny-pairs"
+    """Where the paired dataset lives: beside the tiny model's folder (fluxnb.tiny.flux.tiny_root)."""
+    return tiny_root().parent / "tiny-pairs"
 
 
 def ensure_tiny_pairs(root: str | Path | None = None) -> TinyPairs:
