@@ -13,39 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The values a setting may take (BASES, CROPS, ...) live in fluxnb.base.choices; the rest of fluxnb imports them here.
+from .base.choices import (  # noqa: F401
+    BAD_IMAGE_POLICIES, BASE_CHANGING_INITS, BASES, COMPILE_MODES, CROPS, DTYPES, EXPORT_FORMATS, KONTEXT,
+    LORA_INITS, LORA_TARGETS, LORA_TYPES, LR_SCHEDULERS, OPTIMIZERS, PROFILES, QUANTIZATIONS, SMALL_IMAGE_POLICIES,
+    WEIGHTING_SCHEMES,
+)
 from .base.errors import FluxnbError
 from .base.fields import ConfigError, check_fields
 from .base.fields import check as _check
 from .base.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
-
-PROFILES = ("real", "tiny")
-# FLUX.1 checkpoints of one architecture: model.base names one, model.model_id defaults to its Hub repo.
-BASES = {"FLUX.1-dev": "black-forest-labs/FLUX.1-dev", "FLUX.1-Krea-dev": "black-forest-labs/FLUX.1-Krea-dev"}
-# diffusers' densities (fluxnb.train.flow), and sd-scripts' resolution-shifted "flux_shift"
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "flux_shift")
-# LoRA target presets -> peft's target_modules (fluxnb.model.lora); the notebook's dropdown lists these names.
-LORA_TARGETS: dict[str, list[str] | str] = {
-    "attention": ["to_k", "to_q", "to_v", "to_out.0"],  # the blog's: image-stream attention of every block
-    "all-linear": "all-linear",  # every Linear layer (peft's shorthand)
-    # every projection of the 38 single-stream blocks; peft reads a string as a regex of the whole module name
-    "single-blocks": r"single_transformer_blocks\.\d+\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)",
-}
-LORA_INITS = ("gaussian", "default")
-LORA_TYPES = ("lora", "dora", "lokr")  # fluxnb.model.lora.peft_config: peft's LoRA, DoRA, LoKr
-# peft's inits that start the adapter from the weight's own decomposition and subtract that start from the frozen
-# base: the LoRA a run saves then belongs to that changed base, and every tool applies it to the original one.
-BASE_CHANGING_INITS = ("pissa", "olora")
-QUANTIZATIONS = ("nf4", "none", "fp8")
-COMPILE_MODES = ("auto", "on", "off")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
-CROPS = ("center", "random")
-SMALL_IMAGE_POLICIES = ("warn", "skip")
-BAD_IMAGE_POLICIES = ("skip", "error")
-EXPORT_FORMATS = ("comfyui", "diffusers")  # notebook 04's LoRA files: kohya/BFL layout, or a diffusers copy
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def local_path(value: str | None) -> str | None:
@@ -69,8 +48,6 @@ _CHOICES = {"crop": CROPS, "small_images": SMALL_IMAGE_POLICIES, "bad_images": B
             "weighting_scheme": WEIGHTING_SCHEMES, "optimizer": OPTIMIZERS, "profile": PROFILES, "init": LORA_INITS,
             "type": LORA_TYPES,
             "base": tuple(BASES)}
-
-
 
 
 def _check_fields(obj: Any, section: str) -> None:
@@ -98,6 +75,9 @@ class DataConfig:
     masked_loss: bool = False  # weight the loss by a grey mask per image (white = learn, black = ignore): data.masks
     mask_column: str = "mask"  # Hub datasets: the image column holding the masks (local folders: masks/ beside them)
     mask_floor: float = 0.0  # the least weight a pixel gets: 0.0 = black ignores it, 0.1 = still learns a little
+    control_column: str = "control_image"  # Kontext, Hub datasets: each pair's input image (local: control/ beside)
+    validation_images: list[str] = field(default_factory=list)  # Kontext: a control image file per validation prompt
+    # ([] = the controls of the first training pairs, cycled: fluxnb.data.controls.validation_controls)
     validation_prompts: list[str] = field(default_factory=lambda: [
         "Serene raven-haired woman, moonlit lilies, swirling botanicals, alphonse mucha style",
         "a puppy in a pond, alphonse mucha style"])
@@ -115,6 +95,12 @@ class DataConfig:
         _check(bool(self.validation_prompts) and all(p.strip() for p in self.validation_prompts),
                f"data.validation_prompts={json.dumps(self.validation_prompts)} must hold at least one prompt, none "
                "empty: the sample grids, notebook 04's images and the model card's example start from them.")
+        for path in self.validation_images:
+            _check(Path(path).expanduser().is_file(), f"data.validation_images: {path!r} is not a file: give the path "
+                                                      "of the control image its validation prompt edits.")
+        n, prompts = len(self.validation_images), len(self.validation_prompts)
+        _check(n in (0, prompts), f"data.validation_images has {n} image(s) for {prompts} validation prompt(s): give "
+                                  "one control image per prompt, or [] for the first training pairs' controls.")
 
 
 @dataclass
@@ -122,7 +108,7 @@ class ModelConfig:
     """Which FLUX checkpoint and how the frozen transformer is held in memory."""
 
     model_id: str | None = None  # hub id or local folder in diffusers layout; None = the base's Hub repo
-    base: str = "FLUX.1-dev"  # which FLUX.1 (BASES) the LoRA is for: the model card and presets name it
+    base: str = "FLUX.1-dev"  # which FLUX.1 (BASES) the LoRA is for; "FLUX.1-Kontext-dev" trains on image pairs
     revision: str | None = None
     quantization: str = "nf4"  # "nf4" = QLoRA; "none" = plain bf16/fp16 LoRA; "fp8" = e4m3 weights, FP8 matmuls
     double_quant: bool = False  # NF4 with quantized quantization constants (~0.4 bits/param less)
@@ -137,6 +123,11 @@ class ModelConfig:
         other = next((b for b, repo in BASES.items() if repo == self.model_id and b != self.base), None)
         _check(other is None, f"model_id={self.model_id!r} is {other}, but base={self.base!r}: set base={other!r}, "
                               f"or model_id to null (the base's own Hub repo).")
+
+    @property
+    def kontext(self) -> bool:
+        """FLUX.1-Kontext-dev edits an input image: it trains on (control image, instruction) -> target pairs."""
+        return self.base == KONTEXT
 
 
 @dataclass
@@ -230,6 +221,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
+        _check(self.model.kontext or not self.data.validation_images,
+               f"data.validation_images are control images for {KONTEXT}'s edits, but model.base="
+               f"{self.model.base!r}: set validation_images to [] (or model.base to {KONTEXT!r}).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,13 +251,14 @@ class RunConfig:
         return cls(**{name: part(**sections[name]) for name, part in parts.items()}, profile=raw["profile"])
 
     def with_local_paths_resolved(self) -> RunConfig:
-        """A copy whose dataset, model and prequantized folders, when they name a local path, are absolute.
+        """A copy whose dataset, validation images, model and prequantized folders, when local paths, are absolute.
 
         A relative path means "from here": stored as typed, a later step run from another working directory
         (the notebooks run in notebooks/) would look for it in the wrong place, then on the Hub. Hub ids (no
         such local path) stay as typed."""
         m = self.model
-        return self.replace(data={"dataset": local_path(self.data.dataset)},
+        images = [local_path(p) for p in self.data.validation_images]
+        return self.replace(data={"dataset": local_path(self.data.dataset), "validation_images": images},
                             model={"model_id": local_path(m.model_id), "prequantized": local_path(m.prequantized)})
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:

@@ -2,6 +2,7 @@
 error messages.
 
     errors      FluxnbError: one line saying what is wrong and what to do
+    choices     the values a setting may take (bases, crops, optimizers ...), checked by fluxnb.config
     files       atomic writes, safetensors I/O, disk-full as one message
     temps       temporaries named after their writer; what a killed one left, removed by the next step
     interrupts  a Ctrl-C is never lost, not even one a __del__ swallowed

@@ -1,7 +1,8 @@
 """Check a dataclass's fields against their annotations, then against ranges and choices by field name.
 
 A hand-edited config.json can hold anything JSON can ("1e-4", true, null, 1e999 = Infinity): the type comes first,
-so the range checks (these, and a section's own after them) may assume it. fluxnb.config keeps the tables.
+so the range checks (these, and a section's own after them) may assume it. fluxnb.config keeps the tables
+(its choices from fluxnb.base.choices).
 """
 
 from __future__ import annotations

@@ -39,12 +39,13 @@ def _open_step_run(args: argparse.Namespace):
 
     Local paths are made absolute now: the caches' settings name the model, and later steps may run elsewhere."""
     from ..run import open_run
+    from ..run.open import tiny_data_for_base
 
     run = open_run(args.run_dir, profile=args.profile, create=False)
     data = {k: getattr(args, k) for k in DATA_ARGS if getattr(args, k, None) is not None}
     model = {k: getattr(args, a) for k, a in (("model_id", "model"), ("revision", "revision"), ("base", "base"))
              if getattr(args, a, None) is not None}
-    run.config = run.config.replace(data=data, model=model).with_local_paths_resolved()
+    run.config = tiny_data_for_base(run.config.replace(data=data, model=model).with_local_paths_resolved())
     return run
 
 

@@ -9,7 +9,7 @@ from .. import config
 
 DATA_ARGS = ("dataset", "image_column", "caption_column", "instance_prompt", "width", "height", "buckets",
               "bucket_step", "crop", "flip", "small_images", "bad_images", "max_sequence_length", "captioner",
-              "masked_loss", "mask_column", "mask_floor")
+              "masked_loss", "mask_column", "mask_floor", "control_column")
 
 RUN_DIR = "run directory (default: $FLUXNB_RUN_DIR, else runs/mucha, or runs/tiny on the tiny profile)"
 # Every option of embed, caption and latents, once, with its help line; each of them takes the ones it reads (USES).
@@ -18,8 +18,9 @@ STEP_OPTIONS: dict[str, dict] = {
     "--run-dir": dict(type=Path, help=RUN_DIR),
     "--profile": dict(choices=config.PROFILES, help="force a profile (default: detect; 'tiny' = the offline stand-in)"),
     "--model": dict(help="FLUX checkpoint: Hub id or local diffusers folder (default: the --base's Hub repo)"),
-    "--base": dict(choices=list(config.BASES), help="which FLUX.1 to train for: FLUX.1-dev (default) or FLUX.1-Krea-dev "
-                   "(the same architecture); --model, if given, is a copy of it"),
+    "--base": dict(choices=list(config.BASES), help="which FLUX.1 to train for: FLUX.1-dev (default), FLUX.1-Krea-dev "
+                   "or FLUX.1-Kontext-dev (the same architecture; Kontext trains on image pairs, FOLDER/control/<image's "
+                   "path>); --model, if given, is a copy of it"),
     "--revision": dict(help="model revision on the Hub: branch, tag or commit (default: main)"),
     "--dataset": dict(help="Hub dataset id or local folder of images (default: derekl35/alphonse-mucha-style)"),
     "--image-column": dict(help="dataset column holding the images (default: image)"),
@@ -42,6 +43,8 @@ STEP_OPTIONS: dict[str, dict] = {
                           "(white = learn, black = ignore): FOLDER/masks/<image's path>, or a Hub column"),
     "--mask-column": dict(help="Hub dataset column holding the masks (default: mask)"),
     "--mask-floor": dict(type=float, help="the least loss weight, where a mask is black, in [0, 1) (default: 0)"),
+    "--control-column": dict(help="FLUX.1-Kontext-dev, Hub datasets: the column holding each pair's input image "
+                             "(default: control_image; local folders: FOLDER/control/<image's path>)"),
     "--overwrite": dict(action="store_true", help="rebuild a cache made with other settings"),
 }
 USES = {
@@ -49,7 +52,8 @@ USES = {
     "caption": ["--run-dir", "--profile", "--model", "--base", "--revision", "--dataset", "--caption-column",
                 "--instance-prompt", "--max-sequence-length"],
     "latents": ["--run-dir", "--profile", "--width", "--height", "--buckets", "--bucket-step", "--crop", "--flip",
-                "--small-images", "--bad-images", "--masked-loss", "--mask-column", "--mask-floor", "--overwrite"],
+                "--small-images", "--bad-images", "--masked-loss", "--mask-column", "--mask-floor", "--control-column",
+                "--overwrite"],
 }
 
 

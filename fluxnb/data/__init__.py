@@ -8,6 +8,8 @@
     store       samples.jsonl, content ids, cache meta and fingerprints
     embeddings  notebook 01: CLIP + T5 once per caption (owner of embeddings/)
     latents     notebook 02: the VAE once per image (owner of latents/)
+    masks       masked loss: one grey mask per image, cached with its latent
+    controls    FLUX.1-Kontext-dev: each pair's control image, checked, fitted like its target, cached with it
 """
 
 from .checks import (

@@ -11,7 +11,9 @@ another). The captions go to the folder's metadata.jsonl in the imagefolder layo
 beside the images) are kept and copied in, unless overwrite. Every row the user wrote stays, as typed, where it
 was: one for an image not copied in yet, a second row for one image, `./a.png` (the same file as `a.png`, so it
 gets no second row); fluxnb only adds rows for images that have none and fills in captions. The tiny profile's
-captioner (fluxnb.tiny.captioner) goes through the same code.
+captioner (fluxnb.tiny.captioner) goes through the same code. FLUX.1-Kontext-dev's captions are editing
+instructions ("make it ... style"), which a captioner looking at the target cannot write: with kontext, images
+without one are an error naming them.
 """
 
 from __future__ import annotations
@@ -83,15 +85,17 @@ def _txt_captions(folder: Path, images: list[str], column: str) -> dict[str, dic
     return found
 
 
-def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool = False) -> CaptionPlan:
+def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool = False,
+                  kontext: bool = False) -> CaptionPlan:
     """Every row the user wrote stays as written; each image with no row gets one. Rows naming an image in the
-    folder with no usable caption (all of them with overwrite) are to be captioned."""
+    folder with no usable caption (all of them with overwrite) are to be captioned. kontext (model.kontext): the
+    control/ folder holds inputs, not images to caption, and an image to caption is an error (see above)."""
     folder = Path(cfg.dataset if folder is None else folder).expanduser()
     if not folder.is_dir():
         raise FluxnbError(f"captioning needs a local folder of images; {str(folder)!r} is not one (a Hub dataset "
                           "comes with its captions: set caption_column, or download its images to a folder).")
     theirs = _metadata_lines(folder)
-    names = [p.relative_to(folder).as_posix() for p in images_in(folder, cfg)]
+    names = [p.relative_to(folder).as_posix() for p in images_in(folder, cfg, kontext=kontext)]
     if not names:
         raise FluxnbError(f"{folder} holds no images ({', '.join(('png', 'jpg', 'webp'))}, ...): nothing to caption.")
     plan, present = CaptionPlan(folder, cfg.caption_column, []), set(names)
@@ -103,6 +107,14 @@ def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool
     for name in names:
         if name not in listed:
             _add(plan, {"file_name": name, **texts.get(name, {})}, name, overwrite)
+    if kontext and plan.todo:
+        todo = [plan.files[i] for i in plan.todo]
+        more = f" ... and {len(todo) - 5} more" if len(todo) > 5 else ""
+        what = "would be captioned anew (overwrite)" if overwrite else "have no instruction"
+        raise FluxnbError(f"{len(todo)} image(s) of {folder} {what}: {', '.join(todo[:5])}{more}. "
+                          "FLUX.1-Kontext-dev's captions say what to change (\"make it ... style\"), which a "
+                          f"captioner cannot see: write one per pair in {METADATA} (or a .txt beside each image), "
+                          "or set instance_prompt to give every pair the same instruction, and skip captioning.")
     return plan
 
 
@@ -188,7 +200,7 @@ def caption_step(run, *, folder: str | Path | None = None, overwrite: bool = Fal
     from .embeddings import load_tokenizer
 
     cfg = run.config.data
-    plan = plan_captions(folder or cfg.dataset, cfg, overwrite=overwrite)
+    plan = plan_captions(folder or cfg.dataset, cfg, overwrite=overwrite, kontext=run.config.model.kontext)
     print(plan)
     remove_abandoned_files(plan.folder, [METADATA])  # also when nothing is left to caption
     tokenizer = load_tokenizer(run.config.model)

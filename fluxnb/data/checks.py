@@ -28,15 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..base.errors import FluxnbError
 from ..base.progress import Bar
 from ..config import DataConfig
-from .buckets import (
-    MODE_NOTES,
-    Size,
-    fit_to_bucket,
-    is_smaller,
-    make_buckets,
-    nearest_bucket,
-    to_rgb,
-)
+from .buckets import MODE_NOTES, Size, fit_to_bucket, is_smaller, make_buckets, nearest_bucket, to_rgb
 from .sources import NotInDataset, Record, load_records
 from .store import Sample, caption_id, sample_id
 
@@ -149,6 +141,7 @@ class CheckedDataset:
     config: DataConfig
     items: list[Item]
     report: DataReport
+    kontext: bool = False  # checked for FLUX.1-Kontext-dev: records carry their controls (fluxnb.data.controls)
 
     @property
     def samples(self) -> list[Sample]:
@@ -198,9 +191,11 @@ def _t5_lengths(tokenizer: Any, captions: list[str]) -> list[int]:
         return [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]]
 
 
-def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True) -> CheckedDataset:
-    """Load every row of `cfg.dataset`, check it, and assign buckets. Raises DataError with the full report."""
-    loaded = load_records(cfg)
+def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True,
+                  kontext: bool = False) -> CheckedDataset:
+    """Load every row of `cfg.dataset`, check it, and assign buckets. Raises DataError with the full report.
+    kontext (model.kontext): the records carry their pairs' controls, which fluxnb.data.controls checks."""
+    loaded = load_records(cfg, kontext=kontext)
     report = DataReport(loaded.description, rows=len(loaded.records), notes=list(loaded.notes),
                         errors=list(loaded.errors))
     buckets = make_buckets(cfg.width, cfg.height, cfg.bucket_step) if cfg.buckets else [(cfg.width, cfg.height)]
@@ -246,7 +241,7 @@ def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = Tr
     _summarise(report, cfg, bad, no_caption, small, modes, rotated, dupes, same_image, instance_used)
     report.samples = len({i.sample.id for i in items if not i.sample.flip})
     report.flips = len(items) - report.samples
-    prepared = CheckedDataset(cfg, items, report)
+    prepared = CheckedDataset(cfg, items, report, kontext)
     if tokenizer is not None:
         _check_lengths(report, cfg, tokenizer, prepared.captions)
     if not items and not report.errors:

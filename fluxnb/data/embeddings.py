@@ -256,7 +256,8 @@ def cache_embeddings(run: Run, pipe: Any, prepared: CheckedDataset, *, overwrite
 
 def embed_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 01 headless (`python -m fluxnb embed`): check, encode what is missing, free."""
-    prepared = check_dataset(run.config.data, load_tokenizer(run.config.model), progress=progress)
+    prepared = check_dataset(run.config.data, load_tokenizer(run.config.model), progress=progress,
+                             kontext=run.config.model.kontext)
     print(prepared.report)
     if not pending(run, prepared, overwrite=overwrite):
         return cache_embeddings(run, None, prepared, overwrite=overwrite, progress=progress)

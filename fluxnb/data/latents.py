@@ -13,6 +13,8 @@ augmentation, exactly what encoding on the fly would do), for twice the disk of 
 
 With data.masked_loss each file also holds the sample's loss mask at the latent's size, "mask" (1, h, w), and the
 hash of the mask file in its metadata: an edited mask makes the sample pending again (fluxnb.data.masks).
+With model.kontext it also holds "control" (C, h, w): the posterior mean of the pair's control image, fitted to the
+target's bucket, crop and flip (fluxnb.data.controls), and the control's hash: an edited control re-encodes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..base.memory import free, measure, report
 from ..config import ModelConfig, RunConfig
 from ..run import Run, RunDir, writes
 from ..run.hardware import Hardware
-from . import embeddings, masks
+from . import controls, embeddings, masks
 from .checks import CheckedDataset, Item, check_dataset, progress_bar
 from .store import (
     MISSING,
@@ -62,8 +64,9 @@ def settings(config: RunConfig) -> dict[str, Any]:
     """What makes a cached latent valid: the VAE, and how images are sized and cropped."""
     m, d = config.model, config.data
     masked = {"mask_floor": d.mask_floor} if d.masked_loss else {}  # absent when off: older caches stay valid
+    kontext = {"kontext": True} if m.kontext else {}  # the files hold controls (and are pairs, not images)
     return {"model_id": m.model_id, "revision": m.revision, "width": d.width, "height": d.height,
-            "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop} | masked
+            "buckets": d.buckets, "bucket_step": d.bucket_step, "crop": d.crop} | masked | kontext
 
 
 def latent_path(run: RunDir, sample_id: str) -> Path:
@@ -72,25 +75,27 @@ def latent_path(run: RunDir, sample_id: str) -> Path:
 
 
 def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tensor, settings_hash: str,
-                mask: tuple[torch.Tensor, str] | None = None) -> None:
-    """`mask`: (loss mask (1, h, w), fluxnb.data.masks.mask_tag) when the run trains with masked loss."""
-    extra = {"mask": mask[0]} if mask else {}
-    save_tensors(latent_path(run, sample.id), {"mean": mean, "std": std} | extra,
+                mask: tuple[torch.Tensor, str] | None = None, control: tuple[torch.Tensor, str] | None = None) -> None:
+    """`mask`: (loss mask (1, h, w), fluxnb.data.masks.mask_tag) when the run trains with masked loss; `control`:
+    (the control's latent mean (C, h, w), fluxnb.data.controls.control_tag) when it trains FLUX.1-Kontext-dev."""
+    extra = {name: part for name, part in (("mask", mask), ("control", control)) if part}
+    save_tensors(latent_path(run, sample.id), {"mean": mean, "std": std} | {k: v[0] for k, v in extra.items()},
                  metadata={"id": sample.id, "settings": settings_hash, "caption_id": sample.caption_id,
                            "source": sample.source, "bucket": f"{sample.width}x{sample.height}",
-                           "flip": str(sample.flip)} | ({"mask": mask[1]} if mask else {}))
+                           "flip": str(sample.flip)} | {k: v[1] for k, v in extra.items()})
 
 
 def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = None) -> str | None:
     """Why cached tensors are not a latent to train on (None: they are): mean and std, float32, the same
-    (C, h, w) shape (the sample's bucket / 8 when given), finite."""
+    (C, h, w) shape (the sample's bucket / 8 when given), finite; so is a Kontext pair's control."""
     mean, std = tensors.get("mean"), tensors.get("std")
-    if mean is None or std is None or mean.dtype != torch.float32 or std.dtype != torch.float32:
+    both = (mean, std) + ((tensors["control"],) if "control" in tensors else ())
+    if any(t is None or t.dtype != torch.float32 for t in both):
         return "wrong tensors"
-    if mean.ndim != 3 or std.shape != mean.shape or (
+    if mean.ndim != 3 or any(t.shape != mean.shape for t in both) or (
             sample is not None and mean.shape[1:] != (sample.height // 8, sample.width // 8)):
         return "wrong shape"
-    return non_finite(mean, std)
+    return non_finite(*both)
 
 
 def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +105,11 @@ def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def load_sample(run: RunDir, sample_id: str) -> dict[str, torch.Tensor]:
-    """What training reads of a cached sample: latent_mean, latent_std, and loss_mask (1, h, w) if it has one."""
+    """What training reads of a cached sample: latent_mean, latent_std, loss_mask (1, h, w) if it has one, and
+    control_latents (C, h, w: a Kontext pair's control, the unscaled posterior mean) if it has one."""
     tensors = load_checked(latent_path(run, sample_id), latent_problem, rerun(run.root, "latents"))
-    mask = {"loss_mask": tensors["mask"]} if "mask" in tensors else {}
-    return {"latent_mean": tensors["mean"], "latent_std": tensors["std"]} | mask
+    names = {"mean": "latent_mean", "std": "latent_std", "mask": "loss_mask", "control": "control_latents"}
+    return {names[k]: t for k, t in tensors.items() if k in names}
 
 
 def cached_size(run: RunDir) -> tuple[int, int] | None:
@@ -155,13 +161,18 @@ def problems(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> 
         check_meta(run.dir.latents, wanted, rebuild=True)
     if masked := run.config.data.masked_loss:
         masks.check_masks(prepared)  # a bad mask stops here, before the VAE loads
+    if kontext := run.config.model.kontext:
+        controls.check_controls(prepared)  # so does a pair without its control
     tag, out = fingerprint(wanted), {}
     for item in prepared.items:
         path, s = latent_path(run.dir, item.sample.id), item.sample
         if why := cache_problem(path, tag, s.id, functools.partial(latent_problem, sample=s)):
             out[path] = (item, why)
-        elif masked and (tensors_metadata(path) or {}).get("mask") != masks.mask_tag(item.record):
-            out[path] = (item, OTHER_SETTINGS)  # its mask file changed since it was cached (or it gained or lost one)
+            continue
+        meta = tensors_metadata(path) or {}  # a mask or control file changed since it was cached (or came, or went)
+        if (masked and meta.get("mask") != masks.mask_tag(item.record)) or (
+                kontext and meta.get("control") != controls.control_tag(item.record)):
+            out[path] = (item, OTHER_SETTINGS)
     return out
 
 
@@ -192,6 +203,18 @@ def encode_checked(vae: Any, image: Image.Image, source: str) -> tuple[torch.Ten
     return mean, std
 
 
+def encode_sample(run: Run, vae: Any, item: Item, settings_hash: str) -> None:
+    """Encode one sample's image, and its mask and control when the run has them, into its latent file."""
+    s, d = item.sample, run.config.data
+    mean, std = encode_checked(vae, item.image(), s.source)
+    mask = (masks.latent_mask(item, d.mask_floor), masks.mask_tag(item.record)) if d.masked_loss else None
+    control = None
+    if run.config.model.kontext:  # the mean, as FluxKontextPipeline encodes its input image (sample_mode="argmax")
+        control_mean, _ = encode_checked(vae, controls.control_image(item), f"{s.source}'s control image")
+        control = (control_mean, controls.control_tag(item.record))
+    save_latent(run.dir, s, mean, std, settings_hash, mask, control)
+
+
 @writes("latents")
 def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bool = False,
                   progress: bool = True) -> CacheStats:
@@ -212,11 +235,7 @@ def cache_latents(run: Run, vae: Any, prepared: CheckedDataset, *, overwrite: bo
     if todo or overwrite or not check_meta(run.dir.latents, wanted, rebuild=True):
         write_meta(run.dir.latents, wanted | ({"dtype": str(vae.dtype).removeprefix("torch.")} if vae else {}))
     for item in progress_bar(todo, show=progress and bool(todo), desc="encoding images", unit="image"):
-        s = item.sample
-        mean, std = encode_checked(vae, item.image(), s.source)
-        floor = run.config.data.mask_floor
-        mask = (masks.latent_mask(item, floor), masks.mask_tag(item.record)) if run.config.data.masked_loss else None
-        save_latent(run.dir, s, mean, std, tag, mask)
+        encode_sample(run, vae, item, tag)
     if overwrite:
         prune(run.dir.latents, tag)
     write_samples(run.dir, prepared.samples)  # last: every row it lists now has a latent and an embedding
@@ -239,7 +258,7 @@ def decode(vae: Any, run: Run, sample_ids: list[str]) -> list[Image.Image]:
 
 def latents_step(run: Run, *, overwrite: bool = False, progress: bool = True) -> CacheStats:
     """The whole of notebook 02 headless (`python -m fluxnb latents`): check, encode what is missing, free."""
-    prepared = check_dataset(run.config.data, progress=progress)
+    prepared = check_dataset(run.config.data, progress=progress, kontext=run.config.model.kontext)
     print(prepared.report)
     check_embeddings(run, prepared)
     if not pending(run, prepared, overwrite=overwrite):

@@ -12,6 +12,9 @@
 - Masks (data.masked_loss): a local folder's `masks/` sub-folder holds one grey image per training image, at the
   same path and name (any image extension): `cats/03.jpg` -> `masks/cats/03.png`; a Hub dataset's masks are its
   `cfg.mask_column` image column. An image without one trains unmasked (fluxnb.data.masks).
+- Controls (FLUX.1-Kontext-dev, `kontext=True`: the caller reads it from model.kontext): each target image's pair
+  input, at `control/<same path>` (any image extension) in a local folder, or in the `cfg.control_column` image
+  column of a Hub dataset. A pair without its control is an error before the VAE loads (fluxnb.data.controls).
 
 Only files inside a local dataset folder are ever read: a row whose file, followed through '..', an absolute path
 or a link, lies outside it is a data error naming the row, and is never opened.
@@ -38,6 +41,7 @@ from ..config import DataConfig
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 MASKS_FOLDER = "masks"  # a local dataset's masks (data.masked_loss), at the same paths as the images
+CONTROL_FOLDER = "control"  # a local Kontext dataset's input images, at the same paths as their targets
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Record:
     caption: Any  # as found: normally a str; None when missing; anything else is reported as not text
     read: Callable[[], bytes]  # the image file's bytes (may raise OSError)
     mask: Callable[[], bytes] | None = None  # its mask's bytes (data.masked_loss), None when it has none
+    control: Callable[[], bytes] | None = None  # Kontext: its pair's input image's bytes, None when it has none
 
 
 @dataclass
@@ -110,7 +115,7 @@ def _refuse_outside(loaded: Loaded, folder: Path, rows: list[str]) -> None:
                              "the dataset folder: copy those images into it, or remove the rows.")
 
 
-def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
+def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig, kontext: bool) -> Loaded:
     rows, errors = metadata_rows(meta)
     loaded = Loaded(f"local folder {folder} ({meta.name})", [], errors=errors)
     keys = {k for _, row in rows for k in row}
@@ -129,29 +134,40 @@ def _load_imagefolder(folder: Path, meta: Path, cfg: DataConfig) -> Loaded:
             continue
         listed.add(path.resolve())
         read = _file_reader(path) if path.is_file() else _missing(path)
-        loaded.records.append(Record(name, row.get(cfg.caption_column), read, find_mask(folder, name, cfg)))
+        loaded.records.append(Record(name, row.get(cfg.caption_column), read, find_mask(folder, name, cfg),
+                                     find_control(folder, name, kontext)))
     _refuse_outside(loaded, folder, outside)
-    unlisted = [p for p in images_in(folder, cfg) if p.resolve() not in listed]
+    unlisted = [p for p in images_in(folder, cfg, kontext=kontext) if p.resolve() not in listed]
     if unlisted:
         loaded.notes.append(f"{len(unlisted)} image(s) in the folder are not in {meta.name} and are left out "
                             f"(first: {unlisted[0].relative_to(folder)}).")
     return loaded
 
 
-def images_in(folder: Path, cfg: DataConfig | None = None) -> list[Path]:
-    masks = cfg is not None and cfg.masked_loss  # then masks/ holds the masks, not training images
+def images_in(folder: Path, cfg: DataConfig | None = None, *, kontext: bool = False) -> list[Path]:
+    """The training images: masks/ holds masks (data.masked_loss) and control/ the inputs (kontext), not targets."""
+    aside = {MASKS_FOLDER} if cfg is not None and cfg.masked_loss else set()
+    aside |= {CONTROL_FOLDER} if kontext else set()
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-                  and not (masks and p.relative_to(folder).parts[0] == MASKS_FOLDER))
+                  and p.relative_to(folder).parts[0] not in aside)
+
+
+def _beside(folder: Path, sub: str, name: str) -> Callable[[], bytes] | None:
+    """The reader of <sub>/<name> (any image extension), or None: no such file, or one outside the folder."""
+    same = folder / sub / name
+    found = [p for e in IMAGE_EXTENSIONS if (p := same.with_name(same.stem + e)).is_file()]  # "a.b.jpg" -> "a.b.png"
+    return _file_reader(found[0]) if found and not _outside(folder, found[0]) else None
 
 
 def find_mask(folder: Path, name: str, cfg: DataConfig) -> Callable[[], bytes] | None:
     """The reader of masks/<name> (any image extension), or None: masks off, no such file, or one outside."""
-    if not cfg.masked_loss:
-        return None
-    same = folder / MASKS_FOLDER / name
-    found = [p for e in IMAGE_EXTENSIONS if (p := same.with_name(same.stem + e)).is_file()]  # "a.b.jpg" -> "a.b.png"
-    return _file_reader(found[0]) if found and not _outside(folder, found[0]) else None
+    return _beside(folder, MASKS_FOLDER, name) if cfg.masked_loss else None
+
+
+def find_control(folder: Path, name: str, kontext: bool) -> Callable[[], bytes] | None:
+    """The reader of control/<name> (any image extension), or None: not Kontext, no such file, or one outside."""
+    return _beside(folder, CONTROL_FOLDER, name) if kontext else None
 
 
 def _read_caption(path: Path) -> Any:
@@ -163,24 +179,25 @@ def _read_caption(path: Path) -> Any:
         return path.read_bytes()  # reported as "not text": the file is not UTF-8
 
 
-def _load_pairs(folder: Path, cfg: DataConfig) -> Loaded:
+def _load_pairs(folder: Path, cfg: DataConfig, kontext: bool) -> Loaded:
     loaded, outside = Loaded(f"local folder {folder} (images + .txt captions)", []), []
-    for image in images_in(folder, cfg):
+    for image in images_in(folder, cfg, kontext=kontext):
         name, txt = image.relative_to(folder).as_posix(), image.with_suffix(".txt")
         if _outside(folder, image) or _outside(folder, txt):  # a link leading out of the folder
             outside.append(name)
             continue
-        loaded.records.append(Record(name, _read_caption(txt), _file_reader(image), find_mask(folder, name, cfg)))
+        loaded.records.append(Record(name, _read_caption(txt), _file_reader(image), find_mask(folder, name, cfg),
+                                     find_control(folder, name, kontext)))
     _refuse_outside(loaded, folder, outside)
     return loaded
 
 
-def load_local(folder: Path, cfg: DataConfig) -> Loaded:
+def load_local(folder: Path, cfg: DataConfig, *, kontext: bool = False) -> Loaded:
     if not folder.is_dir():
         raise FluxnbError(f"dataset {str(folder)!r} is a file, not a folder: give the folder that holds the images "
                           "(with metadata.jsonl, or a .txt caption next to each image).")
     meta = next((folder / m for m in METADATA_FILES if (folder / m).is_file()), None)
-    return _load_imagefolder(folder, meta, cfg) if meta else _load_pairs(folder, cfg)
+    return _load_imagefolder(folder, meta, cfg, kontext) if meta else _load_pairs(folder, cfg, kontext)
 
 
 class NotInDataset(OSError):
@@ -211,23 +228,24 @@ def _hub_reader(ds: Any, index: int, column: str) -> Callable[[], bytes]:
     return read
 
 
-def _mask_column(ds: Any, dataset_id: str, cfg: DataConfig) -> Any:
+def _image_column(ds: Any, dataset_id: str, column: str, what: str, fix: str) -> Any:
+    """`ds` with `column` read as raw bytes; FluxnbError when it is not an image column."""
     import datasets
 
-    if not isinstance(ds.features.get(cfg.mask_column), datasets.Image):
-        raise FluxnbError(f"{dataset_id} has no image column '{cfg.mask_column}' for the masks (columns: "
-                          f"{', '.join(ds.column_names)}): set mask_column, or masked_loss=False.")
-    return ds.cast_column(cfg.mask_column, datasets.Image(decode=False))
+    if not isinstance(ds.features.get(column), datasets.Image):
+        raise FluxnbError(f"{dataset_id} has no image column '{column}' for {what} (columns: "
+                          f"{', '.join(ds.column_names)}): {fix}.")
+    return ds.cast_column(column, datasets.Image(decode=False))
 
 
-def _hub_mask(ds: Any, index: int, column: str) -> Callable[[], bytes] | None:
-    """A row's mask reader; None when its mask cell is empty (the row trains unmasked)."""
+def _hub_optional(ds: Any, index: int, column: str) -> Callable[[], bytes] | None:
+    """A row's mask (or control) reader; None when that cell is empty (the row trains unmasked, or lacks its pair)."""
     value = ds[index][column]
     return _hub_reader(ds, index, column) if isinstance(value, dict) and (value.get("bytes") or value.get("path")) \
         else None
 
 
-def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
+def load_hub(dataset_id: str, cfg: DataConfig, *, kontext: bool = False) -> Loaded:
     import datasets
 
     try:
@@ -257,18 +275,24 @@ def load_hub(dataset_id: str, cfg: DataConfig) -> Loaded:
     else:
         raise FluxnbError(f"{dataset_id} has no caption column '{cfg.caption_column}' (columns: {', '.join(columns)}):"
                           " set caption_column, or give an instance_prompt to use for every image.")
-    ds = _mask_column(ds, dataset_id, cfg) if cfg.masked_loss else ds
+    if cfg.masked_loss:
+        ds = _image_column(ds, dataset_id, cfg.mask_column, "the masks", "set mask_column, or masked_loss=False")
+    if kontext:
+        ds = _image_column(ds, dataset_id, cfg.control_column, "the pairs' control (input) images",
+                           "set control_column to the column holding each pair's input image")
     records = [Record(f"row {i}", captions[i], _hub_reader(ds, i, cfg.image_column),
-                      _hub_mask(ds, i, cfg.mask_column) if cfg.masked_loss else None) for i in range(len(ds))]
+                      _hub_optional(ds, i, cfg.mask_column) if cfg.masked_loss else None,
+                      _hub_optional(ds, i, cfg.control_column) if kontext else None) for i in range(len(ds))]
     return Loaded(f"Hub dataset {dataset_id}", records)
 
 
-def load_records(cfg: DataConfig) -> Loaded:
-    """Every row of the dataset named by `cfg.dataset`: a local folder if one exists there, else a Hub id."""
+def load_records(cfg: DataConfig, *, kontext: bool = False) -> Loaded:
+    """Every row of the dataset named by `cfg.dataset`: a local folder if one exists there, else a Hub id.
+    kontext (model.kontext): each record also gets its pair's control image (Record.control)."""
     local = Path(cfg.dataset).expanduser()
     if local.exists():
-        return load_local(local, cfg)
+        return load_local(local, cfg, kontext=kontext)
     if cfg.dataset.startswith(("/", "./", "../", "~")) or "\\" in cfg.dataset or cfg.dataset.count("/") > 1:
         raise FluxnbError(f"dataset folder {cfg.dataset!r} does not exist: check the path (or give a Hub id "
                           "user/name).")
-    return load_hub(cfg.dataset, cfg)
+    return load_hub(cfg.dataset, cfg, kontext=kontext)

@@ -37,7 +37,7 @@ class Run:
     def save(self) -> Path:
         """Validate the (maybe widget-edited) config, make its local paths absolute, write it to config.json. A
         changed model.dtype (e.g. "fp16", what a T4 computes in) takes effect here, for the rest of this notebook too."""
-        self.config = RunConfig.from_dict(self.config.to_dict()).with_local_paths_resolved()
+        self.config = tiny_data_for_base(RunConfig.from_dict(self.config.to_dict()).with_local_paths_resolved())
         wanted = self.config.model.dtype
         if wanted != "auto" and dtype_from_name(wanted) != self.hw.dtype:
             self.hw = detect(self.hw.profile, wanted)
@@ -100,6 +100,25 @@ def default_config(hw: Hardware) -> RunConfig:
     )
 
 
+def tiny_data_for_base(config: RunConfig) -> RunConfig:
+    """On the tiny profile, the tiny dataset of the run's base: FLUX.1-Kontext-dev trains on the generated pairs
+    (fluxnb.tiny.pairs), the other bases on the drawings. Only a dataset (and validation prompts) still at the other
+    tiny default moves: a dataset the user chose stays. The tiny model serves both (FluxKontextPipeline loads it)."""
+    if config.profile != "tiny":
+        return config
+    from ..tiny import pairs
+    from ..tiny.dataset import VALIDATION_PROMPTS
+    from ..tiny.flux import ensure_tiny, tiny_root
+
+    drawings, paired = (tiny_root() / "dataset", VALIDATION_PROMPTS), (pairs.pairs_root(), pairs.VALIDATION_PROMPTS)
+    have, want = (drawings, paired) if config.model.kontext else (paired, drawings)
+    if Path(config.data.dataset).expanduser().resolve() != have[0]:
+        return config
+    (pairs.ensure_tiny_pairs if config.model.kontext else ensure_tiny)()  # what it moves to, built if missing
+    prompts = {"validation_prompts": list(want[1])} if config.data.validation_prompts == list(have[1]) else {}
+    return config.replace(data={"dataset": str(want[0])} | prompts)
+
+
 def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, verbose: bool = True,
              create: bool = True) -> Run:
     """Detect hardware, then load `run_dir/config.json`, or create it with this machine's defaults.
@@ -112,7 +131,7 @@ def open_run(run_dir: str | Path | None = None, *, profile: str | None = None, v
     hw = detect(profile)
     run = RunDir(run_dir if run_dir is not None else default_run_dir(hw.profile))
     if run.config.is_file():
-        config = RunConfig.load(run.root)
+        config = tiny_data_for_base(RunConfig.load(run.root))  # a base changed by hand takes its tiny dataset
         if config.profile != hw.profile:
             hw = detect(config.profile, config.model.dtype)  # the run keeps the profile it was made with
         elif config.model.dtype != "auto":

@@ -28,6 +28,8 @@ LICENSES = {  # base model -> (license, license_name, license_link): a LoRA inhe
                                      "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"),
     "black-forest-labs/FLUX.1-Krea-dev": ("other", "flux-1-dev-non-commercial-license",
                                           "https://huggingface.co/black-forest-labs/FLUX.1-Krea-dev/blob/main/LICENSE.md"),
+    "black-forest-labs/FLUX.1-Kontext-dev": ("other", "flux-1-dev-non-commercial-license",
+                                             "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md"),
     "black-forest-labs/FLUX.1-schnell": ("apache-2.0", None, None),
 }
 TAGS = ["text-to-image", "diffusers", "lora", "flux", "flux-diffusers", "template:sd-lora", "qlora", "fluxnb"]

@@ -3,4 +3,5 @@ weights, built locally in seconds, and a generated dataset. What CI and a machin
 
     flux       the tiny FLUX.1-dev pipeline and its generated image + caption dataset (ensure_tiny)
     captioner  the tiny Florence-2 captioner, and a tiny BLIP (ensure_tiny_captioner)
+    pairs      a generated (control, instruction) -> target dataset for FLUX.1-Kontext-dev runs (ensure_tiny_pairs)
 """

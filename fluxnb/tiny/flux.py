@@ -216,11 +216,14 @@ def _is_current(root: Path) -> bool:
     return stamp == {"seed": 0, "tiny_version": TINY_VERSION}
 
 
+def tiny_root() -> Path:
+    """Where the tiny assets live: $FLUXNB_TINY_DIR, else ~/.cache/fluxnb/tiny (nothing is built by asking)."""
+    return Path(os.environ.get("FLUXNB_TINY_DIR") or Path.home() / ".cache" / "fluxnb" / "tiny").expanduser().resolve()
+
+
 def ensure_tiny(root: str | Path | None = None) -> TinyAssets:
     """Return the cached tiny assets, building them first if missing or from an older TINY_VERSION."""
-    if root is None:
-        root = os.environ.get("FLUXNB_TINY_DIR") or Path.home() / ".cache" / "fluxnb" / "tiny"
-    root = Path(root).expanduser().resolve()
+    root = tiny_root() if root is None else Path(root).expanduser().resolve()
     if _is_current(root):
         return _assets(root)
     if root.exists():  # outdated or partial: rebuild in place; build_tiny only replaces its own files

@@ -1,0 +1,303 @@
+"""FLUX.1-Kontext-dev's data side: pairs found (local folder, Hub), checked before the VAE, the control fitted like
+its target and cached as its VAE mean, invalidated when edited, read back for training; config, captions and the
+tiny profile's paired dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from fluxnb.base.errors import FluxnbError
+from fluxnb.base.files import load_tensors, save_tensors, tensors_metadata
+from fluxnb.config import BASES, ConfigError, DataConfig, ModelConfig, RunConfig
+from fluxnb.data import controls, embeddings, latents
+from fluxnb.data.buckets import crop_centering
+from fluxnb.data.captions import plan_captions
+from fluxnb.data.checks import Item, check_dataset
+from fluxnb.data.sources import Record, load_records
+from fluxnb.data.store import BrokenCacheFile, Sample, caption_id, sample_id
+from fluxnb.run import open_run
+from fluxnb.run.open import tiny_data_for_base
+from fluxnb.tiny.pairs import VALIDATION_PROMPTS, ensure_tiny_pairs
+
+KONTEXT = "FLUX.1-Kontext-dev"
+
+
+def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return ensure_tiny_pairs()
+
+
+def _run(path: Path, assets, dataset: Path, **data):
+    cfg = RunConfig(profile="tiny").replace(
+        data={"dataset": str(dataset), "width": 64, "height": 96, "validation_prompts": list(VALIDATION_PROMPTS),
+              **data},
+        model={"model_id": str(assets.model), "base": KONTEXT}, train={"max_train_steps": 2, "sample_every": 0})
+    cfg.save(path)
+    return open_run(path, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_assets, pairs, tmp_path_factory):
+    """The tiny pairs through notebooks 01 and 02, with flipped copies and random crops."""
+    dataset = tmp_path_factory.mktemp("pairs") / "data"
+    shutil.copytree(pairs.dataset, dataset)
+    run = _run(tmp_path_factory.mktemp("run"), tiny_assets, dataset, flip=True, crop="random")
+    embeddings.embed_step(run, progress=False)
+    latents.latents_step(run, progress=False)
+    return run
+
+
+def test_sources_find_controls_beside_local_images(tmp_path):
+    red, blue = Image.new("RGB", (32, 48), "red"), Image.new("RGB", (32, 48), "blue")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "control" / "sub").mkdir(parents=True)
+    (tmp_path / "a.png").write_bytes(_png(red))
+    (tmp_path / "sub" / "b.v2.jpg").write_bytes(_png(red, "JPEG"))
+    (tmp_path / "control" / "a.webp").write_bytes(_png(blue, "WEBP"))  # any image extension
+    (tmp_path / "control" / "sub" / "b.v2.png").write_bytes(b"control of b")
+    for name in ("a", "sub/b.v2"):
+        (tmp_path / f"{name}.txt").write_text("make it blue")
+    cfg = DataConfig(dataset=str(tmp_path))
+    found = {r.source: r for r in load_records(cfg, kontext=True).records}
+    assert sorted(found) == ["a.png", "sub/b.v2.jpg"]  # control/ holds inputs, not training images
+    assert Image.open(io.BytesIO(found["a.png"].control())).getpixel((0, 0))[2] > 200
+    assert found["sub/b.v2.jpg"].control() == b"control of b"
+    plain = load_records(cfg).records  # not Kontext: nothing changes, control/ is images like any folder
+    assert all(r.control is None for r in plain) and "control/a.webp" in {r.source for r in plain}
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "make it blue"}) + "\n")
+    listed = load_records(cfg, kontext=True)  # the imagefolder layout: same rule
+    assert [r.source for r in listed.records] == ["a.png"] and listed.records[0].control is not None
+    assert "1 image(s) in the folder are not in metadata.jsonl" in listed.notes[0]  # sub/b.v2.jpg, not the controls
+
+
+def test_hub_controls_come_from_the_control_column(monkeypatch):
+    import datasets
+
+    img, ctl = Image.new("RGB", (64, 96), (200, 10, 10)), Image.new("RGB", (64, 96), (10, 10, 200))
+    features = datasets.Features({"image": datasets.Image(), "control_image": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"image": [img, img.rotate(180)], "control_image": [ctl, None],
+                                     "text": ["make it red", "make it red too"]}, features=features)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: ds)
+    cfg = DataConfig(dataset="user/pairs", width=64, height=96)
+    items = check_dataset(cfg, progress=False, kontext=True).items
+    assert Image.open(io.BytesIO(items[0].record.control())).getpixel((0, 0)) == (10, 10, 200)
+    assert items[1].record.control is None
+    with pytest.raises(FluxnbError, match=r"1 pair\(s\) have no usable control image: row 1 \(no control\)"):
+        controls.check_controls(check_dataset(cfg, progress=False, kontext=True))
+    assert all(i.record.control is None for i in check_dataset(cfg, progress=False).items)  # not Kontext
+    with pytest.raises(FluxnbError, match="has no image column 'input' for the pairs' control"):
+        check_dataset(DataConfig(dataset="user/pairs", control_column="input"), progress=False, kontext=True)
+
+
+def test_a_missing_or_broken_control_is_one_error_before_the_vae_loads(tiny_assets, pairs, tmp_path, monkeypatch):
+    dataset = tmp_path / "data"
+    shutil.copytree(pairs.dataset, dataset)
+    (dataset / "control" / "01_mountain.png").unlink()
+    (dataset / "control" / "02_flower.png").write_bytes(b"not a png")
+    run = _run(tmp_path / "run", tiny_assets, dataset)
+    embeddings.embed_step(run, progress=False)
+
+    def no_vae(*args, **kwargs):
+        raise AssertionError("the VAE must not load before the controls are checked")
+
+    monkeypatch.setattr(latents, "load_vae", no_vae)
+    with pytest.raises(FluxnbError) as err:
+        latents.latents_step(run, progress=False)
+    message = str(err.value)
+    assert message.startswith("2 pair(s) have no usable control image: 01_mountain.png (no control), "
+                              "02_flower.png (control unreadable: UnidentifiedImageError).")
+    assert "\n" not in message and "control/<the image's path>" in message
+    assert not list(run.dir.latents.glob("*.safetensors"))  # nothing encoded, nothing written
+    prepared = check_dataset(run.config.data, progress=False)  # checked without kontext: said so, not "missing"
+    with pytest.raises(FluxnbError, match="checked without its control images"):
+        latents.pending(run, prepared)
+
+
+def _vae_mean(vae, img: Image.Image) -> torch.Tensor:
+    """diffusers' own pixels -> posterior mean, (16, H/8, W/8). (The pixels' memory layout matters to ~5e-5 in fp32
+    on CPU: VaeImageProcessor's is the one FluxKontextPipeline feeds its VAE.)"""
+    from diffusers.image_processor import VaeImageProcessor
+
+    with torch.no_grad():
+        return vae.encode(VaeImageProcessor(vae_scale_factor=8).preprocess(img)).latent_dist.mean[0]
+
+
+def test_the_cached_control_is_the_vae_mean_of_the_control_fitted_like_its_target(cached, pairs):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(cached.config.model.model_id, subfolder="vae").eval()
+    prepared = check_dataset(cached.config.data, progress=False, kontext=True)
+    assert len(prepared.items) == 16
+    by_flip = {}
+    for item in prepared.items:
+        s = item.sample
+        tensors = load_tensors(latents.latent_path(cached.dir, s.id))
+        assert tensors["control"].dtype == torch.float32
+        assert tensors["control"].shape == tensors["mean"].shape == (16, s.height // 8, s.width // 8)
+        with Image.open(pairs.dataset / "control" / s.source) as img:  # by hand: cover the bucket, crop, mirror
+            fitted = ImageOps.fit(img.convert("RGB"), (s.width, s.height), Image.Resampling.LANCZOS,
+                                  centering=crop_centering("random", s.id.removesuffix("-flip")))
+        fitted = ImageOps.mirror(fitted) if s.flip else fitted
+        torch.testing.assert_close(tensors["control"], _vae_mean(vae, fitted), atol=1e-5, rtol=1e-5)
+        by_flip[(s.source, s.flip)] = tensors["control"]
+    big = Image.open(pairs.dataset / "control" / "03_waves.png").size
+    assert big == (128, 192)  # a control twice its target's size, fitted to the target's bucket
+    # the flipped sample's control is the mirror of the other's: not the same latent
+    assert not torch.allclose(by_flip[("00_sun.png", True)], by_flip[("00_sun.png", False)], atol=1e-3)
+
+
+def test_flip_mirrors_the_control_with_its_target(cached):
+    prepared = check_dataset(cached.config.data, progress=False, kontext=True)
+    items = {(i.sample.source, i.sample.flip): i for i in prepared.items}
+    plain, flipped = items[("00_sun.png", False)], items[("00_sun.png", True)]
+    a, b = controls.control_image(plain), controls.control_image(flipped)
+    assert a.size == b.size == (plain.sample.width, plain.sample.height)
+    assert np.array_equal(np.asarray(ImageOps.mirror(a)), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_control_gets_its_targets_crop_and_flip(flip):
+    # A picture that is its own control, of another shape than its bucket: after the same transform they must be
+    # equal, pixel for pixel; the same picture at twice the size, nearly so (resized to cover the same bucket).
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray((rng.random((12, 20, 3)) * 255).astype(np.uint8)).resize((200, 120), Image.NEAREST)
+    data, big = _png(picture), _png(picture.resize((400, 240), Image.NEAREST))
+    sid = sample_id(data, "c", flip=flip)
+    sample = Sample(sid, "c", caption_id("c"), "x.png", 128, 64, flip)
+    same = Item(sample, Record("x.png", "c", lambda: data, control=lambda: data), crop="random")
+    target = np.asarray(same.image(), dtype=np.float32)
+    assert np.array_equal(np.asarray(controls.control_image(same), dtype=np.float32), target)
+    bigger = Item(sample, Record("x.png", "c", lambda: data, control=lambda: big), crop="random")
+    assert np.abs(np.asarray(controls.control_image(bigger), dtype=np.float32) - target).mean() < 8
+    unflipped = np.asarray(Item(Sample(sid.removesuffix("-flip"), "c", caption_id("c"), "x.png", 128, 64, False),
+                                same.record, crop="random").image(), dtype=np.float32)
+    assert np.array_equal(target, unflipped[:, ::-1] if flip else unflipped)  # the flip (or none) is there
+
+
+def test_load_sample_gives_control_latents_and_a_bad_control_is_a_broken_file(cached, tmp_path):
+    sid = check_dataset(cached.config.data, progress=False, kontext=True).items[0].sample.id
+    sample = latents.load_sample(cached.dir, sid)
+    assert set(sample) == {"latent_mean", "latent_std", "control_latents"}
+    assert torch.equal(sample["control_latents"], load_tensors(latents.latent_path(cached.dir, sid))["control"])
+    path = latents.latent_path(cached.dir, sid)
+    backup = tmp_path / "backup.safetensors"
+    shutil.copyfile(path, backup)
+    try:
+        tensors, meta = load_tensors(path), tensors_metadata(path)
+        save_tensors(path, tensors | {"control": tensors["control"][:, :-1]}, metadata=meta)
+        with pytest.raises(BrokenCacheFile):
+            latents.load_sample(cached.dir, sid)
+    finally:
+        shutil.copyfile(backup, path)
+
+
+def test_an_edited_control_is_encoded_again(tiny_assets, pairs, tmp_path):
+    dataset = tmp_path / "data"
+    shutil.copytree(pairs.dataset, dataset)
+    run = _run(tmp_path / "run", tiny_assets, dataset, flip=True)
+    embeddings.embed_step(run, progress=False)
+    assert latents.latents_step(run, progress=False).encoded == 16
+    prepared = check_dataset(run.config.data, progress=False, kontext=True)
+    assert latents.pending(run, prepared) == []
+    Image.new("RGB", (64, 96), "green").save(dataset / "control" / "05_tree.png")
+    prepared = check_dataset(run.config.data, progress=False, kontext=True)
+    assert sorted(i.record.source for i in latents.pending(run, prepared)) == ["05_tree.png", "05_tree.png"]
+    assert latents.latents_step(run, progress=False).encoded == 2
+    item = next(i for i in prepared.items if i.record.source == "05_tree.png")
+    saved = tensors_metadata(latents.latent_path(run.dir, item.sample.id))["control"]
+    assert saved == controls.control_tag(item.record) != "none"
+
+
+def test_the_kontext_config(tmp_path):
+    assert BASES[KONTEXT] == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert ModelConfig(base=KONTEXT).kontext and not ModelConfig().kontext
+    assert DataConfig().control_column == "control_image" and DataConfig().validation_images == []
+    image = tmp_path / "in.png"
+    Image.new("RGB", (8, 8)).save(image)
+    prompts = {"validation_prompts": ["make it red", "make it blue"]}
+    with pytest.raises(ConfigError, match=r"^data.validation_images are control images for FLUX.1-Kontext-dev"):
+        RunConfig().replace(data={**prompts, "validation_images": [str(image)] * 2})
+    with pytest.raises(ConfigError, match="validation_images has 1 image\\(s\\) for 2 validation prompt\\(s\\)"):
+        DataConfig(**prompts, validation_images=[str(image)])
+    with pytest.raises(ConfigError, match="'nope.png' is not a file"):
+        DataConfig(**prompts, validation_images=[str(image), "nope.png"])
+    cfg = RunConfig().replace(model={"base": KONTEXT}, data={**prompts, "validation_images": [str(image)] * 2})
+    assert cfg.model.model_id == BASES[KONTEXT] and cfg.data.validation_images == [str(image)] * 2
+
+
+def test_relative_validation_images_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    cfg = RunConfig().replace(model={"base": KONTEXT}, data={"validation_prompts": ["edit"],
+                                                             "validation_images": ["in.png"]})
+    assert cfg.with_local_paths_resolved().data.validation_images == [str(tmp_path / "in.png")]
+
+
+def test_validation_controls(cached, pairs, tmp_path):
+    got = controls.validation_controls(cached)  # none given: the first pairs' controls, fitted to 64x96
+    assert len(got) == len(VALIDATION_PROMPTS) == 2 and all(g.size == (64, 96) and g.mode == "RGB" for g in got)
+    with Image.open(pairs.dataset / "control" / "00_sun.png") as first:
+        assert np.array_equal(np.asarray(got[0]), np.asarray(ImageOps.fit(first.convert("RGB"), (64, 96),
+                                                                           Image.Resampling.LANCZOS)))
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (300, 100), "blue").save(wide)
+    run = open_run(cached.dir.root, verbose=False)
+    run.config = run.config.replace(data={"validation_prompts": ["a", "b", "c"], "validation_images": [str(wide)] * 3})
+    given = controls.validation_controls(run)
+    assert len(given) == 3 and given[2].size == (64, 96) and given[2].getpixel((10, 10)) == (0, 0, 255)
+    run.config = run.config.replace(data={"validation_images": []}).replace(
+        data={"validation_prompts": ["p"] * 11})  # more prompts than pairs: the controls are cycled
+    cycled = controls.validation_controls(run)
+    assert len(cycled) == 11 and np.array_equal(np.asarray(cycled[8]), np.asarray(cycled[0]))
+    run.config = run.config.replace(model={"base": "FLUX.1-dev", "model_id": run.config.model.model_id})
+    with pytest.raises(FluxnbError, match="validation controls are FLUX.1-Kontext-dev's input images"):
+        controls.validation_controls(run)
+
+
+def test_kontext_captions_are_never_invented(tmp_path, pairs):
+    folder = tmp_path / "data"
+    shutil.copytree(pairs.dataset, folder)
+    (folder / "metadata.jsonl").unlink()  # every instruction gone
+    cfg = DataConfig(dataset=str(folder))
+    with pytest.raises(FluxnbError, match=r"^8 image\(s\) of .* have no instruction: 00_sun.png, 01_mountain.png"):
+        plan_captions(folder, cfg, kontext=True)
+    assert len(plan_captions(folder, cfg).todo) == 16  # not Kontext: the controls are images to caption too
+    shutil.copyfile(pairs.dataset / "metadata.jsonl", folder / "metadata.jsonl")
+    assert plan_captions(folder, cfg, kontext=True).todo == []  # all written: nothing to do, no error
+    with pytest.raises(FluxnbError, match=r"8 image\(s\) .* would be captioned anew \(overwrite\)"):
+        plan_captions(folder, cfg, kontext=True, overwrite=True)
+
+
+def test_a_tiny_kontext_run_defaults_to_the_paired_dataset(tiny_assets, pairs, tmp_path):
+    tiny = RunConfig(profile="tiny").replace(
+        data={"dataset": str(tiny_assets.dataset), "validation_prompts": list(tiny_assets.validation_prompts)},
+        model={"model_id": str(tiny_assets.model)})
+    kontext = tiny_data_for_base(tiny.replace(model={"base": KONTEXT}))
+    assert kontext.data.dataset == str(pairs.dataset) and kontext.data.validation_prompts == VALIDATION_PROMPTS
+    back = tiny_data_for_base(kontext.replace(model={"base": "FLUX.1-dev"}))
+    assert back.data.dataset == str(tiny_assets.dataset)
+    assert back.data.validation_prompts == list(tiny_assets.validation_prompts)
+    assert tiny_data_for_base(tiny) == tiny  # FLUX.1-dev on the drawings: nothing moves
+    mine = tiny.replace(model={"base": KONTEXT}, data={"dataset": str(tmp_path)})
+    assert tiny_data_for_base(mine).data.dataset == str(tmp_path)  # a dataset of the user's stays
+    tiny.replace(model={"base": KONTEXT}).save(tmp_path / "run")  # a config.json with the base changed by hand
+    assert open_run(tmp_path / "run", verbose=False).config.data.dataset == str(pairs.dataset)
+    records = load_records(kontext.data, kontext=True).records
+    assert len(records) == 8 and all(r.control is not None for r in records)
+    assert all(r.caption.startswith("turn the ") for r in records)
