@@ -83,7 +83,7 @@ def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Pla
 
 def kontext(config: RunConfig) -> bool:
     """FLUX.1-Kontext-dev: every sample carries its control image's tokens too (the planner counts them)."""
-    return getattr(config.model, "kontext", False)
+    return config.model.kontext
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:
