@@ -99,8 +99,9 @@ def plan_pipeline(run: Run) -> Plan:
 
 
 def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
-    """A stock FluxPipeline of the run's base model (or of `transformer`, e.g. a merged one), placed per `plan`."""
-    from diffusers import FluxPipeline
+    """A stock FluxPipeline (FluxKontextPipeline for Kontext) of the run's base model (or of `transformer`, e.g. a
+    merged one), placed per `plan`. Both pipelines take the same components from the same folders."""
+    from diffusers import FluxKontextPipeline, FluxPipeline
 
     plan = plan or plan_pipeline(run)
     model = run.config.model
@@ -108,8 +109,9 @@ def load_pipeline(run: Run, plan: Plan | None = None, *, transformer=None):
         transformer = load_transformer(dataclasses.replace(model, quantization="nf4" if plan.quantize else "none"), run.hw)
     skip = {} if plan.text_encoders else dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     with hub_errors(model.model_id):
-        pipe = FluxPipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
-                                            dtype=run.hw.dtype, **skip)
+        pipeline = FluxKontextPipeline if model.kontext else FluxPipeline  # Kontext edits an input image
+        pipe = pipeline.from_pretrained(model.model_id, revision=model.revision, transformer=transformer,
+                                        dtype=run.hw.dtype, **skip)
     pipe.to(run.hw.device)
     if plan.offload and streamer_of(transformer) is None:
         # Training's block streaming, not diffusers' enable_model_cpu_offload, which moves the whole transformer
@@ -196,11 +198,42 @@ def encode_prompts(run: Run, prompts: list[str]) -> int:
     return len(todo)
 
 
+def edit_inputs(run: Run, prompts: list[str]) -> list[Image.Image] | None:
+    """Kontext: the image each prompt edits, the run's validation controls (fluxnb.data.controls) cycled; None for
+    a text-to-image base."""
+    if not run.config.model.kontext:
+        return None
+    from ..data.controls import validation_controls
+
+    own = validation_controls(run)
+    return [own[i % len(own)] for i in range(len(prompts))]
+
+
+def kontext_inputs(pipe, prompts: list[str], settings: SampleSettings, run: Run | None,
+                   controls: list[Image.Image] | None) -> list[dict]:
+    """Per prompt, what a FluxKontextPipeline call adds: the image to edit (`controls`, one per prompt; None = the
+    run's, edit_inputs), rendered at the settings' size (its resizing to ~1 megapixel off). {} for FluxPipeline."""
+    from diffusers import FluxKontextPipeline
+
+    if not isinstance(pipe, FluxKontextPipeline):
+        return [{} for _ in prompts]
+    if controls is None and run is None:
+        raise FluxnbError("a Kontext pipeline edits an image: pass controls=[one image per prompt], or run=.")
+    controls = edit_inputs(run, prompts) if controls is None else controls
+    if len(controls) != len(prompts):
+        raise FluxnbError(f"{len(prompts)} prompt(s) but {len(controls)} control image(s): give one image per prompt.")
+    size = (settings.width, settings.height)
+    return [{"image": c if c.size == size else c.resize(size, Image.Resampling.LANCZOS),
+             "max_area": settings.width * settings.height, "_auto_resize": False} for c in controls]
+
+
 def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None, *,
-             output_type: str = "pil", label: str = "") -> list[Image.Image]:
+             output_type: str = "pil", label: str = "", controls: list[Image.Image] | None = None) -> list[Image.Image]:
     """One image per prompt, each from `settings.seed`: the same prompt and seed give the same noise anywhere.
     output_type="latent": the packed latents instead, (tokens, 64) each (fluxnb.infer.effect measures them).
-    label: what the progress bar says is generating ("base model", "LoRA", ...)."""
+    label: what the progress bar says is generating ("base model", "LoRA", ...). Kontext: the prompts are
+    instructions, each edits its image of `controls` (kontext_inputs)."""
+    edits = kontext_inputs(pipe, prompts, settings, run, controls)
     encoded = None
     if pipe.text_encoder is None:  # prompts come from the run's embedding cache (the T4 route, see plan_pipeline)
         if run is None:
@@ -219,7 +252,7 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
         text = {"prompt": prompt} if encoded is None else {
             "prompt_embeds": encoded[i]["prompt_embeds"][None].to(device, run.hw.dtype),  # (1, L, D_t5)
             "pooled_prompt_embeds": encoded[i]["pooled_prompt_embeds"][None].to(device, run.hw.dtype)}  # (1, D_clip)
-        out = pipe(**text, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+        out = pipe(**text, **edits[i], num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                    width=settings.width, height=settings.height,
                    generator=torch.Generator("cpu").manual_seed(settings.seed),
                    max_sequence_length=run.config.data.max_sequence_length if run else 512, output_type=output_type)
@@ -229,20 +262,25 @@ def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None
 
 
 def base_vs_lora(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None,
-                 name: str = ADAPTER) -> tuple[list[Image.Image], list[Image.Image]]:
-    """The same prompts and seed with the adapter off, then on at settings.lora_scale."""
+                 name: str = ADAPTER, controls: list[Image.Image] | None = None
+                 ) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The same prompts and seed (and Kontext's control images) with the adapter off, then on at settings.lora_scale."""
     pipe.disable_lora()
-    base = generate(pipe, prompts, settings, run, label="base model")
+    base = generate(pipe, prompts, settings, run, label="base model", controls=controls)
     pipe.enable_lora()
     set_scale(pipe, settings.lora_scale, name)
-    return base, generate(pipe, prompts, settings, run, label=f"LoRA at scale {settings.lora_scale:g}")
+    return base, generate(pipe, prompts, settings, run, label=f"LoRA at scale {settings.lora_scale:g}",
+                          controls=controls)
 
 
 def save_grid(path: Path, prompts: list[str], base: list[Image.Image], styled: list[Image.Image], *,
-              labels: tuple[str, str] = ("base", "LoRA")):
-    """Top row base, bottom row LoRA, one column per prompt, saved as PNG; returns the matplotlib figure."""
-    captions = [f"{label}: {p}" for label in labels for p in prompts]
-    fig = image_grid([*base, *styled], captions, ncols=len(prompts))
+              labels: tuple[str, str] = ("base", "LoRA"), inputs: list[Image.Image] | None = None):
+    """Top row base, bottom row LoRA, one column per prompt, saved as PNG; returns the matplotlib figure.
+    `inputs` (Kontext, edit_inputs): the images the prompts edit, as a first row."""
+    rows = [("input", inputs)] if inputs else []
+    rows += [(labels[0], base), (labels[1], styled)]
+    captions = [f"{label}: {p}" for label, _ in rows for p in prompts]
+    fig = image_grid([im for _, images in rows for im in images], captions, ncols=len(prompts))
     save_figure(fig, path)
     return fig
 

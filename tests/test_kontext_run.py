@@ -1,0 +1,76 @@
+"""A FLUX.1-Kontext-dev run end to end on the tiny profile: the CLI's embed, latents and train on the generated
+pairs, then notebook 04's calls (FluxKontextPipeline, the input row of the grid), the export and the model card."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxnb.base.errors import FluxnbError
+from fluxnb.cli import main
+from fluxnb.config import KONTEXT
+from fluxnb.infer import export, sampling
+from fluxnb.run import open_run
+from fluxnb.share.card import card_text
+
+
+@pytest.fixture(scope="module")
+def run(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kontext") / "run"
+    assert main(["embed", "--run-dir", str(root), "--profile", "tiny", "--base", KONTEXT]) == 0
+    assert main(["latents", "--run-dir", str(root), "--profile", "tiny"]) == 0
+    assert main(["train", "--run-dir", str(root), "--max-steps", "2"]) == 0
+    return open_run(root, profile="tiny", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(run):
+    pipe = sampling.load_pipeline(run)
+    pipe.set_progress_bar_config(disable=True)
+    sampling.load_lora(pipe, run.dir.lora_file)
+    return pipe
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_the_cli_trains_on_the_pairs(run):
+    from fluxnb.tiny.pairs import ensure_tiny_pairs
+
+    assert run.config.model.kontext and run.config.data.dataset == str(ensure_tiny_pairs().dataset)
+    assert run.dir.lora_file.is_file()
+
+
+def test_notebook_04_edits_each_validation_control_at_the_training_size(run, pipe):
+    from diffusers import FluxKontextPipeline
+
+    assert isinstance(pipe, FluxKontextPipeline)
+    settings = sampling.SampleSettings(prompt="x", steps=2, width=run.config.data.width, height=run.config.data.height)
+    prompts = run.config.data.validation_prompts[:2]
+    inputs = sampling.edit_inputs(run, prompts)
+    assert len(inputs) == 2 and all(im.size == (settings.width, settings.height) for im in inputs)
+    base, styled = sampling.base_vs_lora(pipe, prompts, settings, run, controls=inputs)
+    assert all(im.size == (settings.width, settings.height) for im in base + styled)  # not Kontext's ~1 MP
+    assert np.abs(pixels(base) - pixels(styled)).mean() > 0  # the LoRA acts
+    # The same prompt and seed on another input image: another result (the control reaches the model; the tiny
+    # random model moves by about 1 of 255 for an inverted input).
+    other = [Image.fromarray(255 - np.asarray(inputs[0]))]
+    assert np.abs(pixels(sampling.generate(pipe, prompts[:1], settings, run, controls=other))
+                  - pixels(styled[:1])).mean() > 0.3
+    # run= alone: the run's own validation controls, as notebook 04's later cells call it.
+    assert np.array_equal(pixels(sampling.generate(pipe, prompts[:1], settings, run)), pixels(styled[:1]))
+    fig = sampling.save_grid(run.dir.comparison, prompts, base, styled, inputs=inputs)
+    assert len(fig.axes) == 6 and fig.axes[0].get_title().startswith("input:")
+    with pytest.raises(FluxnbError, match="2 prompt\\(s\\) but 1 control image"):
+        sampling.generate(pipe, prompts, settings, run, controls=inputs[:1])
+
+
+def test_a_kontext_lora_exports_and_its_card_says_how_to_edit_with_it(run, tmp_path):
+    comfy = export.export_lora(run.dir.lora_file, "comfyui", tmp_path / "kontext_comfyui.safetensors")
+    trip = export.check_round_trip(run.dir.lora_file, comfy)
+    assert trip.checked > 0 and trip.max_error < 1e-2
+    card = card_text(run, "", comfy.name, [], "me/kontext-lora")
+    assert "pipeline_tag: image-to-image" in card and "text-to-image" not in card
+    assert "FluxKontextPipeline.from_pretrained" in card and 'image=load_image("your-image.png")' in card
