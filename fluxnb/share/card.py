@@ -117,7 +117,7 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
     on_hub = base != "a local folder"
     data = ModelCardData(
         base_model=base if on_hub else None, license=license_, license_name=license_name,
-        license_link=license_link, library_name="diffusers", pipeline_tag="text-to-image", tags=TAGS,
+        license_link=license_link, library_name="diffusers", pipeline_tag=task(run), tags=[task(run), *TAGS[1:]],
         instance_prompt=trigger or None, widget=[{"text": " ".join(im["prompt"].split()), "output": {"url": f"images/{im['file']}"}}
                                          for im in images])
     link = f"[{text(base)}](https://huggingface.co/{base})" if on_hub else "a local base model"
@@ -155,19 +155,27 @@ def card_text(run: Run, trigger: str, comfy_file: str, images: list[dict], repo_
     return f"---\n{data.to_yaml()}\n---\n\n{body}\n"
 
 
+def task(run: Run) -> str:
+    """The Hub's pipeline tag: a Kontext LoRA edits images (an instruction + an input image), the others draw."""
+    return "image-to-image" if run.config.model.kontext else "text-to-image"
+
+
 def _usage(run: Run, base: str, repo_id: str, images: list[dict]) -> str:
     """The diffusers snippet; `base` and `repo_id` are Hub ids (validated: no quotes), the prompt a Python repr."""
     c = run.config
     prompt = " ".join((images[0]["prompt"] if images else c.data.validation_prompts[0]).split())
     load = (f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_FILE}")' if c.lora.type != "lokr" else
             f'pipe.transformer.load_lora_adapter("{repo_id}", weight_name="{LORA_FILE}", prefix="transformer")')
+    kontext = c.model.kontext
+    pipeline = "FluxKontextPipeline" if kontext else "FluxPipeline"
+    edit = ('image=load_image("your-image.png"), ' if kontext else "")
     code_ = f"""import torch
-from diffusers import FluxPipeline
+from diffusers import {pipeline}{chr(10) + "from diffusers.utils import load_image" if kontext else ""}
 
-pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16)
+pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16)
 {load}
 pipe.enable_model_cpu_offload()
-image = pipe({prompt!r}, num_inference_steps=28, guidance_scale=3.5,
+image = pipe({prompt!r}, {edit}num_inference_steps=28, guidance_scale={2.5 if kontext else 3.5},
              width={c.data.width}, height={c.data.height}, generator=torch.manual_seed(0)).images[0]"""
     fence = _fence(code_)
     return f"{fence}python\n{code_}\n{fence}"
