@@ -52,6 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from fluxnb.infer.merged import MERGE_INFO  # noqa: E402  (after the path)
+
 ENVELOPES = {  # DESIGN.md "Envelopes"
     "t4": dict(gpu_gib=14.7, host_gib=11.5, dtype="auto", preset="t4-16gb", prequantized=True, capability="7.5",
                watch_dtype="bfloat16"),
@@ -235,7 +237,8 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
         if nb == "04":
             result["base_vs_lora_png"] = (run_dir / "samples" / "base_vs_lora.png").is_file()
             merged = run_dir / "merged"
-            result["merged"] = json.loads((merged / "merge.json").read_text()) if (merged / "merge.json").is_file() else None
+            info = merged / "transformer" / MERGE_INFO  # written last by the merge, beside its weights
+            result["merged"] = json.loads(info.read_text()) if info.is_file() else None
             if (merged / "transformer").is_dir():
                 result["merged_gib"] = round(du_gib(merged / "transformer"), 3)
         save(lambda result=result: report["notebooks"].append(result))
