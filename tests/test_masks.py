@@ -197,3 +197,15 @@ def test_a_mask_is_found_at_the_images_path_with_any_extension(tmp_path):
     assert find_mask(tmp_path, "sub/v1.2.jpg", cfg)() == b"mask"
     assert find_mask(tmp_path, "sub/other.jpg", cfg) is None
     assert find_mask(tmp_path, "sub/v1.2.jpg", DataConfig(dataset=str(tmp_path))) is None  # masks off
+
+
+def test_a_cached_mask_with_nan_or_of_the_wrong_shape_makes_a_broken_latent():
+    """A mask is read with its latent (load_sample): a NaN in it would reach the loss, so the file counts as broken
+    and is encoded again (fluxnb.data.store.load_checked / cache_problem), as a NaN in the latent does."""
+    good = {"mean": torch.zeros(16, 12, 8), "std": torch.ones(16, 12, 8), "mask": torch.ones(1, 12, 8)}
+    assert latents.latent_problem(good) is None
+    nan = good["mask"].clone()
+    nan[0, 3, 4] = float("nan")
+    assert latents.latent_problem(good | {"mask": nan}) == "NaN in cache"
+    assert latents.latent_problem(good | {"mask": torch.ones(1, 12, 9)}) == "wrong mask"
+    assert latents.latent_problem(good | {"mask": torch.ones(1, 12, 8, dtype=torch.float16)}) == "wrong mask"

@@ -87,7 +87,8 @@ def save_latent(run: RunDir, sample: Sample, mean: torch.Tensor, std: torch.Tens
 
 def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = None) -> str | None:
     """Why cached tensors are not a latent to train on (None: they are): mean and std, float32, the same
-    (C, h, w) shape (the sample's bucket / 8 when given), finite; so is a Kontext pair's control."""
+    (C, h, w) shape (the sample's bucket / 8 when given), finite; so is a Kontext pair's control, and a loss mask
+    is float32 (1, h, w) and finite."""
     mean, std = tensors.get("mean"), tensors.get("std")
     both = (mean, std) + ((tensors["control"],) if "control" in tensors else ())
     if any(t is None or t.dtype != torch.float32 for t in both):
@@ -95,7 +96,10 @@ def latent_problem(tensors: dict[str, torch.Tensor], sample: Sample | None = Non
     if mean.ndim != 3 or any(t.shape != mean.shape for t in both) or (
             sample is not None and mean.shape[1:] != (sample.height // 8, sample.width // 8)):
         return "wrong shape"
-    return non_finite(*both)
+    mask = tensors.get("mask")  # data.masked_loss: one weight per latent pixel, (1, h, w)
+    if mask is not None and (mask.dtype != torch.float32 or mask.shape != (1, *mean.shape[1:])):
+        return "wrong mask"
+    return non_finite(*both, *(() if mask is None else (mask,)))
 
 
 def load_latent(run: RunDir, sample_id: str) -> tuple[torch.Tensor, torch.Tensor]:
