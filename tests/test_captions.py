@@ -167,3 +167,25 @@ def test_the_captioner_is_freed_even_when_captioning_fails(tmp_path, tiny_assets
         with captioner.loaded(str(ensure_tiny_captioner()), detect("tiny")) as model:
             captions.caption_folder(plan, model, progress=False)
     assert model.freed is not None and sum(p.numel() for p in model.model.parameters()) == 0
+
+
+def test_captions_made_before_a_failure_are_saved_and_not_made_again(tmp_path, tiny_assets, capsys):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    cfg = DataConfig(dataset=str(folder))
+    plan = captions.plan_captions(folder, cfg)
+    calls = []
+
+    def dies_on_the_third_batch(images):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return fake_captioner(images)
+
+    with pytest.raises(MemoryError):
+        captions.caption_folder(plan, dies_on_the_third_batch, trigger=TRIGGER, batch_size=4, progress=False)
+    assert "captioning stopped after 8 of 16 images" in capsys.readouterr().out
+    saved = {name: r for name, r in rows(folder).items() if r.get("text")}
+    assert len(saved) == 8 and all(r["text"].startswith(TRIGGER) for r in saved.values())
+    again = captions.plan_captions(folder, cfg)  # the rest, and only the rest
+    assert again.kept == 8 and len(again.todo) == 8
+    assert {again.files[i] for i in again.todo} == set(rows(folder)) - set(saved)

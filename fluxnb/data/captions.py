@@ -175,18 +175,27 @@ def caption_folder(plan: CaptionPlan, captioner: Callable[[list], list[str]], *,
                    tokenizer: Any = None, max_sequence_length: int = 77, batch_size: int = 8,
                    progress: bool = True) -> CaptionResult:
     """Caption plan.todo in batches (`captioner`: PIL images -> one caption each, fluxnb.data.captioner.Captioner),
-    put `trigger` before each new caption, write metadata.jsonl once at the end."""
+    put `trigger` before each new caption, write metadata.jsonl once at the end. Should captioning stop part-way
+    (an unreadable image, out of memory, Ctrl-C), the captions made so far are written before the error goes on:
+    the next plan_captions keeps them and lists only the images still without one."""
     result = CaptionResult(plan, None, [])
     todo = plan.todo
     bar = progress_bar(total=len(todo), desc="captioning", unit="image", show=progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        images = [open_image((plan.folder / plan.files[i]).read_bytes())[0] for i in batch]
-        for i, text in zip(batch, captioner(images)):
-            plan.rows[i][plan.column] = with_instance_prompt(trigger, text)
-            result.captioned.append(plan.files[i])
-        bar.update(len(batch))
-    bar.close()
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            images = [open_image((plan.folder / plan.files[i]).read_bytes())[0] for i in batch]
+            for i, text in zip(batch, captioner(images)):
+                plan.rows[i][plan.column] = with_instance_prompt(trigger, text)
+                result.captioned.append(plan.files[i])
+            bar.update(len(batch))
+    except BaseException:
+        if result.captioned:
+            print(f"captioning stopped after {len(result.captioned)} of {len(todo)} images: their captions are saved "
+                  f"in {write_metadata(plan)}; run it again to caption the rest.")
+        raise
+    finally:
+        bar.close()
     if todo:
         result.written = write_metadata(plan)
     warning = length_warning(plan, tokenizer, max_sequence_length)
