@@ -73,4 +73,4 @@ def test_a_kontext_lora_exports_and_its_card_says_how_to_edit_with_it(run, tmp_p
     assert trip.checked > 0 and trip.max_error < 1e-2
     card = card_text(run, "", comfy.name, [], "me/kontext-lora")
     assert "pipeline_tag: image-to-image" in card and "text-to-image" not in card
-    assert "FluxKontextPipeline.from_pretrained" in card and 'image=load_image("your-image.png")' in card
+    assert "FluxKontextPipeline.from_pretrained" in card and 'image=load_image("your-image.png"), max_area=64 * 96,' in card

@@ -166,17 +166,18 @@ def _usage(run: Run, base: str, repo_id: str, images: list[dict]) -> str:
     prompt = " ".join((images[0]["prompt"] if images else c.data.validation_prompts[0]).split())
     load = (f'pipe.load_lora_weights("{repo_id}", weight_name="{LORA_FILE}")' if c.lora.type != "lokr" else
             f'pipe.transformer.load_lora_adapter("{repo_id}", weight_name="{LORA_FILE}", prefix="transformer")')
-    kontext = c.model.kontext
+    kontext = c.model.kontext  # an edit of an input image, at the training size (Kontext's default: ~1 megapixel)
     pipeline = "FluxKontextPipeline" if kontext else "FluxPipeline"
-    edit = ('image=load_image("your-image.png"), ' if kontext else "")
+    size = (f'image=load_image("your-image.png"), max_area={c.data.width} * {c.data.height},' if kontext else
+            f"width={c.data.width}, height={c.data.height},")
     code_ = f"""import torch
 from diffusers import {pipeline}{chr(10) + "from diffusers.utils import load_image" if kontext else ""}
 
 pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16)
 {load}
 pipe.enable_model_cpu_offload()
-image = pipe({prompt!r}, {edit}num_inference_steps=28, guidance_scale={2.5 if kontext else 3.5},
-             width={c.data.width}, height={c.data.height}, generator=torch.manual_seed(0)).images[0]"""
+image = pipe({prompt!r}, num_inference_steps=28, guidance_scale=3.5,
+             {size} generator=torch.manual_seed(0)).images[0]"""
     fence = _fence(code_)
     return f"{fence}python\n{code_}\n{fence}"
 
