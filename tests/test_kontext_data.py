@@ -193,6 +193,21 @@ def test_check_dataset_names_pairs_without_a_control(tmp_path):
         check_dataset(DataConfig(dataset=str(plain), width=64, height=96), progress=False, kontext=True)
 
 
+def test_a_hub_dataset_without_controls_is_told_to_choose_a_paired_one(monkeypatch):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 96))], "text": ["a cat"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: ds)
+    with pytest.raises(FluxnbError, match=r"has no image column 'control_image' for the pairs' control \(input\) "
+                                          r"images \(columns: image, text\): set control_column to the column holding "
+                                          r"each pair's input image, or choose a paired dataset: FLUX.1-Kontext-dev "
+                                          r"trains on \(input image, instruction\) -> result pairs \(README, "
+                                          r"'FLUX.1-Kontext-dev: image editing pairs'\)\.$"):
+        load_records(DataConfig(dataset="user/text-to-image"), kontext=True)
+
+
 def _vae_mean(vae, img: Image.Image) -> torch.Tensor:
     """diffusers' own pixels -> posterior mean, (16, H/8, W/8). (The pixels' memory layout matters to ~5e-5 in fp32
     on CPU: VaeImageProcessor's is the one FluxKontextPipeline feeds its VAE.)"""
