@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import UnidentifiedImageError
 
 from fluxnb.base import memory
 from fluxnb.config import DataConfig
@@ -163,7 +162,7 @@ def test_the_captioner_is_freed_even_when_captioning_fails(tmp_path, tiny_assets
     folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
     plan = captions.plan_captions(folder, DataConfig(dataset=str(folder)))
     (folder / plan.files[plan.todo[-1]]).write_bytes(b"not a picture")  # the last batch cannot be opened
-    with pytest.raises(UnidentifiedImageError):
+    with pytest.raises(FluxnbError, match=f"{plan.files[plan.todo[-1]]} in .* cannot be captioned"):
         with captioner.loaded(str(ensure_tiny_captioner()), detect("tiny")) as model:
             captions.caption_folder(plan, model, progress=False)
     assert model.freed is not None and sum(p.numel() for p in model.model.parameters()) == 0
@@ -189,3 +188,20 @@ def test_captions_made_before_a_failure_are_saved_and_not_made_again(tmp_path, t
     again = captions.plan_captions(folder, cfg)  # the rest, and only the rest
     assert again.kept == 8 and len(again.todo) == 8
     assert {again.files[i] for i in again.todo} == set(rows(folder)) - set(saved)
+
+
+def test_an_unreadable_image_stops_captioning_naming_it_and_the_captions_before_it_are_saved(tmp_path, tiny_assets,
+                                                                                           capsys):
+    folder = uncaptioned_copy(tiny_assets.dataset, tmp_path / "pictures")
+    cfg = DataConfig(dataset=str(folder))
+    plan = captions.plan_captions(folder, cfg)
+    broken = plan.files[plan.todo[9]]  # in the third batch of four
+    (folder / broken).write_bytes(b"not a picture")
+    with pytest.raises(FluxnbError) as err:
+        captions.caption_folder(plan, fake_captioner, trigger=TRIGGER, batch_size=4, progress=False)
+    assert str(err.value) == (f"{broken} in {folder} cannot be captioned: not an image PIL can read (corrupt, or not "
+                              "an image format): re-export it as PNG/JPEG or delete it.")
+    out = capsys.readouterr().out
+    assert "captioning stopped after 8 of 16 images" in out
+    assert "run it again with overwrite off (OVERWRITE = False in notebook 01, no --all on the command line)" in out
+    assert len([r for r in rows(folder).values() if r.get("text")]) == 8

@@ -20,7 +20,7 @@ from fluxnb.config import BASES, ConfigError, DataConfig, ModelConfig, RunConfig
 from fluxnb.data import controls, embeddings, latents
 from fluxnb.data.buckets import crop_centering
 from fluxnb.data.captions import plan_captions
-from fluxnb.data.checks import Item, check_dataset
+from fluxnb.data.checks import DataError, Item, check_dataset
 from fluxnb.data.sources import Record, load_records
 from fluxnb.data.store import BrokenCacheFile, Sample, caption_id, sample_id
 from fluxnb.run import open_run
@@ -94,38 +94,118 @@ def test_hub_controls_come_from_the_control_column(monkeypatch):
                                      "text": ["make it red", "make it red too"]}, features=features)
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: ds)
     cfg = DataConfig(dataset="user/pairs", width=64, height=96)
-    items = check_dataset(cfg, progress=False, kontext=True).items
-    assert Image.open(io.BytesIO(items[0].record.control())).getpixel((0, 0)) == (10, 10, 200)
-    assert items[1].record.control is None
-    with pytest.raises(FluxnbError, match=r"1 pair\(s\) have no usable control image: row 1 \(no control\)"):
-        controls.check_controls(check_dataset(cfg, progress=False, kontext=True))
+    records = load_records(cfg, kontext=True).records
+    assert Image.open(io.BytesIO(records[0].control())).getpixel((0, 0)) == (10, 10, 200)
+    assert records[1].control is None
+    with pytest.raises(DataError, match=r"1 pair\(s\) have no usable control image: row 1 \(no control\)"):
+        check_dataset(cfg, progress=False, kontext=True)  # notebook 01 already, before T5
     assert all(i.record.control is None for i in check_dataset(cfg, progress=False).items)  # not Kontext
     with pytest.raises(FluxnbError, match="has no image column 'input' for the pairs' control"):
         check_dataset(DataConfig(dataset="user/pairs", control_column="input"), progress=False, kontext=True)
 
 
-def test_a_missing_or_broken_control_is_one_error_before_the_vae_loads(tiny_assets, pairs, tmp_path, monkeypatch):
+def test_a_missing_control_stops_notebook_01_and_a_broken_one_notebook_02(tiny_assets, pairs, tmp_path,
+                                                                           monkeypatch):
     dataset = tmp_path / "data"
     shutil.copytree(pairs.dataset, dataset)
+    moved = (dataset / "control" / "01_mountain.png").read_bytes()
     (dataset / "control" / "01_mountain.png").unlink()
     (dataset / "control" / "02_flower.png").write_bytes(b"not a png")
     run = _run(tmp_path / "run", tiny_assets, dataset)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("no model may load before the controls are checked")
+
+    monkeypatch.setattr(embeddings, "load_text_encoders", no_model)
+    monkeypatch.setattr(latents, "load_vae", no_model)
+    with pytest.raises(DataError, match=r"ERROR: 1 pair\(s\) have no usable control image: 01_mountain.png \(no "
+                                        r"control\)\. .*control/<the image's path>.*; or remove those images\.$"):
+        embeddings.embed_step(run, progress=False)  # the missing one: in notebook 01's check, before T5
+    (dataset / "control" / "01_mountain.png").write_bytes(moved)
+    monkeypatch.undo()
     embeddings.embed_step(run, progress=False)
-
-    def no_vae(*args, **kwargs):
-        raise AssertionError("the VAE must not load before the controls are checked")
-
-    monkeypatch.setattr(latents, "load_vae", no_vae)
+    monkeypatch.setattr(latents, "load_vae", no_model)
     with pytest.raises(FluxnbError) as err:
-        latents.latents_step(run, progress=False)
+        latents.latents_step(run, progress=False)  # the undecodable one: notebook 02, before the VAE
     message = str(err.value)
-    assert message.startswith("2 pair(s) have no usable control image: 01_mountain.png (no control), "
-                              "02_flower.png (control unreadable: UnidentifiedImageError).")
+    assert message.startswith("1 pair(s) have no usable control image: 02_flower.png (control unreadable: "
+                              "UnidentifiedImageError).")
     assert "\n" not in message and "control/<the image's path>" in message
     assert not list(run.dir.latents.glob("*.safetensors"))  # nothing encoded, nothing written
     prepared = check_dataset(run.config.data, progress=False)  # checked without kontext: said so, not "missing"
     with pytest.raises(FluxnbError, match="checked without its control images"):
         latents.pending(run, prepared)
+
+
+def _pair_folder(folder: Path, controls_of: dict[str, bytes | None]) -> Path:
+    """One red target per name, captioned "make it blue", with the given control bytes (None: no control)."""
+    (folder / "control").mkdir(parents=True)
+    for name, control in controls_of.items():
+        (folder / f"{name}.png").write_bytes(_png(Image.new("RGB", (64, 96), "red")))
+        (folder / f"{name}.txt").write_text("make it blue")
+        if control is not None:
+            (folder / "control" / f"{name}.png").write_bytes(control)
+    return folder
+
+
+def test_a_pairs_id_covers_its_control_and_other_ids_stay_as_they_were(tmp_path):
+    from types import SimpleNamespace
+
+    from fluxnb.train.guard import data_fingerprint
+    from fluxnb.train.validation import holdout
+
+    assert sample_id(b"image bytes", "a red cat") == "8f4be97b5442b0fa"  # as before: existing caches stay valid
+    assert sample_id(b"image bytes", "a red cat", flip=True) == "8f4be97b5442b0fa-flip"
+    blue, green = _png(Image.new("RGB", (64, 96), "blue")), _png(Image.new("RGB", (64, 96), "green"))
+    folder = _pair_folder(tmp_path / "data", {"a": blue, "b": green})  # same target, same instruction
+    cfg = DataConfig(dataset=str(folder), width=64, height=96, flip=True)
+    prepared = check_dataset(cfg, progress=False, kontext=True)
+    assert prepared.report.samples == 2 and len(prepared.items) == 4  # two pairs, not one and a "duplicate"
+    ids = {(i.sample.source, i.sample.flip): i.sample.id for i in prepared.items}
+    assert ids[("a.png", True)] == ids[("a.png", False)] + "-flip"  # a flip still groups with its original
+    assert sorted(map(len, holdout(list(ids.values()), 1, seed=0))) == [2, 2]
+    assert ids[("a.png", False)] == sample_id((folder / "a.png").read_bytes(), "make it blue", control=blue)
+    assert prepared.items[0].image().size == (64, 96)  # Item.image's id check agrees with check_dataset's
+    run = SimpleNamespace(config=RunConfig().replace(model={"base": KONTEXT}))
+    before = data_fingerprint(run, prepared.samples)
+    (folder / "control" / "b.png").write_bytes(_png(Image.new("RGB", (64, 96), "white")))  # a control edited
+    with pytest.raises(FluxnbError, match="b.png changed on disk since the dataset was checked"):
+        next(i for i in prepared.items if i.sample.source == "b.png").image()
+    after = check_dataset(cfg, progress=False, kontext=True)
+    assert data_fingerprint(run, after.samples) != before  # so --resume notices the data changed
+
+
+def test_check_dataset_names_pairs_without_a_control(tmp_path):
+    blue = _png(Image.new("RGB", (64, 96), "blue"))
+    folder = _pair_folder(tmp_path / "some", {"a": blue, "b": None, "c": blue})
+    (folder / "c.txt").unlink()  # a row's other problems are reported with it
+    with pytest.raises(DataError) as err:
+        check_dataset(DataConfig(dataset=str(folder), width=64, height=96), progress=False, kontext=True)
+    report = str(err.value)
+    assert "ERROR: 1 pair(s) have no usable control image: b.png (no control). FLUX.1-Kontext-dev learns to edit a " \
+           "control image into its target: put each pair's input image at control/<the image's path>" in report
+    assert "c.png (missing)" in report and "paired dataset" not in report
+    plain = _pair_folder(tmp_path / "plain", {"a": None, "b": None})  # a text-to-image folder: no control at all
+    with pytest.raises(DataError, match=r"2 pair\(s\) have no usable control image: a.png \(no control\), b.png "
+                                        r"\(no control\)\..*; or remove those images, or choose a paired dataset: "
+                                        r"FLUX.1-Kontext-dev trains on \(input image, instruction\) -> result pairs "
+                                        r"\(README, 'FLUX.1-Kontext-dev: image editing pairs'\)\.$"):
+        check_dataset(DataConfig(dataset=str(plain), width=64, height=96), progress=False, kontext=True)
+
+
+def test_a_hub_dataset_without_controls_is_told_to_choose_a_paired_one(monkeypatch):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 96))], "text": ["a cat"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: ds)
+    with pytest.raises(FluxnbError, match=r"has no image column 'control_image' for the pairs' control \(input\) "
+                                          r"images \(columns: image, text\): set control_column to the column holding "
+                                          r"each pair's input image, or choose a paired dataset: FLUX.1-Kontext-dev "
+                                          r"trains on \(input image, instruction\) -> result pairs \(README, "
+                                          r"'FLUX.1-Kontext-dev: image editing pairs'\)\.$"):
+        load_records(DataConfig(dataset="user/text-to-image"), kontext=True)
 
 
 def _vae_mean(vae, img: Image.Image) -> torch.Tensor:
@@ -178,7 +258,7 @@ def test_a_control_gets_its_targets_crop_and_flip(flip):
     rng = np.random.default_rng(0)
     picture = Image.fromarray((rng.random((12, 20, 3)) * 255).astype(np.uint8)).resize((200, 120), Image.NEAREST)
     data, big = _png(picture), _png(picture.resize((400, 240), Image.NEAREST))
-    sid = sample_id(data, "c", flip=flip)
+    sid = sample_id(data, "c", flip=flip, control=data)
     sample = Sample(sid, "c", caption_id("c"), "x.png", 128, 64, flip)
     same = Item(sample, Record("x.png", "c", lambda: data, control=lambda: data), crop="random")
     target = np.asarray(same.image(), dtype=np.float32)

@@ -30,7 +30,7 @@ from ..base.files import atomic_write_text
 from ..base.temps import remove_abandoned_files
 from ..config import DataConfig
 from .captioner import loaded
-from .checks import caption_problem, open_image, progress_bar, with_instance_prompt
+from .checks import caption_problem, open_image, progress_bar, why_unreadable, with_instance_prompt
 from .sources import images_in, metadata_rows
 
 METADATA = "metadata.jsonl"
@@ -171,6 +171,14 @@ def length_warning(plan: CaptionPlan, tokenizer: Any, max_sequence_length: int) 
             f"{n}: {caption[:60]!r}...): T5 will see only the start; shorten them or raise max_sequence_length.")
 
 
+def _open(plan: CaptionPlan, i: int) -> Any:
+    """The RGB image of row i; FluxnbError naming its file when it cannot be read (PIL's own error names none)."""
+    try:
+        return open_image((plan.folder / plan.files[i]).read_bytes())[0]
+    except Exception as err:  # unreadable, truncated, not an image, gone since it was planned
+        raise FluxnbError(f"{plan.files[i]} in {plan.folder} cannot be captioned: {why_unreadable(err)}.") from None
+
+
 def caption_folder(plan: CaptionPlan, captioner: Callable[[list], list[str]], *, trigger: str = "",
                    tokenizer: Any = None, max_sequence_length: int = 77, batch_size: int = 8,
                    progress: bool = True) -> CaptionResult:
@@ -184,7 +192,7 @@ def caption_folder(plan: CaptionPlan, captioner: Callable[[list], list[str]], *,
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            images = [open_image((plan.folder / plan.files[i]).read_bytes())[0] for i in batch]
+            images = [_open(plan, i) for i in batch]
             for i, text in zip(batch, captioner(images)):
                 plan.rows[i][plan.column] = with_instance_prompt(trigger, text)
                 result.captioned.append(plan.files[i])
@@ -192,7 +200,8 @@ def caption_folder(plan: CaptionPlan, captioner: Callable[[list], list[str]], *,
     except BaseException:
         if result.captioned:
             print(f"captioning stopped after {len(result.captioned)} of {len(todo)} images: their captions are saved "
-                  f"in {write_metadata(plan)}; run it again to caption the rest.")
+                  f"in {write_metadata(plan)}; run it again with overwrite off (OVERWRITE = False in notebook 01, "
+                  "no --all on the command line) to caption only the rest.")
         raise
     finally:
         bar.close()

@@ -8,8 +8,8 @@
 Loading FLUX.1-dev's T5 takes minutes; finding out afterwards that row 37 has no caption is a waste. So every
 row is opened and checked here first, and all problems come back in one report: unreadable or truncated files,
 colour modes that need converting, images smaller than their bucket, missing captions, captions T5 would
-truncate, duplicates. A sample's id hashes its image bytes and caption (fluxnb.data.store.sample_id), so the cached
-latent and the cached caption embedding of one sample are found by the same id in any order.
+truncate, duplicates, FLUX.1-Kontext-dev pairs without a control. A sample's id hashes its image bytes and caption
+(and a pair's control: fluxnb.data.pairs), so its cached latent and caption embedding are found by one id in any order.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ..base.errors import FluxnbError
 from ..base.progress import Bar
 from ..config import DataConfig
 from .buckets import MODE_NOTES, Size, fit_to_bucket, is_smaller, make_buckets, nearest_bucket, to_rgb
+from .pairs import no_controls, read_control
 from .sources import NotInDataset, Record, load_records
 from .store import Sample, caption_id, sample_id
 
@@ -103,8 +104,8 @@ class Item:
 
     def image(self) -> Image.Image:
         """RGB, resized to cover the sample's bucket and cropped (flipped if a flip sample): (width, height)."""
-        data = self.record.read()
-        if sample_id(data, self.sample.caption, flip=self.sample.flip) != self.sample.id:
+        data, control = self.record.read(), self.record.control() if self.record.control else None
+        if sample_id(data, self.sample.caption, flip=self.sample.flip, control=control) != self.sample.id:
             raise FluxnbError(f"{self.record.source} changed on disk since the dataset was checked: run the "
                               "check (data.check_dataset) again so its sample id matches its content.")
         rgb, _, _ = open_image(data)
@@ -184,25 +185,17 @@ def quiet_length_warning(*tokenizers: Any) -> Iterator[None]:
             t.deprecation_warnings[_TOO_LONG] = before or False
 
 
-def _t5_lengths(tokenizer: Any, captions: list[str]) -> list[int]:
-    if not captions:
-        return []
-    with quiet_length_warning(tokenizer):
-        return [len(ids) for ids in tokenizer(captions, truncation=False)["input_ids"]]
-
-
 def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = True,
                   kontext: bool = False) -> CheckedDataset:
     """Load every row of `cfg.dataset`, check it, and assign buckets. Raises DataError with the full report.
-    kontext (model.kontext): the records carry their pairs' controls, which fluxnb.data.controls checks."""
+    kontext (model.kontext): the records carry their pairs' controls; a pair without one is an error here, an
+    undecodable one in fluxnb.data.controls (notebook 02)."""
     loaded = load_records(cfg, kontext=kontext)
     report = DataReport(loaded.description, rows=len(loaded.records), notes=list(loaded.notes),
                         errors=list(loaded.errors))
     buckets = make_buckets(cfg.width, cfg.height, cfg.bucket_step) if cfg.buckets else [(cfg.width, cfg.height)]
-    bad, no_caption, small, modes, rotated, items = [], [], [], Counter(), 0, []
-    seen_ids: dict[str, str] = {}
-    seen_images: dict[str, str] = {}
-    dupes, same_image, instance_used = [], [], 0
+    bad, no_caption, no_control, small, modes, rotated, items = [], [], [], [], Counter(), 0, []
+    seen_ids, seen_images, dupes, same_image, instance_used = dict[str, str](), dict[str, str](), [], [], 0
     for record in progress_bar(loaded.records, show=progress, desc="checking images", unit="image"):
         try:
             data = record.read()
@@ -210,6 +203,7 @@ def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = Tr
         except Exception as err:  # any decode failure is this file's problem, reported by name
             bad.append(f"{record.source}: {why_unreadable(err)}")
             continue
+        control = read_control(record, no_control) if kontext else None  # all of a row's problems are reported
         problem = caption_problem(record.caption)
         if problem and not cfg.instance_prompt.strip():
             no_caption.append(f"{record.source} ({problem})")
@@ -224,7 +218,7 @@ def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = Tr
             small.append(f"{record.source} {img.size[0]}x{img.size[1]} -> {bucket[0]}x{bucket[1]}")
             if cfg.small_images == "skip":
                 continue
-        sid = sample_id(data, caption)
+        sid = sample_id(data, caption, control=control)
         if sid in seen_ids:
             dupes.append(f"{record.source} = {seen_ids[sid]}")
             continue
@@ -235,15 +229,23 @@ def check_dataset(cfg: DataConfig, tokenizer: Any = None, *, progress: bool = Tr
         seen_images.setdefault(digest, record.source)
         report.buckets[bucket] += 1
         for flip in (False, True) if cfg.flip else (False,):
-            sample = Sample(sample_id(data, caption, flip=flip), caption, caption_id(caption), record.source,
-                            bucket[0], bucket[1], flip)
+            sample = Sample(sample_id(data, caption, flip=flip, control=control), caption, caption_id(caption),
+                            record.source, bucket[0], bucket[1], flip)
             items.append(Item(sample, record, cfg.crop))
     _summarise(report, cfg, bad, no_caption, small, modes, rotated, dupes, same_image, instance_used)
+    if no_control:
+        report.errors.append(no_controls(no_control, cfg.control_column,
+                                         unpaired=not any(r.control for r in loaded.records)))
+    return _finish(CheckedDataset(cfg, items, report, kontext), tokenizer)
+
+
+def _finish(prepared: CheckedDataset, tokenizer: Any) -> CheckedDataset:
+    """The counts, the captions' T5 lengths and the empty case into the report; DataError if it names errors."""
+    report, items = prepared.report, prepared.items
     report.samples = len({i.sample.id for i in items if not i.sample.flip})
     report.flips = len(items) - report.samples
-    prepared = CheckedDataset(cfg, items, report, kontext)
     if tokenizer is not None:
-        _check_lengths(report, cfg, tokenizer, prepared.captions)
+        _check_lengths(report, prepared.config, tokenizer, prepared.captions)
     if not items and not report.errors:
         report.errors.append("no usable samples: the dataset is empty (or every row was skipped, see above). "
                              "Add images (.png, .jpg, .webp ...) with captions, or fix the rows listed.")
@@ -284,7 +286,10 @@ def _summarise(report: DataReport, cfg: DataConfig, bad: list[str], no_caption: 
 
 
 def _check_lengths(report: DataReport, cfg: DataConfig, tokenizer: Any, captions: list[str]) -> None:
-    lengths = dict(zip(captions, _t5_lengths(tokenizer, captions)))
+    if not captions:
+        return
+    with quiet_length_warning(tokenizer):
+        lengths = {c: len(ids) for c, ids in zip(captions, tokenizer(captions, truncation=False)["input_ids"])}
     long = {c: n for c, n in lengths.items() if n > cfg.max_sequence_length}
     if long:
         worst = max(long, key=long.get)

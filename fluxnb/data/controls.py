@@ -31,19 +31,12 @@ from ..config import KONTEXT
 from ..run import Run
 from .buckets import fit_to_bucket
 from .checks import CheckedDataset, Item, open_image
+from .pairs import no_controls, read_control, where_controls
 from .sources import Record, load_records
-
-SHOW = 5  # how many pairs a message names before "... and N more"
-
 
 def control_tag(record: Record) -> str:
     """What identifies a record's control in its cached latent's metadata: the hash of its bytes, or "none"."""
     return "none" if record.control is None else hashlib.sha256(record.control()).hexdigest()[:16]
-
-
-def _where(column: str) -> str:
-    return (f"put each pair's input image at control/<the image's path> in the dataset folder (any image extension), "
-            f"or in the Hub dataset's '{column}' column (data.control_column)")
 
 
 def check_controls(prepared: CheckedDataset) -> None:
@@ -51,23 +44,18 @@ def check_controls(prepared: CheckedDataset) -> None:
     if not prepared.kontext:
         raise FluxnbError(f"this dataset was checked without its control images, but the run trains {KONTEXT}: "
                           "check it with data.check_dataset(run.config.data, kontext=run.config.model.kontext).")
-    bad = []
+    bad: list[str] = []
     for item in prepared.items:
-        record = item.record
         if item.sample.flip:  # a flip shares its record with its unflipped sample
             continue
-        if record.control is None:
-            bad.append(f"{record.source} (no control)")
+        if (data := read_control(item.record, bad)) is None:
             continue
         try:
-            open_image(record.control())  # decoded whole, as check_dataset decodes the targets
+            open_image(data)  # decoded whole, as check_dataset decodes the targets
         except Exception as err:  # unreadable, truncated, not an image
-            bad.append(f"{record.source} (control unreadable: {type(err).__name__})")
+            bad.append(f"{item.record.source} (control unreadable: {type(err).__name__})")
     if bad:
-        more = f" ... and {len(bad) - SHOW} more" if len(bad) > SHOW else ""
-        raise FluxnbError(f"{len(bad)} pair(s) have no usable control image: {', '.join(bad[:SHOW])}{more}. "
-                          f"{KONTEXT} learns to edit a control image into its target: "
-                          f"{_where(prepared.config.control_column)}; or remove those images.")
+        raise FluxnbError(no_controls(bad, prepared.config.control_column))
 
 
 def control_image(item: Item) -> Image.Image:
@@ -102,6 +90,6 @@ def validation_controls(run: Run) -> list[Image.Image]:
         found = [(f"{r.source}'s control", r.control) for r in records if r.control is not None][:n]
         if not found:
             raise FluxnbError(f"no training pair of {cfg.dataset} has a control image to sample from: "
-                              f"{_where(cfg.control_column)}; or list control images in data.validation_images.")
+                              f"{where_controls(cfg.control_column)}; or list control images in data.validation_images.")
     images = [_read(name, read) for name, read in found]
     return [fit_to_bucket(img, (cfg.width, cfg.height)) for img in islice(cycle(images), n)]

@@ -37,6 +37,7 @@ from typing import Any
 from ..base.errors import FluxnbError
 from ..base.hub_errors import LOGIN_HOWTO, explain, offline_unless_reachable
 from ..config import DataConfig
+from .pairs import PAIRED
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -279,7 +280,7 @@ def load_hub(dataset_id: str, cfg: DataConfig, *, kontext: bool = False) -> Load
         ds = _image_column(ds, dataset_id, cfg.mask_column, "the masks", "set mask_column, or masked_loss=False")
     if kontext:
         ds = _image_column(ds, dataset_id, cfg.control_column, "the pairs' control (input) images",
-                           "set control_column to the column holding each pair's input image")
+                           f"set control_column to the column holding each pair's input image, or {PAIRED}")
     records = [Record(f"row {i}", captions[i], _hub_reader(ds, i, cfg.image_column),
                       _hub_optional(ds, i, cfg.mask_column) if cfg.masked_loss else None,
                       _hub_optional(ds, i, cfg.control_column) if kontext else None) for i in range(len(ds))]

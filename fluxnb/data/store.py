@@ -57,10 +57,14 @@ def caption_id(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
 
 
-def sample_id(image_bytes: bytes, caption: str, *, flip: bool = False) -> str:
-    """Stable id of one training sample: the same image file and caption give the same id on every machine."""
+def sample_id(image_bytes: bytes, caption: str, *, flip: bool = False, control: bytes | None = None) -> str:
+    """Stable id of one training sample: the same image file and caption give the same id on every machine.
+    `control`: a FLUX.1-Kontext-dev pair's input image, part of what it trains on, so part of its id (two pairs
+    differing only in their control are two samples; an edited control is new data). None: the id is unchanged."""
     digest = hashlib.sha256(image_bytes)
     digest.update(b"\0" + caption.encode("utf-8"))
+    if control is not None:
+        digest.update(b"\0control\0" + hashlib.sha256(control).digest())  # fixed-size: no two splits hash alike
     return digest.hexdigest()[:16] + ("-flip" if flip else "")
 
 
