@@ -1,7 +1,7 @@
 """What every floor of fluxnb may use: errors, file writing, Ctrl-C, memory reports, plots, progress bars, Hub
 error messages.
 
-    errors      FluxnbError: one line saying what is wrong and what to do
+    errors      FluxnbError: one line saying what is wrong and what to do (first_names: the rows it names)
     choices     the values a setting may take (bases, crops, optimizers ...), checked by fluxnb.config
     files       atomic writes, safetensors I/O, disk-full as one message
     temps       temporaries named after their writer; what a killed one left, removed by the next step

@@ -4,6 +4,15 @@ Its message says what is wrong and what to do. The CLI prints it as one line, wi
 """
 
 
+SHOW = 5  # how many offending rows, files or pairs a message names before "... and N more"
+
+
+def first_names(items: list[str]) -> str:
+    """'a, b, c, d, e ... and 3 more': the first SHOW of `items`, for a one-line message that names them."""
+    more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
+    return ", ".join(items[:SHOW]) + more
+
+
 class FluxnbError(Exception):
     """An error with a message meant for the person running fluxnb."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from ..base.errors import FluxnbError
+from ..base.errors import FluxnbError, first_names
 from ..base.files import atomic_write_text
 from ..base.temps import remove_abandoned_files
 from ..config import DataConfig
@@ -109,9 +109,8 @@ def plan_captions(folder: str | Path | None, cfg: DataConfig, *, overwrite: bool
             _add(plan, {"file_name": name, **texts.get(name, {})}, name, overwrite)
     if kontext and plan.todo:
         todo = [plan.files[i] for i in plan.todo]
-        more = f" ... and {len(todo) - 5} more" if len(todo) > 5 else ""
         what = "would be captioned anew (overwrite)" if overwrite else "have no instruction"
-        raise FluxnbError(f"{len(todo)} image(s) of {folder} {what}: {', '.join(todo[:5])}{more}. "
+        raise FluxnbError(f"{len(todo)} image(s) of {folder} {what}: {first_names(todo)}. "
                           "FLUX.1-Kontext-dev's captions say what to change (\"make it ... style\"), which a "
                           f"captioner cannot see: write one per pair in {METADATA} (or a .txt beside each image), "
                           "or set instance_prompt to give every pair the same instruction, and skip captioning.")

@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..base.errors import FluxnbError
+from ..base.errors import FluxnbError, first_names
 from ..base.progress import Bar
 from ..config import DataConfig
 from .buckets import MODE_NOTES, Size, fit_to_bucket, is_smaller, make_buckets, nearest_bucket, to_rgb
@@ -33,7 +33,6 @@ from .pairs import no_controls, read_control
 from .sources import NotInDataset, Record, load_records
 from .store import Sample, caption_id, sample_id
 
-SHOW = 5  # how many offending rows a message names before "... and N more"
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's decompression-bomb limit (~89 MP, ~270 MB as RGB): refused beyond it
 
 
@@ -44,11 +43,6 @@ def progress_bar(iterable: Any = None, *, show: bool = True, **kwargs: Any) -> B
 
 class DataError(FluxnbError, ValueError):
     """The dataset has problems the user must fix; the message is the whole report."""
-
-
-def _names(items: list[str]) -> str:
-    more = f" ... and {len(items) - SHOW} more" if len(items) > SHOW else ""
-    return ", ".join(items[:SHOW]) + more
 
 
 def with_instance_prompt(instance_prompt: str, caption: str) -> str:
@@ -257,13 +251,13 @@ def _finish(prepared: CheckedDataset, tokenizer: Any) -> CheckedDataset:
 def _summarise(report: DataReport, cfg: DataConfig, bad: list[str], no_caption: list[str], small: list[str],
                modes: Counter, rotated: int, dupes: list[str], same_image: list[str], instance_used: int) -> None:
     if bad and cfg.bad_images == "error":
-        report.errors.append(f"{len(bad)} image(s) cannot be used: {_names(bad)}. (Set bad_images='skip' to "
+        report.errors.append(f"{len(bad)} image(s) cannot be used: {first_names(bad)}. (Set bad_images='skip' to "
                              "train without them.)")
     else:
         report.skipped += bad
     if no_caption:
         column = f"the '{cfg.caption_column}' column (or the .txt files)"
-        report.errors.append(f"{len(no_caption)} row(s) have no usable caption: {_names(no_caption)}. Fill in "
+        report.errors.append(f"{len(no_caption)} row(s) have no usable caption: {first_names(no_caption)}. Fill in "
                              f"{column}, or set instance_prompt to use it as the caption of these rows.")
     if instance_used:
         report.notes.append(f"{instance_used} row(s) without a caption use the instance prompt "
@@ -276,13 +270,13 @@ def _summarise(report: DataReport, cfg: DataConfig, bad: list[str], no_caption: 
     if small:
         verb = "are left out (small_images='skip')" if cfg.small_images == "skip" else (
             "will be upscaled, so they look blurrier; set small_images='skip' to leave them out, or lower width/height")
-        report.warnings.append(f"{len(small)} image(s) are smaller than their bucket and {verb}: {_names(small)}.")
+        report.warnings.append(f"{len(small)} image(s) are smaller than their bucket and {verb}: {first_names(small)}.")
     if dupes:
         report.notes.append(f"{len(dupes)} duplicate row(s) (same image and caption as an earlier row) left out: "
-                            f"{_names(dupes)}.")
+                            f"{first_names(dupes)}.")
     if same_image:
         report.notes.append(f"{len(same_image)} image(s) appear twice with different captions (both kept): "
-                            f"{_names(same_image)}.")
+                            f"{first_names(same_image)}.")
 
 
 def _check_lengths(report: DataReport, cfg: DataConfig, tokenizer: Any, captions: list[str]) -> None:

@@ -34,6 +34,7 @@ from .checks import CheckedDataset, Item, open_image
 from .pairs import no_controls, read_control, where_controls
 from .sources import Record, load_records
 
+
 def control_tag(record: Record) -> str:
     """What identifies a record's control in its cached latent's metadata: the hash of its bytes, or "none"."""
     return "none" if record.control is None else hashlib.sha256(record.control()).hexdigest()[:16]

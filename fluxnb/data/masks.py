@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..base.errors import FluxnbError
+from ..base.errors import FluxnbError, first_names
 from .buckets import fit_to_bucket
 from .checks import CheckedDataset, Item
 from .sources import Record
@@ -65,15 +65,12 @@ def check_masks(prepared: CheckedDataset) -> None:
         if image != mask:
             bad.append(f"{record.source} (image {image[0]}x{image[1]}, mask {mask[0]}x{mask[1]})")
     if bad:
-        more = f" ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise FluxnbError(f"{len(bad)} mask(s) cannot be used: {', '.join(bad[:5])}{more}. Give each image a mask of "
+        raise FluxnbError(f"{len(bad)} mask(s) cannot be used: {first_names(bad)}. Give each image a mask of "
                           "its own size (white = learn, black = ignore), or set masked_loss=False.")
 
 
 def missing_note(missing: list[str]) -> str:
-    more = f" ... and {len(missing) - 5} more" if len(missing) > 5 else ""
-    return (f"note: {len(missing)} image(s) have no mask and train unmasked (all white): {', '.join(missing[:5])}"
-            f"{more}.")
+    return f"note: {len(missing)} image(s) have no mask and train unmasked (all white): {first_names(missing)}."
 
 
 def latent_mask(item: Item, floor: float = 0.0) -> torch.Tensor:

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..base.errors import first_names
 from ..config import KONTEXT
 
-SHOW = 5  # how many pairs a message names before "... and N more"
 PAIRED = (f"choose a paired dataset: {KONTEXT} trains on (input image, instruction) -> result pairs (README, "
           f"'{KONTEXT}: image editing pairs')")
 
@@ -41,7 +41,6 @@ def read_control(record: Any, problems: list[str]) -> bytes | None:
 def no_controls(problems: list[str], column: str, *, unpaired: bool = False) -> str:
     """The pairs of `problems` (from read_control) in one line. unpaired: not one row has a control (a text-to-image
     dataset, say), so choosing a paired dataset is the likelier fix."""
-    more = f" ... and {len(problems) - SHOW} more" if len(problems) > SHOW else ""
     other = f", or {PAIRED}" if unpaired else ""
-    return (f"{len(problems)} pair(s) have no usable control image: {', '.join(problems[:SHOW])}{more}. {KONTEXT} "
+    return (f"{len(problems)} pair(s) have no usable control image: {first_names(problems)}. {KONTEXT} "
             f"learns to edit a control image into its target: {where_controls(column)}; or remove those images{other}.")

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base.errors import FluxnbError
+from ..base.errors import FluxnbError, first_names
 from ..base.hub_errors import LOGIN_HOWTO, explain, offline_unless_reachable
 from ..config import DataConfig
 from .pairs import PAIRED
@@ -110,9 +110,8 @@ def _outside(folder: Path, path: Path) -> bool:
 
 def _refuse_outside(loaded: Loaded, folder: Path, rows: list[str]) -> None:
     if rows:
-        more = f" ... and {len(rows) - 5} more" if len(rows) > 5 else ""
         loaded.errors.append(f"{len(rows)} row(s) name a file outside the dataset folder {folder} (through '..', an "
-                             f"absolute path or a link): {', '.join(rows[:5])}{more}. fluxnb reads only files inside "
+                             f"absolute path or a link): {first_names(rows)}. fluxnb reads only files inside "
                              "the dataset folder: copy those images into it, or remove the rows.")
 
 
