@@ -14,11 +14,12 @@ numerics: each format in its own process (the bf16 model alone is 23.8 GB): flux
   inputs, noise and timesteps in every process (benchmarks/train_step.py's make_inputs and fluxnb_step). The
   LoRA gradients are summed over them. Compared with bf16 ("none"): each loss, the gradients (relative error of
   all of them together, cosine, the worst tensor), and the memory after load (FP8's resident weights: 11.2 GiB
-  planned, fluxnb.train.budget.resident_gib).
+  planned, fluxnb.train.budget.resident_gib). --formats: fp8, fp8w (FP8 matmuls only where the layer widens), nf4.
 layers: Fp8Linear against bf16 nn.Linear at FLUX's Linear shapes, M = 4 x 1613 tokens: relative error of the
-  output and of the input gradient against an fp32 matmul, with the forward's fast accumulation on and off
-  (fluxnb.model.fp8.FORWARD_FAST_ACCUM), and the time of forward + backward, eager and compiled (compiled, the
-  per-row quantization fuses into the kernels around the matmul).
+  output and of the input gradient against an fp32 matmul, with the forward's fast accumulation on (--accum both:
+  and off; fluxnb.model.fp8.FORWARD_FAST_ACCUM), and the time of forward + backward, eager and compiled (compiled,
+  the per-row quantization fuses into the kernels around the matmul); "fp8w": the shape as FP8_MATMULS =
+  "widening" runs it (a shape whose output does not widen: its dequantized codes in a bf16 matmul).
 time: benchmarks/train_step.py's workers, one process each, case nf4-512x768-bf16 (the name is the case's size;
   the impl picks the format), 4 samples per step; default impls: the reference, fluxnb NF4, FP8 and bf16 at batch
   4 with every block resident and recomputed, the reference again (the machine's drift).
@@ -40,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-FORMATS = {"none": {"bf16": ""}, "fp8": {"fp8": ""}, "nf4": {}}  # model.quantization -> train_step impl options
+# model.quantization (and fp8w: FP8 weights, FP8 matmuls only where the layer widens) -> train_step impl options
+FORMATS = {"none": {"bf16": ""}, "fp8": {"fp8": ""}, "fp8w": {"fp8": "", "fp8mm": "widening"}, "nf4": {}}
 TIME_IMPLS = "reference,fluxnb+batch=4,fluxnb+batch=4+fp8,fluxnb+batch=4+bf16,reference"
 TOKENS = 4 * ((512 // 16) * (768 // 16) + 77)  # a batch of 4 at 512x768 with 77 text tokens: 6452
 GiB = 2**30
@@ -99,7 +101,7 @@ def compare(results: dict[str, dict]) -> dict:
 
 def run_numerics(args) -> dict:
     results = {}
-    for q in ("none", "fp8", "nf4"):
+    for q in ["none"] + [f for f in args.formats.split(",") if f != "none"]:
         out = Path(f"/tmp/fp8_step-{q}.pt")
         cmd = [sys.executable, __file__, "--numerics-worker", q, str(out), "--ckpt", str(args.ckpt),
                "--batches", str(args.batches)]
@@ -144,7 +146,9 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
     y32 = torch.nn.functional.linear(x32, linear.weight.float(), linear.bias.float())
     y32.backward(g.float())
     row = {"k": k, "n": n, "fast_accum": fast}
-    for name, module in (("bf16", linear), ("fp8", layer)):
+    for name, module, matmuls in (("bf16", linear, "all"), ("fp8", layer, "all"), ("fp8w", layer, "widening")):
+        fp8.FP8_MATMULS = matmuls  # fp8w: this shape as FP8_MATMULS = "widening" runs it
+        torch._dynamo.reset()
         x.grad = None  # the timing below accumulates into it
         y = module(x)
         y.backward(g)
@@ -154,7 +158,7 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
         for mode, fn in (("eager", module), ("compiled", torch.compile(module))):
             s = _timed(lambda fn=fn: fn(x).backward(g))  # forward + input gradient: 2 matmuls
             row[f"{name}_{mode}_tflops"] = round(2 * 2 * TOKENS * k * n / s / 1e12, 1)
-    fp8.FORWARD_FAST_ACCUM = True
+    fp8.FORWARD_FAST_ACCUM, fp8.FP8_MATMULS = True, "all"
     return row
 
 
@@ -162,7 +166,7 @@ def run_layers(args) -> list[dict]:
     from fluxnb.train.budget import DOUBLE_LINEARS, SINGLE_LINEARS
 
     shapes = sorted(set(DOUBLE_LINEARS.values()) | set(SINGLE_LINEARS.values()))
-    rows = [layer_case(k, n, fast) for k, n in shapes for fast in (True, False)]
+    rows = [layer_case(k, n, fast) for k, n in shapes for fast in ((True, False) if args.accum == "both" else (True,))]
     for r in rows:
         print(json.dumps(r), flush=True)
     return rows
@@ -189,6 +193,9 @@ def main() -> None:
     parser.add_argument("--parts", default="numerics,layers,time", help="any of numerics, layers, time")
     parser.add_argument("--ckpt", type=Path, default=Path("/tmp/flux-random"))
     parser.add_argument("--batches", type=int, default=2, help="numerics: micro-batches of 4 samples")
+    parser.add_argument("--formats", default="fp8,fp8w,nf4", help=f"numerics: compared with bf16; any of {list(FORMATS)}")
+    parser.add_argument("--accum", default="fast", choices=["fast", "both"],
+                        help="layers: the forward's fast accumulation on only, or on and off")
     parser.add_argument("--impls", default=TIME_IMPLS, help="time: benchmarks/train_step.py impls")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)

@@ -106,7 +106,7 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
-    "fp8"), adamw (plain AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds),
+    "fp8"), fp8mm=widening (fluxnb.model.fp8.FP8_MATMULS: FP8 matmuls only in the widening layers), adamw (plain AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds),
     t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.run.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
     without either, fluxnb's default: on, fluxnb.run.hardware.use_expandable_segments),
     profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
@@ -121,6 +121,10 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     from fluxnb.train.step import make_optimizer
 
     hw = Hardware("real", torch.device("cuda"), dtype, cuda_info(), "benchmark")
+    if "fp8mm" in opts:
+        from fluxnb.model import fp8
+
+        fp8.FP8_MATMULS = opts["fp8mm"]
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
     plan = plan or {"model": {}, "train": {}}
     model = ModelConfig(model_id=str(ckpt), double_quant="dq" in opts, prequantized=opts.get("nf4"),

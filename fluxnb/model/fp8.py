@@ -24,6 +24,13 @@ whole tensor, and e4m3's extra mantissa bit halves the rounding (torchao's rowwi
 Nothing is saved for the backward but the weight itself, so block streaming (fluxnb.model.offload) and
 activation memory behave as with NF4.
 
+Which matmuls run in FP8 (`FP8_MATMULS`): "all" (the default), or "widening": only the layers whose output is
+wider than their input (FLUX's MLP up-projections and modulations); the square attention projections and the
+narrowing ones (MLP down, single blocks' proj_out) dequantize their codes to the compute dtype per call and run a
+16-bit matmul, the weight still stored and streamed in FP8. The layer benchmark (benchmarks/fp8_step.py, H200,
+2026-12-03) timed FP8 forward + backward at 220-415 TFLOP/s where the output is 3072 wide, against 570-720 for
+bf16, and 700-1000 where it widens; the training step decides (train_step.py's impl option fp8mm=widening).
+
 Not quantized (diffusers-torchao's choice): the output projection, the final norm's modulation and the
 embedders (`KEEP`: small, and where the error of a few percent would reach every token or the output
 directly), and any layer whose dimensions are not multiples of 16 (what _scaled_mm takes).
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["E4M3", "Fp8Linear", "dequantize_fp8_", "fp8_layers", "quantize_fp8_", "quantize_rows", "swap", "wants_fp8"]
+__all__ = ["E4M3", "FP8_MATMULS", "Fp8Linear", "dequantize_fp8_", "fp8_layers", "quantize_fp8_", "quantize_rows", "swap", "wants_fp8"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -42,6 +49,7 @@ _TINY = 1e-12  # an all-zero row gets this amax, so its scale is not zero (codes
 # Hopper's fast accumulation (fewer promotions of the partial sums to fp32) in the forward matmul, exact
 # accumulation in the backward: torchao's float8 defaults. benchmarks/fp8_step.py measures what it costs.
 FORWARD_FAST_ACCUM = True
+FP8_MATMULS = "all"  # or "widening" (see the docstring); read when a layer runs (a compiled block: when traced)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +92,23 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad_x.reshape(*grad.shape[:-1], codes.shape[1]), None, None, None, None
 
 
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x W^T + bias in x's dtype, W dequantized for this call (and again in the backward: nothing 16-bit is
+    kept between them); gradient for x only."""
+
+    @staticmethod
+    def forward(ctx, x, codes, scale, bias):
+        ctx.save_for_backward(codes, scale)
+        weight = (codes.float() * scale).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes, scale = ctx.saved_tensors
+        weight = (codes.float() * scale).to(grad.dtype)
+        return grad @ weight, None, None, None
+
+
 class Fp8Linear(torch.nn.Linear):
     """A frozen nn.Linear holding e4m3 codes (out, in) and fp32 scales (out, 1); bias in the compute dtype.
 
@@ -116,7 +141,9 @@ class Fp8Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type  # under autocast the output takes autocast's dtype, as F.linear's would
         out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        return _Fp8Matmul.apply(x, self.weight, self.weight_scale, self.bias, out_dtype)
+        if FP8_MATMULS == "all" or self.out_features > self.in_features:
+            return _Fp8Matmul.apply(x, self.weight, self.weight_scale, self.bias, out_dtype)
+        return _DequantizedMatmul.apply(x.to(out_dtype), self.weight, self.weight_scale, self.bias)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as numbers (codes x scales), in `dtype` (default: the compute dtype): for merging."""
