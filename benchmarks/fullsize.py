@@ -9,6 +9,7 @@ small fan-in scaled random values), saves it in bf16 safetensors sharded like th
     out/model/   model_index.json, transformer/ (11.9 B, 3 shards), text_encoder_2/ (T5-v1.1-XXL, 4.8 B, 2 shards),
                  text_encoder/ (CLIP-L), vae/ (16 channels), scheduler/, tokenizer/, tokenizer_2/
     out/dataset/ 24 drawn images (512x768 and other aspect ratios) + metadata.jsonl captions
+    out/pairs/   (build_pipeline(pairs=True)) the same 24 as FLUX.1-Kontext-dev targets, control/ their inputs
 
 The tokenizers are the tiny profile's (fluxnb.tiny.flux: built locally, a few hundred pieces); the encoders keep the
 real vocabulary sizes (CLIP 49,408, T5 32,128), so their embedding tables are full size. Image quality means
@@ -145,28 +146,37 @@ def build_model(folder: Path, dims: dict = FULL, *, seed: int = 0, device: str =
     return folder
 
 
-def build_dataset(folder: Path, sizes: list[tuple[int, int]] = SIZES) -> Path:
-    """Drawn images (the tiny profile's style and subjects, at full size) in datasets' imagefolder layout."""
+def build_dataset(folder: Path, sizes: list[tuple[int, int]] = SIZES, pairs: bool = False) -> Path:
+    """Drawn images (the tiny profile's style and subjects, at full size) in datasets' imagefolder layout.
+    pairs: FLUX.1-Kontext-dev's paired layout instead, as fluxnb.tiny.pairs makes it at tiny size: each subject
+    drawn plain at its target's size in control/, an instruction as its caption."""
     from fluxnb.tiny.dataset import SUBJECTS, TRIGGER_WORD, draw as _draw
+    from fluxnb.tiny.pairs import CONTROL_FOLDER, plain
 
     if (folder / "metadata.jsonl").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONTROL_FOLDER if pairs else folder).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, size in enumerate(sizes):
         name, text, shapes = SUBJECTS[i % len(SUBJECTS)]
         file_name = f"{i:02d}_{name}_{size[0]}x{size[1]}.png"
         _draw(shapes, size).save(folder / file_name, format="PNG")
-        caption = f"{text}{', seen up close' if i >= len(SUBJECTS) else ''}, {TRIGGER_WORD} style"
+        if pairs:
+            plain(shapes, size).save(folder / CONTROL_FOLDER / file_name, format="PNG")
+        caption = (f"turn the {name} into {TRIGGER_WORD} style" if pairs
+                   else f"{text}{', seen up close' if i >= len(SUBJECTS) else ''}, {TRIGGER_WORD} style")
         rows.append(json.dumps({"file_name": file_name, "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
 
 
-def build_pipeline(out: Path, *, seed: int = 0, device: str = "cuda") -> Path:
-    """out/model (the pipeline) and out/dataset; returns out."""
+def build_pipeline(out: Path, *, seed: int = 0, device: str = "cuda", pairs: bool = False) -> Path:
+    """out/model (the pipeline) and out/dataset (pairs: and out/pairs); returns out. FLUX.1-Kontext-dev has
+    FLUX.1-dev's components and sizes: the one model serves both."""
     build_model(out / "model", seed=seed, device=device)
     build_dataset(out / "dataset")
+    if pairs:
+        build_dataset(out / "pairs", pairs=True)
     return out
 
 

@@ -27,6 +27,11 @@ Every image trains at 512x768 (data.buckets off) unless --buckets: the 24-image 
 those of its largest shape either way, while each extra shape costs every compiled envelope 2-3 minutes of
 compilation on the shared GPU (one device call could not hold the full series then).
 
+--kontext: the same with model.base = FLUX.1-Kontext-dev (the same random model: Kontext-dev has FLUX.1-dev's
+components and sizes) on the paired dataset fullsize.py draws (root/flux/pairs: each target's control at its
+size, instructions as captions), the training controls as validation inputs; run directories run-kontext-<envelope>.
+Each sample then carries its control's 1536 tokens besides its own: what the envelopes' memory is measured for.
+
 --quick: notebook 03 alone, 5 optimizer steps, its inputs made by the CLI (embed, latents): the rehearsal every
 change to training, the planner, the loaders, inference or notebooks 03-04 runs before it lands. Every results
 file records the commit it ran (--commit) and, per envelope, "passed".
@@ -62,23 +67,26 @@ ENVELOPES = {  # DESIGN.md "Envelopes"
 }
 NOTEBOOKS = ["01", "02", "03", "04", "05"]
 PROMPTS = ["a cat sleeping on a blue chair, tnyst style", "a castle on a hill at night, tnyst style"]
+KONTEXT_PROMPTS = ["make it tnyst style", "turn this drawing into tnyst style"]  # on the first pairs' controls
 STEPS = 30
 QUICK_STEPS = 5
 
 
 def configure(run_dir: Path, env: dict, model: Path, dataset: Path, nf4: Path, steps: int = STEPS,
-              buckets: bool = True) -> None:
-    """config.json as a user would set it: the envelope's preset, dtype and (t4, 8gb) the pre-quantized NF4.
-    The preset's plan is made for the envelope's machine (its GPU size and compute capability), as notebook
-    03's form makes it."""
+              buckets: bool = True, kontext: bool = False) -> None:
+    """config.json as a user would set it: dataset and model (notebook 01), then the envelope's preset, dtype and
+    (t4, 8gb) the pre-quantized NF4 (notebook 03). The preset's plan is made for the envelope's machine (its GPU
+    size and compute capability) and the base (Kontext: each sample's control tokens too), as 03's form makes it."""
+    from fluxnb.config import KONTEXT, RunConfig
     from fluxnb.train import presets
-    from fluxnb.config import RunConfig
 
-    config = presets.apply(RunConfig(profile="real"), env["preset"], envelope_hardware(env)).replace(
-        data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": PROMPTS, "buckets": buckets},
-        model={"model_id": str(model), "dtype": env["dtype"], "prequantized": str(nf4) if env["prequantized"] else None},
+    config = RunConfig(profile="real").replace(
+        data={"dataset": str(dataset), "width": 512, "height": 768, "validation_prompts": KONTEXT_PROMPTS if kontext
+              else PROMPTS, "buckets": buckets},
+        model={"model_id": str(model), "dtype": env["dtype"], "prequantized": str(nf4) if env["prequantized"] else None,
+               **({"base": KONTEXT} if kontext else {})},
         train={"max_train_steps": steps, "sample_every": steps, "checkpoint_every": steps})
-    config.save(run_dir)
+    presets.apply(config, env["preset"], envelope_hardware(env)).save(run_dir)
 
 
 def envelope_env(env: dict) -> dict[str, str]:
@@ -200,7 +208,8 @@ def run_notebook(nb: str, run_dir: Path, env: dict, name: str, log: Path, timeou
 
 
 def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, deadline: float, log: Path,
-             save, mode: str = "full", notebooks: list[str] = NOTEBOOKS, buckets: bool = False) -> dict:
+             save, mode: str = "full", notebooks: list[str] = NOTEBOOKS, buckets: bool = False,
+             kontext: bool = False) -> dict:
     """Fill `report` (already in the results) with envelope report["envelope"]'s run. Every change to it goes
     through save(change), which makes it under the results' lock (--parallel: other threads serialise them).
     mode "full": a new run directory, `notebooks` in order; "quick": a new one, its embeddings and latents made
@@ -208,13 +217,14 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
     directory an earlier call left (the warm machine's /tmp), recorded beside that call's."""
     name = report["envelope"]
     env = {**ENVELOPES[name], **({"gpu": report["gpu"]} if "gpu" in report else {})}
-    run_dir = root / f"run-{name}"
+    run_dir = root / f"run-{'kontext-' if kontext else ''}{name}"
     if mode != "resume":
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         save(lambda: report.update(env))
         quick = mode == "quick"  # buckets: see the module docstring
-        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if quick else STEPS, buckets=buckets)
+        configure(run_dir, env, model, dataset, nf4, steps=QUICK_STEPS if quick else STEPS, buckets=buckets,
+                  kontext=kontext)
         save(lambda: report.update(buckets=buckets))
     if mode == "quick":
         start = time.perf_counter()
@@ -253,11 +263,12 @@ def rehearse(report: dict, root: Path, model: Path, dataset: Path, nf4: Path, de
     return report
 
 
-def prepare(root: Path, log: Path) -> dict:
-    """Build the pipeline + dataset and the pre-quantized NF4 transformer, each in its own process, timed."""
+def prepare(root: Path, log: Path, pairs: bool = False) -> dict:
+    """Build the pipeline + dataset (pairs: and the paired one) and the pre-quantized NF4 transformer, each in its
+    own process, timed; what a warm machine's /tmp already holds is kept (fullsize.py's builds skip it)."""
     setup = {}
     start = time.perf_counter()
-    code = f"import fullsize; fullsize.build_pipeline(__import__('pathlib').Path({str(root / 'flux')!r}))"
+    code = f"import fullsize; fullsize.build_pipeline(__import__('pathlib').Path({str(root / 'flux')!r}), pairs={pairs})"
     with open(log, "a") as out:
         subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", check=True, stdout=out, stderr=out,
                        env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
@@ -293,6 +304,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="run --notebooks in the run directories and results an earlier call left (warm machine)")
     parser.add_argument("--buckets", action="store_true", help="aspect-ratio buckets on (default off: see above)")
+    parser.add_argument("--kontext", action="store_true", help="model.base FLUX.1-Kontext-dev on the paired dataset")
     parser.add_argument("--parallel", action="store_true",
                         help="run the envelopes at the same time on the one GPU (each capped, its own cgroup and log): "
                              "the same caps and limits, longer wall times; cgroup peaks can differ, as cached file "
@@ -313,7 +325,8 @@ def main() -> None:
             parser.error(f"--resume: {args.out} ran commit {results.get('commit')}, not {args.commit}")
     else:
         results = {"commit": args.commit, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                   "quick": args.quick, "calls": [], "envelopes": []}
+                   "quick": args.quick, "base": "FLUX.1-Kontext-dev" if args.kontext else "FLUX.1-dev",
+                   "calls": [], "envelopes": []}
     results["calls"].append(call)
 
     lock = threading.Lock()
@@ -326,7 +339,7 @@ def main() -> None:
             args.out.write_text(json.dumps(results, indent=1) + "\n")
 
     if not args.resume:
-        setup = prepare(args.root, log)
+        setup = prepare(args.root, log, pairs=args.kontext)
         save(lambda: results.update(setup=setup, parallel=args.parallel))
         print("setup:", results["setup"], flush=True)
     threads = []
@@ -343,8 +356,9 @@ def main() -> None:
 
         def run(report=report, own_log=own_log) -> None:
             try:
-                rehearse(report, args.root, args.root / "flux" / "model", args.root / "flux" / "dataset",
-                         args.root / "flux-nf4", deadline, own_log, save, mode, args.notebooks, args.buckets)
+                dataset = args.root / "flux" / ("pairs" if args.kontext else "dataset")
+                rehearse(report, args.root, args.root / "flux" / "model", dataset, args.root / "flux-nf4", deadline,
+                         own_log, save, mode, args.notebooks, args.buckets, args.kontext)
             except Exception as err:  # recorded, so one envelope's failure neither vanishes nor stops the others
                 error = f"{type(err).__name__}: {err}"
                 save(lambda: report.update(passed=False, error=error))

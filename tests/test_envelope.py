@@ -146,3 +146,23 @@ def test_dtype_set_in_the_config_takes_effect_on_save(tiny_assets, tmp_path):
     run.save()
     assert run.hw.dtype == torch.float16
     assert open_run(tmp_path, verbose=False).hw.dtype == torch.float16
+
+
+def test_kontext_rehearsal_configures_the_base_its_pairs_and_a_plan_with_control_tokens(tmp_path, monkeypatch):
+    """--kontext: the run is configured as notebook 01 then 03 would (base and data first, then the preset), so
+    the envelope's plan counts each sample's control tokens: the T4's eager plan halves its batch for them."""
+    import rehearsal
+
+    env = rehearsal.ENVELOPES["t4"]
+    monkeypatch.setattr(rehearsal, "envelope_hardware", lambda env: hardware.Hardware(
+        "real", torch.device("cuda"), torch.float16, GPUInfo("NVIDIA H200", (7, 5), env["gpu_gib"]), "envelope"))
+    configs = {}
+    for kontext in (False, True):
+        rehearsal.configure(tmp_path / str(kontext), env, Path("/m"), Path("/d"), Path("/nf4"), steps=5,
+                            buckets=False, kontext=kontext)
+        configs[kontext] = json.loads((tmp_path / str(kontext) / "config.json").read_text())
+    plain, kontext = configs[False], configs[True]
+    assert (plain["model"]["base"], kontext["model"]["base"]) == ("FLUX.1-dev", "FLUX.1-Kontext-dev")
+    assert kontext["data"]["validation_prompts"] == rehearsal.KONTEXT_PROMPTS
+    assert kontext["model"]["prequantized"] == plain["model"]["prequantized"] == "/nf4"
+    assert (plain["train"]["batch_size"], kontext["train"]["batch_size"]) == (4, 2)

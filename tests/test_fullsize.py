@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -76,3 +77,17 @@ def test_dataset_has_captions_and_mixed_aspect_ratios(built):
     sizes = {Image.open(built / "dataset" / r["file_name"]).size for r in rows}
     assert sizes == {(64, 96), (96, 64), (80, 80)}
     assert len(fullsize.SIZES) >= 20 and fullsize.SIZES.count((512, 768)) >= 10
+
+
+def test_paired_dataset_is_a_kontext_dataset_fluxnb_reads_whole(tmp_path):
+    """The Kontext rehearsal's dataset (build_dataset(pairs=True)): every target has its control, same size."""
+    from fluxnb.config import DataConfig
+    from fluxnb.data.checks import check_dataset
+
+    folder = fullsize.build_dataset(tmp_path / "pairs", [(64, 96), (96, 64), (80, 80)] * 2, pairs=True)
+    prepared = check_dataset(DataConfig(dataset=str(folder), width=64, height=96), progress=False, kontext=True)
+    assert len(prepared.items) == 6 and all(i.record.control is not None for i in prepared.items)
+    for item in prepared.items:
+        assert item.sample.caption.startswith("turn the ") and item.sample.caption.endswith(" into tnyst style")
+        control, target = (Image.open(io.BytesIO(read())) for read in (item.record.control, item.record.read))
+        assert control.size == target.size and control.getpixel((0, 0)) == (255, 255, 255)  # plain: white ground
