@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import string
+import sys
 import time
 from pathlib import Path
 
@@ -199,14 +200,23 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (checks the script)")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--commit", default="", help="the git commit of the code that runs (recorded)")
+    parser.add_argument("--results", type=Path, default=None, help="also write the report here (JSON)")
     args = parser.parse_args()
     hw = detect("tiny") if args.tiny else detect("real", "fp16")
     if hw.device.type == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(T4_GIB * 2**30 / total)
-    reports = [measure(name, args, hw) for name in args.family]
-    print(json.dumps({"device": hw.describe(), "cap_gib": T4_GIB if hw.device.type == "cuda" else None,
-                      "torch": torch.__version__, "captioners": reports}, indent=1, default=str))
+    import transformers
+
+    report = {"commit": args.commit, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+              "device": hw.describe(), "cap_gib": T4_GIB if hw.device.type == "cuda" else None,
+              "torch": torch.__version__, "transformers": transformers.__version__, "captioners": []}
+    for name in args.family:  # the report rewritten after each family: a timeout keeps the ones done
+        report["captioners"].append(measure(name, args, hw))
+        if args.results:
+            args.results.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":
