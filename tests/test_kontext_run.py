@@ -74,3 +74,18 @@ def test_a_kontext_lora_exports_and_its_card_says_how_to_edit_with_it(run, tmp_p
     card = card_text(run, "", comfy.name, [], "me/kontext-lora")
     assert "pipeline_tag: image-to-image" in card and "text-to-image" not in card
     assert "FluxKontextPipeline.from_pretrained" in card and 'image=load_image("your-image.png"), max_area=64 * 96,' in card
+
+
+def test_a_control_of_another_shape_is_fitted_like_a_training_pair_and_read_once_per_comparison(run, pipe,
+                                                                                                 monkeypatch):
+    settings = sampling.SampleSettings(prompt="x", steps=1, width=run.config.data.width, height=run.config.data.height)
+    wide = Image.new("RGB", (300, 100), "white")
+    wide.paste((255, 0, 0), (0, 0, 100, 100))  # red left third, white elsewhere: a stretch would keep the red
+    given = sampling.kontext_inputs(pipe, ["x"], settings, run, [wide])[0]
+    assert given["image"].size == (64, 96) and given["max_area"] == 64 * 96 and not given["_auto_resize"]
+    assert given["image"].getpixel((0, 48)) == (255, 255, 255)  # covered and center-cropped: the red is cut off
+    calls = []
+    real = sampling.edit_inputs
+    monkeypatch.setattr(sampling, "edit_inputs", lambda *a: calls.append(a) or real(*a))
+    sampling.base_vs_lora(pipe, ["x"], settings, run)  # base and LoRA edit the same controls, read once
+    assert len(calls) == 1

@@ -34,6 +34,7 @@ from ..model.offload import stream_blocks, streamer_of, transformer_blocks
 from ..model.quant import load_transformer
 from ..run import Run
 from ..run.records import write_gallery_index
+from ..train.monitor import kontext_call
 
 ADAPTER = "lora"
 
@@ -211,8 +212,9 @@ def edit_inputs(run: Run, prompts: list[str]) -> list[Image.Image] | None:
 
 def kontext_inputs(pipe, prompts: list[str], settings: SampleSettings, run: Run | None,
                    controls: list[Image.Image] | None) -> list[dict]:
-    """Per prompt, what a FluxKontextPipeline call adds: the image to edit (`controls`, one per prompt; None = the
-    run's, edit_inputs), rendered at the settings' size (its resizing to ~1 megapixel off). {} for FluxPipeline."""
+    """Per prompt, what a FluxKontextPipeline call adds (fluxnb.train.monitor.kontext_call, as the sample grids
+    during training): the image to edit (`controls`, one per prompt; None = the run's, edit_inputs), fitted to
+    the settings' size, which the result has too. {} for FluxPipeline."""
     from diffusers import FluxKontextPipeline
 
     if not isinstance(pipe, FluxKontextPipeline):
@@ -222,9 +224,7 @@ def kontext_inputs(pipe, prompts: list[str], settings: SampleSettings, run: Run 
     controls = edit_inputs(run, prompts) if controls is None else controls
     if len(controls) != len(prompts):
         raise FluxnbError(f"{len(prompts)} prompt(s) but {len(controls)} control image(s): give one image per prompt.")
-    size = (settings.width, settings.height)
-    return [{"image": c if c.size == size else c.resize(size, Image.Resampling.LANCZOS),
-             "max_area": settings.width * settings.height, "_auto_resize": False} for c in controls]
+    return [kontext_call(c, settings.width, settings.height) for c in controls]
 
 
 def generate(pipe, prompts: list[str], settings: SampleSettings, run: Run | None = None, *,
@@ -265,6 +265,7 @@ def base_vs_lora(pipe, prompts: list[str], settings: SampleSettings, run: Run | 
                  name: str = ADAPTER, controls: list[Image.Image] | None = None
                  ) -> tuple[list[Image.Image], list[Image.Image]]:
     """The same prompts and seed (and Kontext's control images) with the adapter off, then on at settings.lora_scale."""
+    controls = edit_inputs(run, prompts) if controls is None and run is not None else controls  # read once for both
     pipe.disable_lora()
     base = generate(pipe, prompts, settings, run, label="base model", controls=controls)
     pipe.enable_lora()

@@ -15,6 +15,7 @@ import torch
 
 from ..base.plots import image_grid, loss_plot, save_figure
 from ..base.progress import Bar
+from ..data.buckets import fit_to_bucket, to_rgb
 from ..data.embeddings import load_prompts
 from ..run import RunDir
 
@@ -90,6 +91,15 @@ class Progress:
             return None
 
 
+def kontext_call(control, width: int, height: int) -> dict:
+    """What a FluxKontextPipeline call adds to edit `control` (a PIL image) at exactly width x height, as training
+    saw its pairs: the control fitted to that size (fluxnb.data.fit_to_bucket: scaled to cover, center crop), and
+    max_area = width * height with the pipeline's resizing to Kontext's ~1 MP sizes off."""
+    size, rgb = (width, height), to_rgb(control)  # the pipeline's processor takes RGB, as the VAE saw the pairs
+    return {"image": rgb if rgb.size == size else fit_to_bucket(rgb, size),
+            "max_area": width * height, "_auto_resize": False}
+
+
 class ValidationSampler:
     """Fixed-seed images of the validation prompts, from their CACHED embeddings: no text encoder is loaded.
 
@@ -119,10 +129,8 @@ class ValidationSampler:
         return pipe
 
     def _control(self, i: int) -> dict:
-        """The Kontext pipeline's arguments for prompt i: its control, rendered at exactly width x height."""
-        if self.controls is None:
-            return {}
-        return {"image": self.controls[i], "max_area": self.size[0] * self.size[1], "_auto_resize": False}
+        """The Kontext pipeline's arguments for prompt i (kontext_call); {} without controls."""
+        return {} if self.controls is None else kontext_call(self.controls[i], *self.size)
 
     @torch.no_grad()
     def images(self, transformer) -> list:

@@ -78,12 +78,7 @@ def plan(config: RunConfig, name: str, hw: Hardware | None = None) -> budget.Pla
     d = config.data
     return budget.choose(budget_for(name, hw), d.width, d.height, d.max_sequence_length, config.lora,
                          PRESETS[name].host_gib, compiles(name, hw), ema=config.train.ema_decay > 0,
-                         control=kontext(config))
-
-
-def kontext(config: RunConfig) -> bool:
-    """FLUX.1-Kontext-dev: every sample carries its control image's tokens too (the planner counts them)."""
-    return config.model.kontext
+                         control=config.model.kontext)  # Kontext: each sample's control tokens too
 
 
 def apply(config: RunConfig, name: str, hw: Hardware | None = None) -> RunConfig:
@@ -101,7 +96,7 @@ def describe(config: RunConfig, name: str) -> str:
     """The preset's sentence for the form, with the base it trains (and, for Krea, why the numbers still hold)."""
     base = config.model.base
     same = ("" if base == "FLUX.1-dev" else " (FLUX.1-dev's architecture; each sample's control image doubles its "
-            "image tokens, planned for)" if kontext(config) else " (FLUX.1-dev's architecture: the same memory and time)")
+            "image tokens, planned for)" if config.model.kontext else " (FLUX.1-dev's architecture: the same memory and time)")
     return f"{PRESETS[name].description}. Base model: {base}{same}."
 
 

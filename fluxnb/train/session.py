@@ -24,7 +24,7 @@ from ..model import lora
 from ..model.quant import load_transformer
 from ..run import Run
 from ..run.records import MetricsLog
-from . import checkpoint, flow, guard, presets, speed, step, validation
+from . import checkpoint, flow, guard, speed, step, validation
 from .batches import TrainingData
 from .budget import tokens_per_sample
 from .monitor import Progress, ValidationSampler, in_notebook
@@ -119,7 +119,7 @@ class Session:
             d = self.run.config.data
             fitted = speed.fit_budget(self.model, self.run.config.model, self.tc, hw,
                                       tokens_per_sample(d.width, d.height, d.max_sequence_length,
-                                                        presets.kontext(self.run.config)))
+                                                        self.run.config.model.kontext))
             self.tc = fitted[1] if fitted else self.tc  # the settings in force from here on (messages name them)
         return out
 
@@ -214,7 +214,7 @@ def make_sampler(run: Run, scheduler) -> ValidationSampler | None:
     if not tc.sample_every:
         return None
     controls = None
-    if presets.kontext(cfg):
+    if cfg.model.kontext:
         from ..data.controls import validation_controls
 
         controls = validation_controls(run)  # one per prompt, already data.width x data.height
