@@ -89,3 +89,18 @@ def test_a_control_of_another_shape_is_fitted_like_a_training_pair_and_read_once
     monkeypatch.setattr(sampling, "edit_inputs", lambda *a: calls.append(a) or real(*a))
     sampling.base_vs_lora(pipe, ["x"], settings, run)  # base and LoRA edit the same controls, read once
     assert len(calls) == 1
+
+
+def test_the_cards_gallery_shows_each_edited_input_beside_its_result(run, pipe):
+    from fluxnb.share import hub
+
+    settings = sampling.SampleSettings(prompt="x", steps=1, width=run.config.data.width, height=run.config.data.height)
+    prompts = run.config.data.validation_prompts[:2]
+    inputs = sampling.edit_inputs(run, prompts)
+    sampling.save_images(run.dir.gallery, prompts, sampling.generate(pipe, prompts, settings, run), settings,
+                         inputs=inputs)
+    staged = hub.stage(run, hub.default_settings(run))
+    assert np.array_equal(pixels([Image.open(staged.folder / "images" / "01_input.png")]), pixels(inputs[1:]))
+    card = (staged.folder / "README.md").read_text()
+    assert "| input | result | instruction |" in card
+    assert f"| ![input](images/00_input.png) | ![{prompts[0]}](images/00.png) | {prompts[0]} (seed" in card

@@ -286,13 +286,18 @@ def save_grid(path: Path, prompts: list[str], base: list[Image.Image], styled: l
     return fig
 
 
-def save_images(folder: Path, prompts: list[str], images: list[Image.Image], settings: SampleSettings) -> Path:
-    """folder/00.png, 01.png, ... and folder/prompts.json (file, prompt, seed, steps, scale): the model card's gallery."""
+def save_images(folder: Path, prompts: list[str], images: list[Image.Image], settings: SampleSettings,
+                inputs: list[Image.Image] | None = None) -> Path:
+    """folder/00.png, 01.png, ... and folder/prompts.json (file, prompt, seed, steps, scale): the model card's gallery.
+    `inputs` (Kontext, edit_inputs): the image each prompt edited, as 00_input.png, ... beside its result."""
     rows = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-        with atomic_path(folder / f"{i:02d}.png") as tmp:
-            image.save(tmp, format="PNG")
+        pairs = [(f"{i:02d}.png", image)] + ([(f"{i:02d}_input.png", inputs[i])] if inputs else [])
+        for name, picture in pairs:
+            with atomic_path(folder / name) as tmp:
+                picture.save(tmp, format="PNG")
         rows.append({"file": f"{i:02d}.png", "prompt": prompt, "seed": settings.seed, "steps": settings.steps,
-                     "lora_scale": settings.lora_scale, "guidance_scale": settings.guidance_scale})
+                     "lora_scale": settings.lora_scale, "guidance_scale": settings.guidance_scale,
+                     **({"input": f"{i:02d}_input.png"} if inputs else {})})
     write_gallery_index(folder, rows)
     return folder

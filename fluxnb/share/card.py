@@ -183,11 +183,17 @@ image = pipe({prompt!r}, num_inference_steps=28, guidance_scale=3.5,
 
 
 def _gallery_table(images: list[dict]) -> str:
+    """One row per image; Kontext's rows (an "input" file each) show the edited image first."""
     if not images:
         return "(none yet: run notebook 04 to make a gallery)"
-    rows = [f"| ![{text(im['prompt'])}](images/{im['file']}) | {text(im['prompt'])} (seed {im['seed']}, "
-            f"{im['steps']} steps, LoRA scale {im['lora_scale']}) |" for im in images]
-    return "| image | prompt |\n|---|---|\n" + "\n".join(rows)
+    edits = all("input" in im for im in images)
+    rows = []
+    for im in images:
+        before = f"![input](images/{im['input']}) | " if edits else ""
+        rows.append(f"| {before}![{text(im['prompt'])}](images/{im['file']}) | {text(im['prompt'])} (seed "
+                    f"{im['seed']}, {im['steps']} steps, LoRA scale {im['lora_scale']}) |")
+    head = "| input | result | instruction |\n|---|---|---|" if edits else "| image | prompt |\n|---|---|"
+    return head + "\n" + "\n".join(rows)
 
 
 def inline_images(markdown: str, folder: Path, width: int = 256) -> str:

@@ -90,8 +90,8 @@ def stage(run: Run, settings: HubSettings) -> Staged:
     comfy = comfyui_name(run.dir)
     export_lora(lora, "comfyui", folder / comfy)
     images, notes = gallery(run), []
-    for im in images:
-        _copy(run.dir.gallery / im["file"], folder / "images" / im["file"])
+    for name in [n for im in images for n in (im["file"], im.get("input")) if n]:  # Kontext: and its input
+        _copy(run.dir.gallery / name, folder / "images" / name)
     if run.dir.comparison.is_file():
         _copy(run.dir.comparison, folder / "images" / run.dir.comparison.name)
     if not images:
