@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference_kontext_step import reference_kontext_loss
 
-from fluxnb.config import TrainConfig
+from fluxnb.config import KONTEXT, TrainConfig
 from fluxnb.train import flow
 from fluxnb.train.batches import TrainingData
 from fluxnb.train.step import LatentScale, training_step
@@ -213,7 +213,7 @@ def test_make_sampler_gives_a_kontext_run_its_validation_controls(tmp_path, tmp_
 
     from PIL import Image
 
-    from fluxnb.train import presets, session
+    from fluxnb.train import session
 
     run = _sampler_run(tmp_path, tmp_path_factory)
     run.config = run.config.replace(train={"sample_every": 1})
@@ -223,7 +223,7 @@ def test_make_sampler_gives_a_kontext_run_its_validation_controls(tmp_path, tmp_
     monkeypatch.setitem(sys.modules, "fluxnb.data.controls", stand_in)
     scheduler = session.load_scales(run)[2]
     assert session.make_sampler(run, scheduler).controls is None  # FLUX.1-dev: text to image
-    monkeypatch.setattr(presets, "kontext", lambda config: config is run.config)
+    run.config = run.config.replace(model={"base": KONTEXT})
     assert session.make_sampler(run, scheduler).controls is controls
 
 
