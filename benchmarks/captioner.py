@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--commit", default="", help="the git commit of the code that runs (recorded)")
     parser.add_argument("--results", type=Path, default=None, help="also write the report here (JSON)")
     args = parser.parse_args()
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
     hw = detect("tiny") if args.tiny else detect("real", "fp16")
     if hw.device.type == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory

@@ -137,7 +137,6 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
     from fluxnb.model import fp8
 
     fp8.FORWARD_FAST_ACCUM = fast
-    torch._dynamo.reset()  # each case compiles the same forwards afresh: past 8 recompiles dynamo runs them eager
     linear = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
     layer = fp8.Fp8Linear.from_linear(linear, torch.bfloat16)
     x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -146,9 +145,10 @@ def layer_case(k: int, n: int, fast: bool) -> dict:
     y32 = torch.nn.functional.linear(x32, linear.weight.float(), linear.bias.float())
     y32.backward(g.float())
     row = {"k": k, "n": n, "fast_accum": fast}
-    for name, module, matmuls in (("bf16", linear, "all"), ("fp8", layer, "all"), ("fp8w", layer, "widening")):
-        fp8.FP8_MATMULS = matmuls  # fp8w: this shape as FP8_MATMULS = "widening" runs it
-        torch._dynamo.reset()
+    variants = [("bf16", linear, "all"), ("fp8", layer, "all")] + [("fp8w", layer, "widening")] * (n <= k)
+    for name, module, matmuls in variants:  # fp8w: a shape that does not widen, as FP8_MATMULS = "widening" runs it
+        fp8.FP8_MATMULS = matmuls
+        torch._dynamo.reset()  # each compiles the same forwards afresh: past 8 recompiles dynamo runs them eager
         x.grad = None  # the timing below accumulates into it
         y = module(x)
         y.backward(g)
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--numerics-worker", nargs=2, metavar=("QUANTIZATION", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not set(args.formats.split(",")) <= set(FORMATS):
+        parser.error(f"--formats {args.formats}: each one of {list(FORMATS)}")
     if args.numerics_worker:
         numerics_worker(args.numerics_worker[0], args.ckpt, args.batches, Path(args.numerics_worker[1]))
         return

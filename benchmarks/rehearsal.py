@@ -323,6 +323,9 @@ def main() -> None:
         results = json.loads(args.out.read_text())
         if results.get("commit") != args.commit:
             parser.error(f"--resume: {args.out} ran commit {results.get('commit')}, not {args.commit}")
+        if results.get("base", "FLUX.1-dev") != ("FLUX.1-Kontext-dev" if args.kontext else "FLUX.1-dev"):
+            parser.error(f"--resume: {args.out} rehearsed {results.get('base')}: resume it with"
+                         f"{'out' if args.kontext else ''} --kontext")
     else:
         results = {"commit": args.commit, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                    "quick": args.quick, "base": "FLUX.1-Kontext-dev" if args.kontext else "FLUX.1-dev",

@@ -124,6 +124,8 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     if "fp8mm" in opts:
         from fluxnb.model import fp8
 
+        if opts["fp8mm"] not in fp8.FP8_MATMUL_CHOICES:
+            raise SystemExit(f"fp8mm={opts['fp8mm']}: one of {fp8.FP8_MATMUL_CHOICES}")
         fp8.FP8_MATMULS = opts["fp8mm"]
     quantization = "fp8" if "fp8" in opts else "none" if "bf16" in opts else "nf4"
     plan = plan or {"model": {}, "train": {}}

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fluxnb.train import budget, presets
-from fluxnb.config import RunConfig
+from fluxnb.config import KONTEXT, RunConfig
 from fluxnb.run.hardware import GPUInfo, Hardware
 from saved_activations import count
 
@@ -122,10 +122,10 @@ def test_every_presets_plan_fits_its_gpu(saved, name, compiled, size, control):
                                                                       gpu.total_gib)
     hw = Hardware("real", torch.device("cuda"), torch.float16, gpu, "test")
     width, height, text = SIZES[size]
-    config = RunConfig(profile="real").replace(data={"width": width, "height": height, "max_sequence_length": text})
+    config = RunConfig(profile="real").replace(data={"width": width, "height": height, "max_sequence_length": text},
+                                               model={"base": KONTEXT if control else "FLUX.1-dev"})
     with pytest.MonkeyPatch.context() as mp:  # a Linux CUDA machine: Triton is there
         mp.setattr("torch.utils._triton.has_triton", lambda: True)
-        mp.setattr(presets, "kontext", lambda config: control)  # a FLUX.1-Kontext-dev run's config when True
         plan = presets.plan(config, name, hw)
     tokens = budget.tokens_per_sample(width, height, text, control)
     assert plan.tokens == tokens

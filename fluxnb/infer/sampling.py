@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
+from itertools import cycle, islice
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from ..base.memory import GiB, free, trim_host_memory
 from ..base.plots import image_grid, save_figure
 from ..base.progress import Bar
 from ..data import embeddings
+from ..data.controls import validation_controls
 from ..model.lora import adapter_type
 from ..model.offload import stream_blocks, streamer_of, transformer_blocks
 from ..model.quant import load_transformer
@@ -204,17 +206,13 @@ def edit_inputs(run: Run, prompts: list[str]) -> list[Image.Image] | None:
     a text-to-image base."""
     if not run.config.model.kontext:
         return None
-    from ..data.controls import validation_controls
-
-    own = validation_controls(run)
-    return [own[i % len(own)] for i in range(len(prompts))]
+    return list(islice(cycle(validation_controls(run)), len(prompts)))
 
 
 def kontext_inputs(pipe, prompts: list[str], settings: SampleSettings, run: Run | None,
                    controls: list[Image.Image] | None) -> list[dict]:
-    """Per prompt, what a FluxKontextPipeline call adds (fluxnb.train.monitor.kontext_call, as the sample grids
-    during training): the image to edit (`controls`, one per prompt; None = the run's, edit_inputs), fitted to
-    the settings' size, which the result has too. {} for FluxPipeline."""
+    """Per prompt, what a FluxKontextPipeline call adds (as training's grids: fluxnb.train.monitor.kontext_call): the
+    image to edit (`controls`, one per prompt; None = the run's, edit_inputs) at the settings' size. {} otherwise."""
     from diffusers import FluxKontextPipeline
 
     if not isinstance(pipe, FluxKontextPipeline):
@@ -292,8 +290,7 @@ def save_images(folder: Path, prompts: list[str], images: list[Image.Image], set
     `inputs` (Kontext, edit_inputs): the image each prompt edited, as 00_input.png, ... beside its result."""
     rows = []
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-        pairs = [(f"{i:02d}.png", image)] + ([(f"{i:02d}_input.png", inputs[i])] if inputs else [])
-        for name, picture in pairs:
+        for name, picture in [(f"{i:02d}.png", image)] + ([(f"{i:02d}_input.png", inputs[i])] if inputs else []):
             with atomic_path(folder / name) as tmp:
                 picture.save(tmp, format="PNG")
         rows.append({"file": f"{i:02d}.png", "prompt": prompt, "seed": settings.seed, "steps": settings.steps,

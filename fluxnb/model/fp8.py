@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["E4M3", "FP8_MATMULS", "Fp8Linear", "dequantize_fp8_", "fp8_layers", "quantize_fp8_", "quantize_rows", "swap", "wants_fp8"]
+__all__ = ["E4M3", "Fp8Linear", "dequantize_fp8_", "fp8_layers", "quantize_fp8_", "quantize_rows", "swap", "wants_fp8"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
@@ -49,7 +49,8 @@ _TINY = 1e-12  # an all-zero row gets this amax, so its scale is not zero (codes
 # Hopper's fast accumulation (fewer promotions of the partial sums to fp32) in the forward matmul, exact
 # accumulation in the backward: torchao's float8 defaults. benchmarks/fp8_step.py measures what it costs.
 FORWARD_FAST_ACCUM = True
-FP8_MATMULS = "all"  # or "widening" (see the docstring); read when a layer runs (a compiled block: when traced)
+FP8_MATMULS = "all"  # or "widening" (see the docstring); read at each call (a compiled block recompiles on a change)
+FP8_MATMUL_CHOICES = ("all", "widening")
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

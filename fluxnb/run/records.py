@@ -46,7 +46,8 @@ class MetricsLog:
 
 
 def write_gallery_index(folder: Path, rows: list[dict[str, Any]]) -> Path:
-    """folder/prompts.json: one row per gallery image (file, prompt, seed, steps, lora_scale, guidance_scale)."""
+    """folder/prompts.json: one row per gallery image (file, prompt, seed, steps, lora_scale, guidance_scale; Kontext:
+    input, the file of the image it edited)."""
     atomic_write_text(folder / GALLERY_INDEX, json.dumps(rows, indent=2) + "\n")
     return folder / GALLERY_INDEX
 

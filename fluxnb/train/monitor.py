@@ -93,7 +93,8 @@ class Progress:
 
 def kontext_call(control, width: int, height: int) -> dict:
     """What a FluxKontextPipeline call adds to edit `control` (a PIL image) at exactly width x height, as training
-    saw its pairs: the control fitted to that size (fluxnb.data.fit_to_bucket: scaled to cover, center crop), and
+    saw its pairs: the control fitted to that size (fluxnb.data.buckets.fit_to_bucket: scaled to
+    cover, center crop), and
     max_area = width * height with the pipeline's resizing to Kontext's ~1 MP sizes off."""
     size, rgb = (width, height), to_rgb(control)  # the pipeline's processor takes RGB, as the VAE saw the pairs
     return {"image": rgb if rgb.size == size else fit_to_bucket(rgb, size),

@@ -32,9 +32,9 @@ _QLORA = {"quantization": "nf4", "double_quant": False}  # a pre-quantized NF4 f
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
                      "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.61 s per 4-sample step in a "
-                     "6 GiB cap on an H200 (~4.3x the blog's recipe: 2.62 s, the faster of its runs on 2026-12-03; the machine drifts "
-                     "by ±15%). At 1024x1024, batches of 1 (an 8 GiB budget there: 7.5 GiB, 2.12 s, 1.6x the "
-                     "recipe's 3.42 s in the same run)", 6.0),
+                     "6 GiB cap on an H200 (~4.3x the blog's recipe, 2.62 s in its faster run on an H200 on "
+                     "2026-12-03; the machine drifts by ±15%). At 1024x1024, batches of 1 (an 8 GiB budget there: "
+                     "7.5 GiB, 2.1-2.5 s, 1.6x the recipe in the same run)", 6.0),
     "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
                       "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), batches of 4, every "
                       "block recomputed at 512x768 (~12.5 GiB, estimated; without torch.compile kept activations "
@@ -44,11 +44,11 @@ PRESETS: dict[str, Preset] = {
                       "needs most of Colab's RAM", 14.7, host_gib=0.0, compiled=False),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
                         "the last 34 keep their activations at 512x768: 21.4 GiB, 0.52 s per 4-sample step in a "
-                        "23.6 GiB cap on an H200 (~5x the blog's recipe's 2.62 s on the same GPU; the blog's "
-                        "4090 run: ~9 GB, ~41 min for 700 steps)", 23.6),
+                        "23.6 GiB cap on an H200 (~5x the blog's recipe, 2.62 s in its faster run on an H200 "
+                        "on 2026-12-03; the blog's 4090 run: ~9 GB, ~41 min for 700 steps)", 23.6),
     "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
                         "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
-                        "(~5.6x the blog's recipe's 2.62 s on the same GPU)", 80.0),
+                        "(~5.6x the blog's recipe, 2.62 s in its faster run on an H200 on 2026-12-03)", 80.0),
 }
 TINY = "tiny-cpu"
 
