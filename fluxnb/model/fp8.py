@@ -27,9 +27,10 @@ activation memory behave as with NF4.
 Which matmuls run in FP8 (`FP8_MATMULS`): "all" (the default), or "widening": only the layers whose output is
 wider than their input (FLUX's MLP up-projections and modulations); the square attention projections and the
 narrowing ones (MLP down, single blocks' proj_out) dequantize their codes to the compute dtype per call and run a
-16-bit matmul, the weight still stored and streamed in FP8. The layer benchmark (benchmarks/fp8_step.py, H200,
-2026-12-03) timed FP8 forward + backward at 220-415 TFLOP/s where the output is 3072 wide, against 570-720 for
-bf16, and 700-1000 where it widens; the training step decides (train_step.py's impl option fp8mm=widening).
+16-bit matmul, the weight still stored and streamed in FP8. The first layer benchmark (benchmarks/fp8_step.py, H200,
+2026-12-03, BENCHMARKS.md) timed forward + backward of the 3072 x 3072 projections at 220-235 TFLOP/s in FP8
+(compiled) against 525-570 in bf16, and the widening ones at 700-1000 in FP8 against 620-720; the training step
+decides (benchmarks/train_step.py's impl option fp8mm=widening).
 
 Not quantized (diffusers-torchao's choice): the output projection, the final norm's modulation and the
 embedders (`KEEP`: small, and where the error of a few percent would reach every token or the output
