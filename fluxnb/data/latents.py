@@ -165,17 +165,16 @@ def problems(run: Run, prepared: CheckedDataset, *, overwrite: bool = False) -> 
         check_meta(run.dir.latents, wanted, rebuild=True)
     if masked := run.config.data.masked_loss:
         masks.check_masks(prepared)  # a bad mask stops here, before the VAE loads
-    if kontext := run.config.model.kontext:
+    if run.config.model.kontext:
         controls.check_controls(prepared)  # so does a pair without its control
     tag, out = fingerprint(wanted), {}
     for item in prepared.items:
         path, s = latent_path(run.dir, item.sample.id), item.sample
         if why := cache_problem(path, tag, s.id, functools.partial(latent_problem, sample=s)):
             out[path] = (item, why)
-            continue
-        meta = tensors_metadata(path) or {}  # a mask or control file changed since it was cached (or came, or went)
-        if (masked and meta.get("mask") != masks.mask_tag(item.record)) or (
-                kontext and meta.get("control") != controls.control_tag(item.record)):
+        # A mask file changed since it was cached (or came, or went); a control needs no such check: its bytes
+        # are in the sample id (fluxnb.data.store.sample_id), so an edited control is a new id, a file not cached.
+        elif masked and (tensors_metadata(path) or {}).get("mask") != masks.mask_tag(item.record):
             out[path] = (item, OTHER_SETTINGS)
     return out
 
