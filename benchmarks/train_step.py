@@ -23,6 +23,7 @@ fluxnb: fluxnb.model.quant.load_transformer + fluxnb.model.lora.add_lora + fluxn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -110,7 +111,8 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.run.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
     without either, fluxnb's default: on, fluxnb.run.hardware.use_expandable_segments),
     profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
-    2026-12-02, instead of inside its forward), amb=F (torch._functorch.config.activation_memory_budget: the
+    2026-12-02, instead of inside its forward), offinputs (the forward's saved tensors of offmin=MiB or more, default
+    8, wait in pinned CPU memory: benchmarks/offload_inputs.py), amb=F (torch._functorch.config.activation_memory_budget: the
     compiled blocks' partitioner keeps that fraction of their activations; with nockpt). `plan`: the settings
     fluxnb.train.budget chose (impl option budget=GiB), which win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
@@ -238,6 +240,12 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(float(opts["budget"]) * GiB / total)
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    saved_tensors = contextlib.nullcontext
+    if "offinputs" in opts:  # issue 25's item 2, before fluxnb has it: benchmarks/offload_inputs.py
+        from offload_inputs import InputsToCPU
+
+        hooks = InputsToCPU(int(float(opts.get("offmin", 8)) * 2**20))
+        saved_tensors = lambda: hooks  # noqa: E731 - one side stream, entered once per micro-step
     after_load = torch.cuda.memory_allocated() / GiB
     rows = []
     for name in cases:
@@ -249,7 +257,8 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
 
         def one_step():  # one optimizer step: `samples` samples as micro_steps x batch_size
             for batch in batches:
-                loss = step_fn(transformer, batch, scheduler, dtype)
+                with saved_tensors():
+                    loss = step_fn(transformer, batch, scheduler, dtype)
                 accelerator.backward(loss / micro_steps)
                 losses.append(loss.item())  # synchronises
             grad_norms.append(float(accelerator.clip_grad_norm_(params, 1.0)))
@@ -288,6 +297,9 @@ def worker(impl: str, dtype_name: str, cases: list[str], ckpt: Path, warmup: int
         streamer = streamer_of(transformer)  # its pinned CPU copies (fluxnb.model.offload)
         if profile or "profile" in opts:
             print_profile(one_step, f"{impl} {name}")
+        if "offinputs" in opts:  # what moved to CPU RAM (shapes, each once) and how much per micro-step
+            print(f"offinputs: {hooks.moved_bytes / max(hooks.passes, 1) / GiB:.2f} GiB per micro-step to CPU RAM; "
+                  f"shapes {sorted(set(hooks.moved))}", flush=True)
         rows.append({"case": name, "impl": impl, "samples_per_step": samples, "batch_size": batch_size,
                      "s_per_step": statistics.median(times), "s_min": min(times),
                      "s_max": max(times), "peak_allocated_gib": peak,
