@@ -107,14 +107,16 @@ def fluxnb_setup(ckpt: Path, dtype: torch.dtype, opts: dict[str, str], plan: dic
     Options: cudnn (let SDPA pick cuDNN attention, as torch does by default), nocompile / compile (train.compile
     "off" / "on"; default "auto"), nockpt (no gradient checkpointing), dq (double quantization),
     offload=N (model.offload_blocks), keep=N (train.keep_activations), bf16 / fp8 (model.quantization "none" /
-    "fp8"), fp8mm=widening (fluxnb.model.fp8.FP8_MATMULS: FP8 matmuls only in the widening layers), adamw (plain AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds),
-    t4k (attention only through a T4's kernels, memory-efficient and math: fluxnb.run.hardware.limit_attention_kernels), expand / noexpand (PyTorch's expandable_segments on / off: worker_env;
-    without either, fluxnb's default: on, fluxnb.run.hardware.use_expandable_segments),
-    profile, outer (gradient checkpointing around each block's call, as diffusers' own and fluxnb's before
-    2026-12-02, instead of inside its forward), offinputs (the forward's saved tensors of offmin=MiB or more, default
-    8, wait in pinned CPU memory: benchmarks/offload_inputs.py), amb=F (torch._functorch.config.activation_memory_budget: the
-    compiled blocks' partitioner keeps that fraction of their activations; with nockpt). `plan`: the settings
-    fluxnb.train.budget chose (impl option budget=GiB), which win."""
+    "fp8"), fp8mm=widening (fluxnb.model.fp8.FP8_MATMULS: FP8 matmuls only in the widening layers), adamw (plain
+    AdamW), cap=GiB, nf4=PATH (model.prequantized: a save_nf4 folder, loads in seconds), t4k (attention only
+    through a T4's kernels, memory-efficient and math: fluxnb.run.hardware.limit_attention_kernels), expand /
+    noexpand (PyTorch's expandable_segments on / off: worker_env; without either, fluxnb's default: on,
+    fluxnb.run.hardware.use_expandable_segments), profile, outer (gradient checkpointing around each block's call,
+    as diffusers' own and fluxnb's before 2026-12-02, instead of inside its forward), offinputs (the forward's saved
+    tensors of offmin=MiB or more, default 8, wait in pinned CPU memory: benchmarks/offload_inputs.py), amb=F
+    (torch._functorch.config.activation_memory_budget: the compiled blocks' partitioner keeps that fraction of
+    their activations; with nockpt). `plan`: the settings fluxnb.train.budget chose (impl option budget=GiB), which
+    win."""
     from fluxnb.config import LoRAConfig, ModelConfig, TrainConfig
     from fluxnb.run.hardware import Hardware, cuda_info
     from fluxnb.model import lora
