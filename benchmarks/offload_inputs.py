@@ -1,19 +1,22 @@
 """Issue 25's item 2, measured before it is built into fluxnb: the tensors a training step saves for its backward
 pass wait in pinned CPU memory instead of on the GPU, copied out on a side stream as the forward pass goes and
-back one ahead of the backward pass, so that 1024x1024 trains in batches of 2 or 4 in an 8 GiB budget.
+back ahead of the backward pass, so that 1024x1024 might train in batches of 2 or 4 in an 8 GiB budget.
 
     with InputsToCPU():                 # benchmarks/train_step.py's impl option offinputs (offmin=MiB)
         loss = training_step(...)       # the forward: large saved tensors leave the GPU
     loss.backward()                     # each comes back before its block's backward needs it
 
 What moves: with fluxnb's compiled blocks recomputing inside their backward (fluxnb.train.speed), a block saves its
-inputs and its weights, nothing else (tests/test_offload_inputs.py checks that on the CPU). Weights are
-nn.Parameter (bitsandbytes' Params4bit too) and stay, as do tensors under `min_bytes` (NF4's absmax, a LoRA's
-small inputs, RoPE's tables): what moves is the hidden states, 28 MiB per sample and block at 1024x1024.
+inputs and its weights, nothing else (tests/test_speed.py: test_compiled_checkpointed_blocks_keep_only_their_inputs).
+Weights stay: nn.Parameter (bitsandbytes' Params4bit too) and views of one (eager F.linear saves `weight.t()`), as
+do tensors under `min_bytes` (NF4's absmax, LoRA's small products, RoPE's tables). What moves is the hidden states:
+27 MiB per sample and block at 1024x1024 (4608 tokens x 3072 x bf16; the text stream's 3 MiB moves from batch 3).
+Meant for compiled blocks: eager ones, or blocks that keep their activations, save and move far more.
 
 torch.autograd.graph.save_on_cpu does the same for every saved tensor, the weights included (fluxnb's streamer
 already moves those), and copies on the compute stream; this one filters and overlaps. Pinned buffers come from
-PyTorch's caching host allocator (`pin_memory=True`), which reuses them between steps.
+PyTorch's caching host allocator (`pin_memory=True`; it rounds each up to a power of two, so up to 2x the bytes
+moved in host RAM), which reuses them between steps.
 """
 
 from __future__ import annotations
@@ -22,34 +25,45 @@ import torch
 
 
 class _Saved:
-    """One tensor waiting on the CPU: its pinned copy, when that copy is complete, and the tensor packed before it
-    (the backward pass unpacks in about the reverse order, so that one is fetched next)."""
+    """One tensor waiting on the CPU: its pinned copy, the event of that copy, and the tensor packed before it (the
+    backward pass unpacks nodes in about the reverse order of the forward, so that one is fetched ahead)."""
 
-    __slots__ = ("host", "device", "copied", "previous", "fetched", "ready")
+    __slots__ = ("host", "device", "copied", "previous", "fetched", "ready", "consumed")
 
     def __init__(self, host: torch.Tensor, device: torch.device, copied, previous: _Saved | None) -> None:
         self.host, self.device, self.copied, self.previous = host, device, copied, previous
-        self.fetched: torch.Tensor | None = None
-        self.ready = None
+        self.fetched: torch.Tensor | None = None  # on its device, not yet handed back
+        self.ready = None  # the event of that copy
+        self.consumed = False  # handed back once (a retained graph's second backward fetches it again, on demand)
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
 
 
 class InputsToCPU(torch.autograd.graph.saved_tensors_hooks):
-    """Saved tensors on `device_type` of at least `min_bytes` that are not parameters go to (pinned) CPU memory while
-    the forward pass runs, and come back during the backward pass, each fetched when the one saved after it is
-    unpacked. On CUDA the copies run on a side stream; device_type="cpu" (the tests) copies in place of moving."""
+    """Saved tensors on `device_type` of at least `min_bytes` that are not weights go to (pinned) CPU memory while
+    the forward pass runs, and come back during the backward pass: when one is unpacked, the ones saved before it
+    that are not back yet start coming back, up to `ahead_bytes` (about two blocks at 1024x1024, batch 4). On CUDA
+    the copies run on a side stream into memory of the compute stream's pool; device_type="cpu" (the tests) copies
+    in place of moving."""
 
-    def __init__(self, min_bytes: int = 8 << 20, device_type: str = "cuda") -> None:
-        self.min_bytes, self.device_type = min_bytes, device_type
-        self.stream = torch.cuda.Stream() if device_type == "cuda" else None
+    def __init__(self, min_bytes: int = 8 << 20, ahead_bytes: int = 256 << 20, device_type: str = "cuda") -> None:
+        self.min_bytes, self.ahead_bytes, self.device_type = min_bytes, ahead_bytes, device_type
+        self.stream = torch.cuda.Stream() if device_type == "cuda" and torch.cuda.is_available() else None
         self.last: _Saved | None = None
         self.moved: list[tuple[int, ...]] = []  # the shapes that moved, in order
-        self.moved_bytes, self.passes = 0, 0  # over all forward passes
+        self.moved_bytes, self.passes, self.fetches = 0, 0, 0  # over all forward passes
         super().__init__(self.pack, self.unpack)
 
     def __enter__(self):
         self.last = None  # a new forward pass: its tensors chain among themselves
         self.passes += 1
         return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.last = None  # the autograd graph holds what its backward needs; nothing more is kept here
+        return super().__exit__(*exc)
 
     def _event(self):
         if self.stream is None:
@@ -59,10 +73,9 @@ class InputsToCPU(torch.autograd.graph.saved_tensors_hooks):
         return event
 
     def pack(self, t: torch.Tensor):
-        if (isinstance(t, torch.nn.Parameter) or t.device.type != self.device_type
-                or t.numel() * t.element_size() < self.min_bytes):
+        if _is_weight(t) or t.device.type != self.device_type or t.numel() * t.element_size() < self.min_bytes:
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.stream is not None)
+        host = torch.empty_like(t, device="cpu", pin_memory=self.stream is not None)  # t's strides, where dense
         if self.stream is None:
             host.copy_(t)
             copied = None
@@ -78,26 +91,33 @@ class InputsToCPU(torch.autograd.graph.saved_tensors_hooks):
         return self.last
 
     def fetch(self, saved: _Saved) -> None:
-        """Start `saved`'s copy back to its device, on the side stream (once per unpack)."""
+        """Start `saved`'s copy back to its device (once per unpack): allocated from the compute stream's pool,
+        written on the side stream once the compute stream's queued work is done with that memory."""
         if saved.fetched is not None:
             return
+        self.fetches += 1
+        saved.fetched = torch.empty_like(saved.host, device=saved.device)
         if self.stream is None:
-            saved.fetched = saved.host.clone()
+            saved.fetched.copy_(saved.host)
             return
+        self.stream.wait_stream(torch.cuda.current_stream(saved.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(saved.copied)
-            saved.fetched = saved.host.to(saved.device, non_blocking=True)
+            saved.fetched.copy_(saved.host, non_blocking=True)
             saved.ready = self._event()
+        saved.fetched.record_stream(self.stream)
 
     def unpack(self, saved):
         if not isinstance(saved, _Saved):
             return saved
         self.fetch(saved)
-        if saved.previous is not None:
-            self.fetch(saved.previous)  # the next block's backward overlaps this copy
-        t, saved.fetched = saved.fetched, None  # the copy is the caller's; the pinned one stays with the graph
+        t, saved.fetched, saved.consumed = saved.fetched, None, True
+        ahead, before = 0, saved.previous
+        while before is not None and ahead < self.ahead_bytes:  # the next nodes' backward overlaps these copies
+            if not before.consumed:
+                self.fetch(before)
+                ahead += before.host.numel() * before.host.element_size()
+            before = before.previous
         if self.stream is not None:
-            current = torch.cuda.current_stream(saved.device)
-            current.wait_event(saved.ready)
-            t.record_stream(current)  # allocated on the side stream, used on this one
+            torch.cuda.current_stream(saved.device).wait_event(saved.ready)
         return t

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from model_helpers import HW, grads, loss, model
 
@@ -16,9 +17,16 @@ from fluxnb.config import ModelConfig, TrainConfig
 from fluxnb.train import speed
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """These tests compile the tiny blocks; the graphs they leave would be reused by later tests that count theirs."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 class Offloading(offload_inputs.InputsToCPU):
-    """The hooks active for the whole step (what benchmarks/train_step.py wraps is the forward; the tiny test
-    model's forward and loss are one call), with a record of what was unpacked."""
+    """On the CPU, with a record of what was unpacked."""
 
     def __init__(self, **kwargs):
         super().__init__(device_type="cpu", **kwargs)
@@ -29,31 +37,55 @@ class Offloading(offload_inputs.InputsToCPU):
         return super().unpack(saved)
 
 
-def test_a_compiled_step_moves_only_its_blocks_inputs_and_keeps_its_numbers(tiny_assets):
+def _step(tiny_assets, min_bytes: int, ahead_bytes: int = 256 << 20):
+    """The tiny model's loss and LoRA gradients, compiled as fluxnb trains it, plain and with the hooks around the
+    forward; returns both and the hooks."""
     plain, moved = model(str(tiny_assets.model)), model(str(tiny_assets.model))
     for transformer in (plain, moved):
         speed.configure(transformer, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
     expected = loss(plain, 0)
     expected.backward()
-    hidden = (1, 24, 32)  # a block's image tokens: batch 1, 24 tokens, the tiny model's width (float32)
-    hooks = Offloading(min_bytes=24 * 32 * 4)  # what moves at full size is the hidden states, nothing smaller
+    hooks = Offloading(min_bytes=min_bytes, ahead_bytes=ahead_bytes)
     with hooks:
         got = loss(moved, 0)
     got.backward()
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
-    want, have = grads(plain), grads(moved)
-    assert want.keys() == have.keys()
-    for name in want:
-        torch.testing.assert_close(have[name], want[name], rtol=1e-5, atol=1e-7)
-    # Each of the three compiled blocks' hidden states moved, and every tensor that moved came back once.
-    assert hooks.moved.count(hidden) >= len(list(moved.transformer_blocks) + list(moved.single_transformer_blocks))
-    assert hooks.unpacked == len(hooks.moved)
+    return (expected, grads(plain)), (got, grads(moved)), hooks, moved
 
 
-def test_small_tensors_and_parameters_stay_where_they_are():
+def assert_same(want, have) -> None:
+    torch.testing.assert_close(have[0], want[0], rtol=1e-6, atol=0)
+    assert want[1].keys() == have[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(have[1][name], want[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_compiled_step_moves_its_blocks_hidden_states_and_keeps_its_numbers(tiny_assets):
+    hidden = (1, 24, 32)  # a block's image tokens: batch 1, 24 tokens, the tiny model's width (float32)
+    want, have, hooks, moved = _step(tiny_assets, min_bytes=24 * 32 * 4)  # at full size: the hidden states
+    assert_same(want, have)
+    blocks = len(moved.transformer_blocks) + len(moved.single_transformer_blocks)
+    assert hooks.moved.count(hidden) >= blocks
+    assert hooks.unpacked == hooks.fetches == len(hooks.moved)  # each came back once
+
+
+def test_nodes_saving_several_tensors_fetch_each_once_and_leave_nothing_behind(tiny_assets):
+    """Down to the text tokens (1, 7, 32), blocks save two tensors or more that move; one is unpacked after the
+    other, and must not be fetched again (a copy nobody takes would stay on the GPU). And only a few at a time."""
+    want, have, hooks, _ = _step(tiny_assets, min_bytes=7 * 32 * 4, ahead_bytes=1)
+    assert_same(want, have)
+    assert (1, 7, 32) in hooks.moved
+    assert hooks.unpacked == hooks.fetches == len(hooks.moved)
+    assert hooks.last is None  # the forward's chain is the graph's alone
+
+
+def test_weights_small_tensors_and_other_devices_stay_where_they_are():
     hooks = offload_inputs.InputsToCPU(min_bytes=1024, device_type="cpu")
-    small, weight, big = torch.zeros(8), torch.nn.Parameter(torch.zeros(1024)), torch.arange(1024.0)
+    weight = torch.nn.Parameter(torch.zeros(64, 32))
+    small, big = torch.zeros(8), torch.arange(1024.0)
     assert hooks.pack(small) is small and hooks.pack(weight) is weight
+    transposed = weight.t()  # what eager F.linear saves
+    assert hooks.pack(transposed) is transposed
+    assert offload_inputs.InputsToCPU(min_bytes=1, device_type="cuda").pack(big) is big  # on the CPU: not a GPU's
     first = hooks.pack(big)
     second = hooks.pack(big * 2)
     assert second.previous is first and hooks.moved == [(1024,), (1024,)]
@@ -61,3 +93,4 @@ def test_small_tensors_and_parameters_stay_where_they_are():
     assert first.fetched is not None  # fetched ahead, as the one the backward pass needs next
     torch.testing.assert_close(hooks.unpack(first), big)
     torch.testing.assert_close(hooks.unpack(first), big)  # a second backward through a retained graph
+    assert hooks.fetches == 3

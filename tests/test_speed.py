@@ -32,6 +32,7 @@ def assert_same_step(plain, changed, seed: int = 0) -> None:
 def test_compiled_blocks_give_the_plain_steps_loss_and_gradients(tiny_assets):
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # graphs compiled by the tests before would be reused and not counted
     plain, fast = model(str(tiny_assets.model)), model(str(tiny_assets.model))
     speed.configure(fast, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
     assert _is_compiled(fast) and not _is_compiled(plain)
