@@ -1,17 +1,20 @@
-"""The work in one training step, counted: FLUX.1-dev's matmul FLOPs per sample by kind (the Linear layers, which FP8
-can take, and attention, which stays 16-bit), and a plan's FLOPs per optimizer step. The floors in BENCHMARKS.md
-(achieved TFLOP/s, and the time at the GPU's matrix rate) come from here. The count needs no GPU: the full-size transformer runs
-on the meta device under torch's FlopCounterMode, nothing is allocated. `--rates` (CUDA) times the bare kernels.
+"""The work in one training step, counted: FLUX.1-dev's matmul FLOPs per sample by kind (the Linear layers, which
+FP8 can take, and attention, which stays 16-bit), and a plan's FLOPs per optimizer step. The floors in
+BENCHMARKS.md (achieved TFLOP/s, and the time at the GPU's matrix rates) come from here. The count needs no GPU: the
+full-size transformer runs on the meta device under torch's FlopCounterMode, nothing is allocated. `--rates`
+(CUDA) times the bare kernels.
 
-    python benchmarks/step_flops.py --out benchmarks/results/2026-12-03-step-flops.json
-    python benchmarks/step_flops.py --rates --out ...   # on a GPU: also the bare matmul kernels' TFLOP/s
+    python benchmarks/step_flops.py --out /tmp/step-flops.json                # the count (any machine)
+    python benchmarks/step_flops.py --rates --commit SHA --out DIR/...json    # on a GPU: and the bare kernels' TFLOP/s
 
 Per sample: the forward, and the backward a LoRA step runs (the base is frozen, so only input gradients: one matmul
 per Linear where a full fine-tune has two), each split into Linear (aten.addmm / mm) and attention (aten.bmm: the
 math path's QK^T and PV; FlopCounterMode counts a fused kernel the same). A block whose activations are not kept
 runs its forward again in the backward, so a step of S samples with R of the 57 blocks recomputed is
 S x (forward + backward + R x the block's forward). Only matmuls are counted: norms, activations, RoPE, LoRA's rank-r
-products, quantization and the optimizer are left out, so a floor is a lower bound of time.
+products, quantization and the optimizer are left out. But fluxnb's compiled blocks recompute less than their whole
+forward (only what the backward needs), so the count is an upper bound of the matmul work, and a floor taken from
+it is not a strict lower bound of time.
 """
 
 from __future__ import annotations
@@ -59,10 +62,11 @@ def count(width: int, height: int, text: int, config: dict | None = None) -> dic
     n = (width // 16) * (height // 16)  # packed 2x2 latent patches
     meta = dict(device="meta", dtype=torch.bfloat16)
     x = torch.zeros(1, n, config["in_channels"], **meta, requires_grad=True)
-    inputs = dict(hidden_states=x, encoder_hidden_states=torch.zeros(1, text, config["joint_attention_dim"], **meta),
-                  pooled_projections=torch.zeros(1, config["pooled_projection_dim"], **meta), timestep=torch.zeros(1, device="meta"),
-                  guidance=torch.zeros(1, device="meta"), img_ids=torch.zeros(n, 3, device="meta"),
-                  txt_ids=torch.zeros(text, 3, device="meta"))
+    context = torch.zeros(1, text, config["joint_attention_dim"], **meta)
+    pooled = torch.zeros(1, config["pooled_projection_dim"], **meta)
+    inputs = dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                  timestep=torch.zeros(1, device="meta"), guidance=torch.zeros(1, device="meta"),
+                  img_ids=torch.zeros(n, 3, device="meta"), txt_ids=torch.zeros(text, 3, device="meta"))
     with FlopCounterMode(display=False) as forward:
         out = model(**inputs).sample
     with FlopCounterMode(display=False) as backward:
@@ -91,8 +95,8 @@ def floor_s(tflop: dict[str, float], linear_rate: float, attention_rate: float) 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]
 
 
-def _time(fn, repeat: int = 30) -> float:
-    for _ in range(3):
+def _time(fn, repeat: int = 30, warmup: int = 10) -> float:
+    for _ in range(warmup):  # the clocks ramp up from idle too
         fn()
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
@@ -106,24 +110,28 @@ def _time(fn, repeat: int = 30) -> float:
 
 
 def rates(m: int = 4 * 1613) -> list[dict]:
-    """TFLOP/s of the bare matmul kernels at the step's shapes on this GPU: bf16 (cuBLAS), and FP8 e4m3 with one
-    scale per row and per column (torch._scaled_mm, as fluxnb.model.fp8 calls it), fast and exact accumulation.
-    No quantization is timed: what the kernels give, against which fluxnb's layer can be read."""
+    """TFLOP/s of the bare matmul kernels at the step's shapes on this GPU, each Linear's forward (x W^T) and input
+    gradient (g W) in the layouts fluxnb runs them: bf16 (cuBLAS), and FP8 e4m3 with one scale per row and per
+    column (torch._scaled_mm, as fluxnb.model.fp8 calls it: the backward's codes transposed into a copy), fast and
+    exact accumulation. No quantization is timed: what the kernels give, against which fluxnb's layer can be read."""
     rows = []
-    for k, n in SHAPES + [(n, k) for k, n in SHAPES]:  # forward shapes, then the input gradient's
-        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for k, n in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-        sa = torch.ones(m, 1, device="cuda")
-        sw = torch.ones(1, n, device="cuda")
-        flop = 2 * m * k * n / 1e12
-        row = {"m": m, "k": k, "n": n, "bf16": flop / _time(lambda: a @ w.t())}
-        for fast in (True, False):
-            seconds = _time(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.bfloat16,
-                                                     use_fast_accum=fast))
-            row["fp8_fast" if fast else "fp8_exact"] = flop / seconds
-        rows.append({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()})
-        print(rows[-1], flush=True)
+        w8 = w.to(torch.float8_e4m3fn)
+        for pass_, rows_in, weight, weight8 in (("forward", k, w.t(), w8.t()),
+                                                ("input gradient", n, w, w8.t().contiguous().t())):
+            a = torch.randn(m, rows_in, device="cuda", dtype=torch.bfloat16)
+            a8 = a.to(torch.float8_e4m3fn)
+            sa = torch.ones(m, 1, device="cuda")
+            sw = torch.ones(1, weight.shape[1], device="cuda")
+            flop = 2 * m * k * n / 1e12
+            row = {"pass": pass_, "m": m, "k": k, "n": n, "bf16": flop / _time(lambda: a @ weight)}
+            for fast in (True, False):
+                seconds = _time(lambda: torch._scaled_mm(a8, weight8, scale_a=sa, scale_b=sw,
+                                                         out_dtype=torch.bfloat16, use_fast_accum=fast))
+                row["fp8_fast" if fast else "fp8_exact"] = flop / seconds
+            rows.append({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()})
+            print(rows[-1], flush=True)
     return rows
 
 

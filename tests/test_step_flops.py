@@ -1,4 +1,4 @@
-"""benchmarks/step_flops.py: the matmul work of a LoRA step, counted on the meta device, against an independent count."""
+"""benchmarks/step_flops.py: the matmul work of a LoRA step, counted on the meta device, against a count by hooks."""
 
 from __future__ import annotations
 
