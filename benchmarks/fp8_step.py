@@ -117,9 +117,9 @@ def run_numerics(args) -> dict:
     return report
 
 
-def _timed(fn, repeat: int = 20) -> float:
-    """Median seconds of fn() on the GPU (CUDA events), after 3 warm-up calls."""
-    for _ in range(3):
+def _timed(fn, repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() on the GPU (CUDA events), after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):

@@ -87,6 +87,19 @@ def _empty(cls, config, device: str, dtype: torch.dtype):
     return model
 
 
+def transformer_inputs(width: int, height: int, text: int, *, config: dict = FLUX_DEV_TRANSFORMER,
+                       device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One sample's FluxTransformer2DModel(**inputs) at width x height with `text` tokens, as zeros (on "meta":
+    shapes alone, what counting needs: benchmarks/t4_estimate.py, benchmarks/step_flops.py)."""
+    n = (width // 16) * (height // 16)  # packed 2x2 latent patches
+    like = dict(device=device, dtype=dtype)
+    return dict(hidden_states=torch.zeros(1, n, config["in_channels"], **like),
+                encoder_hidden_states=torch.zeros(1, text, config["joint_attention_dim"], **like),
+                pooled_projections=torch.zeros(1, config["pooled_projection_dim"], **like),
+                timestep=torch.zeros(1, device=device), guidance=torch.zeros(1, device=device),
+                img_ids=torch.zeros(n, 3, device=device), txt_ids=torch.zeros(text, 3, device=device))
+
+
 def _save(name: str, model, folder: Path, started: float) -> None:
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder / name, max_shard_size=SHARDS.get(name, "10GB"))

@@ -30,9 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fullsize  # noqa: E402
+import train_step  # noqa: E402
+from fp8_step import _timed  # noqa: E402
 
-# width, height, text tokens: benchmarks/train_step.py's cases
-SIZES = {"512x768": (512, 768, 77), "1024x1024": (1024, 1024, 512)}
+# width, height, text tokens: benchmarks/train_step.py's cases (their dtypes aside)
+SIZES = {f"{w}x{h}": (w, h, text) for w, h, text, _dtype in train_step.CASES.values()}
 BLOCKS = 19 + 38  # FLUX.1-dev's double- and single-stream blocks
 LINEAR, ATTENTION = ("addmm", "mm"), ("bmm",)
 
@@ -59,20 +61,14 @@ def count(width: int, height: int, text: int, config: dict | None = None) -> dic
     config = config or fullsize.FLUX_DEV_TRANSFORMER
     model = fullsize._empty(FluxTransformer2DModel, config, "meta", torch.bfloat16)
     model.requires_grad_(False)  # frozen base: the backward computes input gradients only
-    n = (width // 16) * (height // 16)  # packed 2x2 latent patches
-    meta = dict(device="meta", dtype=torch.bfloat16)
-    x = torch.zeros(1, n, config["in_channels"], **meta, requires_grad=True)
-    context = torch.zeros(1, text, config["joint_attention_dim"], **meta)
-    pooled = torch.zeros(1, config["pooled_projection_dim"], **meta)
-    inputs = dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                  timestep=torch.zeros(1, device="meta"), guidance=torch.zeros(1, device="meta"),
-                  img_ids=torch.zeros(n, 3, device="meta"), txt_ids=torch.zeros(text, 3, device="meta"))
+    inputs = fullsize.transformer_inputs(width, height, text, config=config)
+    inputs["hidden_states"].requires_grad_()  # the backward runs as far as the first layer's input
     with FlopCounterMode(display=False) as forward:
         out = model(**inputs).sample
     with FlopCounterMode(display=False) as backward:
         out.sum().backward()
     block = next(v for k, v in forward.get_flop_counts().items() if k.endswith("single_transformer_blocks.0"))
-    return {"tokens": n + text, "forward": _kinds(forward.get_flop_counts()["Global"]),
+    return {"tokens": inputs["hidden_states"].shape[1] + text, "forward": _kinds(forward.get_flop_counts()["Global"]),
             "backward": _kinds(backward.get_flop_counts()["Global"]), "block_forward": _kinds(block)}
 
 
@@ -95,20 +91,6 @@ def floor_s(tflop: dict[str, float], linear_rate: float, attention_rate: float) 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]
 
 
-def _time(fn, repeat: int = 30, warmup: int = 10) -> float:
-    for _ in range(warmup):  # the clocks ramp up from idle too
-        fn()
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat / 1e3
-
-
 def rates(m: int = 4 * 1613) -> list[dict]:
     """TFLOP/s of the bare matmul kernels at the step's shapes on this GPU, each Linear's forward (x W^T) and input
     gradient (g W) in the layouts fluxnb runs them: bf16 (cuBLAS), and FP8 e4m3 with one scale per row and per
@@ -125,10 +107,11 @@ def rates(m: int = 4 * 1613) -> list[dict]:
             sa = torch.ones(m, 1, device="cuda")
             sw = torch.ones(1, weight.shape[1], device="cuda")
             flop = 2 * m * k * n / 1e12
-            row = {"pass": pass_, "m": m, "k": k, "n": n, "bf16": flop / _time(lambda: a @ weight)}
+            row = {"pass": pass_, "m": m, "k": k, "n": n, "bf16": flop / _timed(lambda: a @ weight, warmup=10)}
+            # (10 warm-up calls: the clocks ramp up from an idle GPU; the median of 20 timed ones, fp8_step's way)
             for fast in (True, False):
-                seconds = _time(lambda: torch._scaled_mm(a8, weight8, scale_a=sa, scale_b=sw,
-                                                         out_dtype=torch.bfloat16, use_fast_accum=fast))
+                seconds = _timed(lambda: torch._scaled_mm(a8, weight8, scale_a=sa, scale_b=sw,
+                                                          out_dtype=torch.bfloat16, use_fast_accum=fast), warmup=10)
                 row["fp8_fast" if fast else "fp8_exact"] = flop / seconds
             rows.append({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()})
             print(rows[-1], flush=True)

@@ -55,12 +55,7 @@ def count() -> dict[str, float]:
     transformer = meta(FluxTransformer2DModel, fullsize.FLUX_DEV_TRANSFORMER)
     ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device="meta")
     image = torch.zeros(1, 3, HEIGHT, WIDTH, device="meta", dtype=torch.float16)
-    n_img = (WIDTH // 16) * (HEIGHT // 16)  # 1536 packed 2x2 latent patches
-    inputs = dict(hidden_states=torch.zeros(1, n_img, 64, device="meta", dtype=torch.float16),
-                  encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, 4096, device="meta", dtype=torch.float16),
-                  pooled_projections=torch.zeros(1, 768, device="meta", dtype=torch.float16),
-                  timestep=torch.zeros(1, device="meta"), guidance=torch.zeros(1, device="meta"),
-                  img_ids=torch.zeros(n_img, 3, device="meta"), txt_ids=torch.zeros(TEXT_TOKENS, 3, device="meta"))
+    inputs = fullsize.transformer_inputs(WIDTH, HEIGHT, TEXT_TOKENS, dtype=torch.float16)
     latent = torch.zeros(1, 16, HEIGHT // 8, WIDTH // 8, device="meta", dtype=torch.float16)
     with torch.no_grad():
         return {

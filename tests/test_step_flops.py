@@ -25,18 +25,13 @@ def linear_flops_by_hooks(config: dict) -> float:
     total = [0.0]
 
     def hook(module, args, _out):
-        total[0] += 2 * args[0].numel() / module.in_features * module.in_features * module.out_features
+        total[0] += 2 * args[0].numel() * module.out_features  # rows x in, times out
 
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             m.register_forward_hook(hook)
-    n = (WIDTH // 16) * (HEIGHT // 16)
-    meta = dict(device="meta", dtype=torch.bfloat16)
     with torch.no_grad():
-        model(hidden_states=torch.zeros(1, n, 64, **meta), encoder_hidden_states=torch.zeros(1, TEXT, 48, **meta),
-              pooled_projections=torch.zeros(1, 40, **meta), timestep=torch.zeros(1, device="meta"),
-              guidance=torch.zeros(1, device="meta"), img_ids=torch.zeros(n, 3, device="meta"),
-              txt_ids=torch.zeros(TEXT, 3, device="meta"))
+        model(**fullsize.transformer_inputs(WIDTH, HEIGHT, TEXT, config=config))
     return total[0] / 1e12
 
 
