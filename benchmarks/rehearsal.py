@@ -318,17 +318,20 @@ def main() -> None:
     mode = "resume" if args.resume else "quick" if args.quick else "full"
     import torch
 
+    from fluxnb.config import KONTEXT, ModelConfig
+
     call = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    base = KONTEXT if args.kontext else ModelConfig.base  # what configure() sets; results before --kontext: the default
     if args.resume:
         results = json.loads(args.out.read_text())
         if results.get("commit") != args.commit:
             parser.error(f"--resume: {args.out} ran commit {results.get('commit')}, not {args.commit}")
-        if results.get("base", "FLUX.1-dev") != ("FLUX.1-Kontext-dev" if args.kontext else "FLUX.1-dev"):
+        if results.get("base", ModelConfig.base) != base:
             parser.error(f"--resume: {args.out} rehearsed {results.get('base')}: resume it with"
                          f"{'out' if args.kontext else ''} --kontext")
     else:
         results = {"commit": args.commit, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                   "quick": args.quick, "base": "FLUX.1-Kontext-dev" if args.kontext else "FLUX.1-dev",
+                   "quick": args.quick, "base": base,
                    "calls": [], "envelopes": []}
     results["calls"].append(call)
 
