@@ -31,7 +31,7 @@ from ..config import KONTEXT
 from ..run import Run
 from .buckets import fit_to_bucket
 from .checks import CheckedDataset, Item, open_image
-from .pairs import no_controls, read_control, where_controls
+from .pairs import no_controls, read_control, unreadable, where_controls
 from .sources import Record, load_records
 
 
@@ -54,7 +54,7 @@ def check_controls(prepared: CheckedDataset) -> None:
         try:
             open_image(data)  # decoded whole, as check_dataset decodes the targets
         except Exception as err:  # unreadable, truncated, not an image
-            bad.append(f"{item.record.source} (control unreadable: {type(err).__name__})")
+            bad.append(unreadable(item.record, err))
     if bad:
         raise FluxnbError(no_controls(bad, prepared.config.control_column))
 

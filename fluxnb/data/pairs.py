@@ -2,6 +2,7 @@
 01, before T5 loads) and fluxnb.data.controls (notebook 02, before the VAE loads), so both say the same thing:
 
     read_control(record, problems)      # its bytes, for the sample id (fluxnb.data.store.sample_id), or None
+    unreadable(record, err)             # how a problem list names a control that cannot be read or decoded
     no_controls(problems, column)       # the one line naming the pairs without a usable control, and what to do
 
 A control is part of the sample: two pairs with one target and one instruction but different inputs teach different
@@ -34,8 +35,13 @@ def read_control(record: Any, problems: list[str]) -> bytes | None:
     try:
         return record.control()
     except Exception as err:  # gone since it was listed, a Hub cell that is no image: this pair's problem
-        problems.append(f"{record.source} (control unreadable: {type(err).__name__})")
+        problems.append(unreadable(record, err))
         return None
+
+
+def unreadable(record: Any, err: Exception) -> str:
+    """How a problem list names a pair whose control could not be read or decoded."""
+    return f"{record.source} (control unreadable: {type(err).__name__})"
 
 
 def no_controls(problems: list[str], column: str, *, unpaired: bool = False) -> str:
