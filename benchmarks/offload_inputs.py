@@ -26,15 +26,25 @@ import torch
 
 class _Saved:
     """One tensor waiting on the CPU: its pinned copy, the event of that copy, and the tensor packed before it (the
-    backward pass unpacks nodes in about the reverse order of the forward, so that one is fetched ahead)."""
+    backward pass unpacks nodes in about the reverse order of the forward, so that one is fetched ahead). The copy
+    is of the storage the tensor spans, so it comes back with its own shape and strides: a compiled backward
+    checks them (a slice, e.g. a single-stream block's image tokens, would otherwise come back contiguous)."""
 
-    __slots__ = ("host", "device", "copied", "previous", "fetched", "ready", "consumed")
+    __slots__ = ("host", "device", "copied", "previous", "shape", "stride", "fetched", "ready", "consumed")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, copied, previous: _Saved | None) -> None:
+    def __init__(self, host: torch.Tensor, device: torch.device, copied, previous: _Saved | None,
+                 shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
         self.host, self.device, self.copied, self.previous = host, device, copied, previous
+        self.shape, self.stride = shape, stride
         self.fetched: torch.Tensor | None = None  # on its device, not yet handed back
         self.ready = None  # the event of that copy
         self.consumed = False  # handed back once (a retained graph's second backward fetches it again, on demand)
+
+
+def _span(t: torch.Tensor) -> int:
+    """How many elements of its storage `t` spans, from its first to its last (its numel when it is dense; more
+    for a slice, fewer for an expanded view)."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
 
 
 def _is_weight(t: torch.Tensor) -> bool:
@@ -73,21 +83,26 @@ class InputsToCPU(torch.autograd.graph.saved_tensors_hooks):
         return event
 
     def pack(self, t: torch.Tensor):
-        if _is_weight(t) or t.device.type != self.device_type or t.numel() * t.element_size() < self.min_bytes:
+        size = t.numel() * t.element_size()
+        if _is_weight(t) or t.device.type != self.device_type or not size or size < self.min_bytes:
             return t
-        host = torch.empty_like(t, device="cpu", pin_memory=self.stream is not None)  # t's strides, where dense
+        span = _span(t)
+        if span > 1.5 * t.numel():  # a narrow slice of a larger tensor (FLUX's text tokens): not worth the bytes
+            return t
+        region = t.as_strided((span,), (1,))  # the storage t's elements lie in, from its first
+        host = torch.empty(span, dtype=t.dtype, pin_memory=self.stream is not None)
         if self.stream is None:
-            host.copy_(t)
+            host.copy_(region)
             copied = None
         else:
             self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written
             with torch.cuda.stream(self.stream):
-                host.copy_(t, non_blocking=True)
+                host.copy_(region, non_blocking=True)
                 copied = self._event()
             t.record_stream(self.stream)  # its memory is not reused before the copy has read it
         self.moved.append(tuple(t.shape))
-        self.moved_bytes += t.numel() * t.element_size()
-        self.last = _Saved(host, t.device, copied, self.last)
+        self.moved_bytes += span * t.element_size()
+        self.last = _Saved(host, t.device, copied, self.last, tuple(t.shape), t.stride())
         return self.last
 
     def fetch(self, saved: _Saved) -> None:
@@ -111,7 +126,8 @@ class InputsToCPU(torch.autograd.graph.saved_tensors_hooks):
         if not isinstance(saved, _Saved):
             return saved
         self.fetch(saved)
-        t, saved.fetched, saved.consumed = saved.fetched, None, True
+        t = saved.fetched.as_strided(saved.shape, saved.stride)
+        saved.fetched, saved.consumed = None, True
         ahead, before = 0, saved.previous
         while before is not None and ahead < self.ahead_bytes:  # the next nodes' backward overlaps these copies
             if not before.consumed:

@@ -25,11 +25,11 @@ def model(model_id, double_quant=False, quantization="nf4", dropout=0.0):
     return transformer.train()
 
 
-def loss(transformer, seed=0):
+def loss(transformer, seed=0, batch=1):
     g = torch.Generator().manual_seed(seed)
-    pred = transformer(hidden_states=torch.randn(1, 24, 64, generator=g), timestep=torch.tensor([0.5]),
-                       guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 32, generator=g),
-                       encoder_hidden_states=torch.randn(1, 7, 32, generator=g), txt_ids=torch.zeros(7, 3),
+    pred = transformer(hidden_states=torch.randn(batch, 24, 64, generator=g), timestep=torch.full((batch,), 0.5),
+                       guidance=torch.ones(batch), pooled_projections=torch.randn(batch, 32, generator=g),
+                       encoder_hidden_states=torch.randn(batch, 7, 32, generator=g), txt_ids=torch.zeros(7, 3),
                        img_ids=torch.randn(24, 3, generator=g), return_dict=False)[0]
     return (pred - torch.randn(pred.shape, generator=g)).pow(2).mean()
 

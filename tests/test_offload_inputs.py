@@ -37,17 +37,17 @@ class Offloading(offload_inputs.InputsToCPU):
         return super().unpack(saved)
 
 
-def _step(tiny_assets, min_bytes: int, ahead_bytes: int = 256 << 20):
+def _step(tiny_assets, min_bytes: int, ahead_bytes: int = 256 << 20, batch: int = 1):
     """The tiny model's loss and LoRA gradients, compiled as fluxnb trains it, plain and with the hooks around the
     forward; returns both and the hooks."""
     plain, moved = model(str(tiny_assets.model)), model(str(tiny_assets.model))
     for transformer in (plain, moved):
         speed.configure(transformer, ModelConfig(), TrainConfig(compile="on"), HW, verbose=False)
-    expected = loss(plain, 0)
+    expected = loss(plain, 0, batch)
     expected.backward()
     hooks = Offloading(min_bytes=min_bytes, ahead_bytes=ahead_bytes)
     with hooks:
-        got = loss(moved, 0)
+        got = loss(moved, 0, batch)
     got.backward()
     return (expected, grads(plain)), (got, grads(moved)), hooks, moved
 
@@ -76,6 +76,23 @@ def test_nodes_saving_several_tensors_fetch_each_once_and_leave_nothing_behind(t
     assert (1, 7, 32) in hooks.moved
     assert hooks.unpacked == hooks.fetches == len(hooks.moved)
     assert hooks.last is None  # the forward's chain is the graph's alone
+
+
+def test_slices_come_back_with_their_strides_in_batches(tiny_assets):
+    """A single-stream block returns its image and text tokens as slices of one tensor, the next block's inputs.
+    In a batch of 2 a slice is not dense; a compiled backward checks its inputs' strides, so each must come back
+    with its own (the first GPU run, 1024x1024 at batch 2, stopped there). The image tokens' slice moves (its span
+    is 15% more than its elements here), the text tokens' (2.7 times) stays."""
+    want, have, hooks, _ = _step(tiny_assets, min_bytes=1, batch=2)
+    assert_same(want, have)
+    assert (2, 24, 32) in hooks.moved and (2, 7, 32) in hooks.moved  # dense ones (a double-stream block's)
+    assert hooks.unpacked == hooks.fetches == len(hooks.moved)
+    whole = torch.arange(2 * 31 * 32.0).reshape(2, 31, 32)
+    image, text = whole[:, 7:], whole[:, :7]
+    packer = offload_inputs.InputsToCPU(min_bytes=1, device_type="cpu")
+    assert packer.pack(text) is text
+    back = packer.unpack(packer.pack(image))
+    assert back.stride() == image.stride() and torch.equal(back, image)
 
 
 def test_weights_small_tensors_and_other_devices_stay_where_they_are():
