@@ -168,14 +168,22 @@ def checkpoint_around_calls(transformer) -> None:
 
 
 def fluxnb_step(transformer, batch, scheduler, dtype, _state={}):  # noqa: B006 - built once per process
+    """fluxnb's training step on `batch` (make_inputs'), collated as fluxnb.train feeds it: the embeddings in
+    `dtype`, as the reference's script casts them too. Until 2026-12-03 they went in as fp32, and bitsandbytes'
+    NF4 layers, which return their input's dtype even under autocast, carried the text tokens and every
+    single-stream block in fp32 (FP8 and 16-bit layers return autocast's dtype: those rows ran bf16)."""
     from fluxnb.config import TrainConfig
     from fluxnb.train import flow
+    from fluxnb.train.batches import TrainingData
     from fluxnb.train.step import LatentScale, training_step
 
     if not _state:
         _state |= {"table": flow.NoiseTable.from_scheduler(scheduler), "cfg": TrainConfig(),
                    "latent": LatentScale(FLUX_VAE.shift_factor, FLUX_VAE.scaling_factor, 8),
                    "generator": torch.Generator().manual_seed(0)}
+    shared = {"text_ids": batch["text_ids"]}  # one (L, 3) for every caption
+    items = [{k: v[i] for k, v in batch.items() if k not in shared} | shared for i in range(len(batch["latent_mean"]))]
+    batch = TrainingData.collate(items, batch["latent_mean"].device, dtype)
     return training_step(transformer, batch, _state["table"], _state["cfg"], _state["latent"], _state["generator"], dtype)
 
 
