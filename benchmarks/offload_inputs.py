@@ -10,8 +10,11 @@ What moves: with fluxnb's compiled blocks recomputing inside their backward (flu
 inputs and its weights, nothing else (tests/test_speed.py: test_compiled_checkpointed_blocks_keep_only_their_inputs).
 Weights stay: nn.Parameter (bitsandbytes' Params4bit too) and views of one (eager F.linear saves `weight.t()`), as
 do tensors under `min_bytes` (NF4's absmax, LoRA's small products, RoPE's tables). What moves is the hidden states:
-27 MiB per sample and block at 1024x1024 (4608 tokens x 3072 x bf16; the text stream's 3 MiB moves from batch 3).
-Meant for compiled blocks: eager ones, or blocks that keep their activations, save and move far more.
+27 MiB per sample and block at 1024x1024 (4608 tokens x 3072 x bf16; a double-stream block's text tokens, 3 MiB per
+sample, from batch 3). A single-stream block's inputs are slices of the block before's joined output: the image
+tokens' moves, the text tokens' (a narrow slice) stays and keeps that whole output on the GPU, so those moves free
+nothing yet (BENCHMARKS.md, "Issue 25's item 2 on the GPU"). Meant for compiled blocks: eager ones, or blocks that
+keep their activations, save and move far more.
 
 torch.autograd.graph.save_on_cpu does the same for every saved tensor, the weights included (fluxnb's streamer
 already moves those), and copies on the compute stream; this one filters and overlaps. Pinned buffers come from
