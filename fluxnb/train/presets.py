@@ -34,7 +34,7 @@ PRESETS: dict[str, Preset] = {
                      "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.60-0.62 s per 4-sample step "
                      "in a 6 GiB cap on an H200 (4.5-5.3x the blog's recipe in two runs on 2026-12-03, each "
                      "against its faster reference; the machine drifts by ±15%). At 1024x1024, batches of 1 (an "
-                     "8 GiB budget there: 7.5 GiB, 2.0-2.2 s, 1.8x the recipe in the same runs)", 6.0),
+                     "8 GiB budget there: 7.5 GiB, 2.0-2.2 s, 1.8x the recipe in two other runs that day)", 6.0),
     "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
                       "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), batches of 4, every "
                       "block recomputed at 512x768 (~12.5 GiB, estimated; without torch.compile kept activations "
@@ -48,7 +48,7 @@ PRESETS: dict[str, Preset] = {
                         "against its faster reference; the blog's 4090 run: ~9 GB, ~41 min for 700 steps)", 23.6),
     "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
                         "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
-                        "(~5.6x the blog's recipe in its faster run, 2.62 s, on an H200 on 2026-12-03)", 80.0),
+                        "(~5.6x the fastest run of the blog's recipe measured on an H200, 2.62 s on 2026-12-03)", 80.0),
 }
 TINY = "tiny-cpu"
 
