@@ -55,14 +55,16 @@ GiB = 2**30
 _HELD: list = []  # contexts this worker process stays inside
 
 
-def make_inputs(width: int, height: int, tokens: int, seed: int = 0, batch: int = 1) -> dict[str, torch.Tensor]:
-    """What the caches hold for `batch` samples: VAE posterior (mean, std) and the T5/CLIP embeddings. On the GPU."""
+def make_inputs(width: int, height: int, tokens: int, seed: int = 0, batch: int = 1, *, device: str = "cuda",
+                text_dim: int = 4096, pooled_dim: int = 768) -> dict[str, torch.Tensor]:
+    """What the caches hold for `batch` samples: VAE posterior (mean, std) and the T5/CLIP embeddings (FLUX.1-dev's
+    widths by default), fp32, on `device`."""
     g = torch.Generator().manual_seed(seed)
     h, w, b = height // 8, width // 8, batch
     cpu = {"latent_mean": torch.randn(b, 16, h, w, generator=g), "latent_std": 0.05 * torch.rand(b, 16, h, w, generator=g),
-           "prompt_embeds": torch.randn(b, tokens, 4096, generator=g), "pooled_prompt_embeds": torch.randn(b, 768, generator=g),
-           "text_ids": torch.zeros(tokens, 3)}
-    return {k: v.cuda() for k, v in cpu.items()}
+           "prompt_embeds": torch.randn(b, tokens, text_dim, generator=g),
+           "pooled_prompt_embeds": torch.randn(b, pooled_dim, generator=g), "text_ids": torch.zeros(tokens, 3)}
+    return {k: v.to(device) for k, v in cpu.items()}
 
 
 def reference_setup(ckpt: Path, dtype: torch.dtype):

@@ -14,15 +14,6 @@ import train_step  # noqa: E402
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 
-def _inputs(batch: int = 2) -> dict[str, torch.Tensor]:
-    """make_inputs' tensors for the tiny model, on the CPU: fp32, as the caches hold them."""
-    g = torch.Generator().manual_seed(0)
-    return {"latent_mean": torch.randn(batch, 16, 8, 12, generator=g),
-            "latent_std": 0.05 * torch.rand(batch, 16, 8, 12, generator=g),
-            "prompt_embeds": torch.randn(batch, 7, 32, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, 32, generator=g), "text_ids": torch.zeros(7, 3)}
-
-
 def test_the_benchmarks_fluxnb_step_runs_the_blocks_in_the_training_dtype(tiny_assets):
     """Until 2026-12-03 the embeddings went in as fp32: the NF4 context embedder returned fp32 (bitsandbytes'
     Linear4bit returns its input's dtype, under autocast too), and the text tokens, then every single-stream block
@@ -39,7 +30,7 @@ def test_the_benchmarks_fluxnb_step_runs_the_blocks_in_the_training_dtype(tiny_a
     transformer.transformer_blocks[0].register_forward_pre_hook(record("double"), with_kwargs=True)
     transformer.single_transformer_blocks[0].register_forward_pre_hook(record("single"), with_kwargs=True)
     scheduler = FlowMatchEulerDiscreteScheduler(**train_step.FLUX_SCHEDULER)
-    batch = _inputs()
+    batch = train_step.make_inputs(96, 64, 7, batch=2, device="cpu", text_dim=32, pooled_dim=32)  # the tiny widths
     loss = train_step.fluxnb_step(transformer, batch, scheduler, torch.bfloat16)
     assert seen == {"double": (torch.bfloat16,) * 2, "single": (torch.bfloat16,) * 2}
     assert torch.isfinite(loss)
