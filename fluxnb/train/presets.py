@@ -31,9 +31,9 @@ SAMPLES_PER_STEP = budget.SAMPLES_PER_STEP
 _QLORA = {"quantization": "nf4", "double_quant": False}  # a pre-quantized NF4 folder (model.prequantized) stays
 PRESETS: dict[str, Preset] = {
     "8-12gb": Preset("8-12 GB (3060, 4060, 4070): planned for 6 GiB. At 512x768 every block streams from CPU RAM "
-                     "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.60-0.62 s per 4-sample step "
-                     "in a 6 GiB cap on an H200 (4.5-5.3x the blog's recipe in two runs on 2026-12-03, each "
-                     "against its faster reference; the machine drifts by ±15%). At 1024x1024, batches of 1 (an "
+                     "(6.3 GiB of pinned RAM, measured), batches of 4: 5.44 GiB, 0.60 s per 4-sample step in a "
+                     "6 GiB cap on an H200 (4.0-4.9x the blog's recipe in two runs on 2026-12-03, each against its "
+                     "faster reference, 2.37 and 2.96 s; the machine drifts by ±15%). At 1024x1024, batches of 1 (an "
                      "8 GiB budget there: 7.5 GiB, 2.0-2.2 s, 1.8x the recipe in two other runs that day)", 6.0),
     "t4-16gb": Preset("16 GB, free Colab T4: planned for 14.7 GiB with every block resident (streaming would pin "
                       "6.3 GiB of Colab's 12.7 GB of RAM). QLoRA in fp16 (a T4 has no bf16), batches of 4, every "
@@ -43,12 +43,13 @@ PRESETS: dict[str, Preset] = {
                       "to Drive once (fluxnb.model.save_nf4) and set model.prequantized: quantizing FLUX on the fly "
                       "needs most of Colab's RAM", 14.7, host_gib=0.0, compiled=False),
     "4090-24gb": Preset("24 GB (4090, 3090): planned for 23.6 GiB. Batches of 4, compiled blocks, blocks streamed and "
-                        "the last 34 keep their activations at 512x768: 21.4 GiB, 0.55-0.56 s per 4-sample step "
-                        "in a 23.6 GiB cap on an H200 (5.0-6.0x the blog's recipe in two runs on 2026-12-03, each "
-                        "against its faster reference; the blog's 4090 run: ~9 GB, ~41 min for 700 steps)", 23.6),
+                        "the last 34 keep their activations at 512x768: 21.4 GiB, 0.52-0.53 s per 4-sample step "
+                        "in a 23.6 GiB cap on an H200 (4.4-5.7x the blog's recipe in two runs on 2026-12-03, each "
+                        "against its faster reference, 2.37 and 2.96 s; the blog's 4090 run: ~9 GB, ~41 min for 700 "
+                        "steps)", 23.6),
     "h100-80gb": Preset("40-80 GB (A100, H100, H200): planned for 80 GiB (or the card's memory). At 512x768 every "
                         "block resident, none recomputed, fused AdamW: 40.5 GiB, 0.47 s per 4-sample step on an H200 "
-                        "(~5.6x the fastest run of the blog's recipe measured on an H200, 2.62 s on 2026-12-03)", 80.0),
+                        "(~5.0x the fastest run of the blog's recipe measured on an H200, 2.37 s on 2026-12-03)", 80.0),
 }
 TINY = "tiny-cpu"
 

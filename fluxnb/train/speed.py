@@ -204,9 +204,11 @@ def attention_backends(hw, quantization: str = "nf4"):
     """The context the training loop runs in. NF4 (QLoRA): PyTorch's own choice of scaled-dot-product attention
     kernel (cuDNN's on an H100/H200, the fastest there). The non-quantized and FP8 models: flash /
     memory-efficient / math kernels, not cuDNN's: on an H100 (torch 2.11) training them hit "illegal memory
-    access" in cuDNN attention's backward pass. Every NF4 benchmark run trained with cuDNN attention without a
-    fault, and its forward + backward at FLUX's shapes ran clean (benchmarks/sdpa_compile_check.py); the exclusion
-    holds under torch.compile too, traced or run inside it (BENCHMARKS.md)."""
+    access" in cuDNN attention's backward pass, and on an H200 (torch 2.11, 2026-12-03) fluxnb's FP8 model trained
+    with it had NaN gradients from the first step (benchmarks/train_step.py, impl option cudnn). Every NF4
+    benchmark run trained with cuDNN attention without a fault, and its forward + backward at FLUX's shapes ran
+    clean (benchmarks/sdpa_compile_check.py); the exclusion holds under torch.compile too, traced or run inside it
+    (BENCHMARKS.md)."""
     import contextlib
 
     if hw.device.type != "cuda" or quantization == "nf4":
